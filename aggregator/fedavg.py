@@ -1,0 +1,62 @@
+"""FedAvg as a running weighted sum: memory O(model), not O(devices).
+
+Pure numpy. Each accepted update is folded in as it arrives; closing a round divides by
+the total weight and applies the mean delta to the global weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from fedmq.wire import TensorSpec
+
+
+class RunningSum:
+    """A weighted sum of deltas, one float64 accumulator per tensor."""
+
+    def __init__(self, *, specs: tuple[TensorSpec, ...]) -> None:
+        if not specs:
+            raise ValueError("a running sum needs at least one tensor spec")
+        self.specs = specs
+        self.sums = {s.name: np.zeros(s.shape, dtype=np.float64) for s in specs}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
+        """Fold one validated delta in with its weight (usually its example count)."""
+        if not weight > 0:
+            raise ValueError(f"update weight must be positive, got {weight}")
+        for name, acc in self.sums.items():
+            acc += weight * np.asarray(delta[name], dtype=np.float64)
+        self.total_weight += weight
+        self.count += 1
+
+    def mean(self) -> dict[str, np.ndarray]:
+        """The weighted mean delta; ValueError if nothing was added."""
+        if self.count == 0:
+            raise ValueError("no updates were added, there is no mean")
+        return {name: acc / self.total_weight for name, acc in self.sums.items()}
+
+
+def apply_delta(
+    weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], *, server_lr: float = 1.0
+) -> dict[str, np.ndarray]:
+    """New global weights: weights + server_lr * delta, kept in each tensor's dtype."""
+    return {
+        name: (w + server_lr * delta[name]).astype(w.dtype, copy=False)
+        for name, w in weights.items()
+    }
+
+
+def aggregate(
+    weights: Mapping[str, np.ndarray], results: list[tuple[Mapping[str, np.ndarray], float]]
+) -> dict[str, np.ndarray]:
+    """FedAvg in one call: the global weights plus the example-weighted mean of deltas."""
+    acc = RunningSum(
+        specs=tuple(TensorSpec(n, "float32", tuple(w.shape)) for n, w in weights.items())
+    )
+    for delta, weight in results:
+        acc.add(delta, weight)
+    return apply_delta(weights, acc.mean())

@@ -1,0 +1,420 @@
+"""The aggregator service: one loop over MQTT events and timer ticks.
+
+The shell decodes, calls the pure core (rounds, fedavg, chunks), encodes and publishes.
+Anything a peer gets wrong is a ProtocolError: logged with the device and reason,
+counted, answered with a rejection when there is an update id to answer, and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from aggregator.fedavg import RunningSum, apply_delta
+from aggregator.globals import GlobalModel
+from aggregator.rounds import OpenRound, select_devices
+from aggregator.settings import AggregatorSettings
+from aggregator.store import Store
+from fedmq import __version__
+from fedmq.chunks import Reassembler
+from fedmq.errors import DuplicateUpdate, ProtocolError, SchemaError, Unauthorized
+from fedmq.link import Connected, Disconnected, Link, Message
+from fedmq.tasks import Task, get_task
+from fedmq.wire import (
+    Ack,
+    DeviceState,
+    RoundAnnouncement,
+    Update,
+    check_tensors,
+    decode_chunk,
+    decode_metrics,
+    decode_state,
+    decode_update,
+    encode_ack,
+    encode_round,
+)
+
+log = logging.getLogger("fedmq.aggregator")
+
+TICK_S = 0.2
+STATUS_EVERY_S = 1.0
+MAX_EXAMPLES_PER_UPDATE = 10_000_000
+KEEP_COUNTED_IDS = 100_000
+
+
+class Aggregator:
+    """Runs synchronous FedAvg rounds for one job against one broker."""
+
+    def __init__(self, *, settings: AggregatorSettings, task: Task | None = None) -> None:
+        self.s = settings
+        self.topics = settings.topics
+        self.task = task or get_task(settings.task)
+        self.store = Store(root=settings.state_dir)
+        self.link = Link(
+            client_id=f"fedmq-aggregator-{settings.job}",
+            address=settings.broker,
+            subscriptions=[
+                (self.topics.updates_filter(), 1),
+                (self.topics.device_states_filter(), 1),
+                (self.topics.metrics_filter(), 0),
+            ],
+            max_message_bytes=settings.max_message_bytes,
+        )
+        self.model = GlobalModel(task=self.task, store=self.store, seed=settings.seed)
+        self.reassembler = Reassembler(max_payload_bytes=settings.max_update_bytes)
+        self.counters: Counter[str] = Counter()
+        self.devices: dict[str, DeviceState] = {}
+        self.device_metrics: dict[str, dict[str, float]] = {}
+        self.rng = np.random.default_rng(settings.seed)
+        self.round: OpenRound | None = None
+        self.sum: RunningSum | None = None
+        self.round_stats: dict[str, Any] = {}
+        self.payload_bytes: dict[tuple[str, str], int] = {}
+        self.counted_ids: dict[str, int] = {}  # update id -> round, insertion ordered
+        self.next_round_id = 1
+        self.waiting_since = 0.0
+        self.done_reason = ""
+        self._status_at = 0.0
+        self._status_dirty = True
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self, *, stop: Any = None, connect_timeout: float = 30.0) -> int:
+        """Serve until the configured rounds or accuracy are reached (0) or stop is set (0)."""
+        self._resume()
+        self.link.start()
+        if not self.link.wait_connected(connect_timeout):
+            log.error("no broker at %s:%s after %.0fs", self.s.host, self.s.port, connect_timeout)
+            self.link.stop()
+            return 2
+        log.info(
+            "connected to %s:%s (MQTT %s), job %s, task %s, %d parameters",
+            self.s.host, self.s.port, self.s.mqtt_version, self.s.job, self.task.name,
+            self.model.num_params,
+        )  # fmt: skip
+        self.link.publish(self.topics.round(), b"", retain=True)  # no stale round from before
+        self.model.publish(self.link, self.topics, publish_onnx=self.s.publish_onnx)
+        self.waiting_since = time.time()
+        try:
+            while not self.done_reason and not (stop is not None and stop.is_set()):
+                event = self.link.next_event(TICK_S)
+                now = time.time()
+                if isinstance(event, Message):
+                    self._on_message(event, now)
+                elif isinstance(event, Connected):
+                    log.info("broker connection up (session present: %s)", event.session_present)
+                elif isinstance(event, Disconnected):
+                    log.warning("broker connection lost (%s); reconnecting", event.reason)
+                self._tick(now)
+        finally:
+            self._publish_status(time.time(), force=True)
+            self.link.stop()
+        log.info("stopped: %s", self.done_reason or "asked to stop")
+        return 0
+
+    def _tick(self, now: float) -> None:
+        if self.round is not None:
+            outcome = self.round.outcome(now)
+            if outcome is not None:
+                self._close_round(outcome, now)
+        elif not self.done_reason:
+            online = self._online()
+            policy = self.s.policy
+            waited = now - self.waiting_since >= self.s.start_wait_s
+            if policy.ready(len(online)) or (waited and len(online) >= policy.min_devices):
+                self._open_round(online, now)
+        self._publish_status(now)
+
+    # ------------------------------------------------------------ messages
+
+    def _on_message(self, msg: Message, now: float) -> None:
+        kind = self.topics.kind_of(msg.topic)
+        device = self.topics.device_of(msg.topic) or "?"
+        try:
+            if kind == "update":
+                self._on_update_chunk(device, msg.payload, now)
+            elif kind == "state" and msg.payload:
+                self._on_state(device, msg.payload)
+            elif kind == "metrics":
+                m = decode_metrics(msg.payload)
+                self.device_metrics[device] = m.metrics
+        except ProtocolError as err:
+            err.at(device=device, topic=msg.topic)
+            self.counters[f"rejected_{err.reason_code}"] += 1
+            log.warning("rejected message from %s on %s: %s", device, msg.topic, err.reason)
+            self._status_dirty = True
+
+    def _on_state(self, device: str, payload: bytes) -> None:
+        state = decode_state(payload)
+        if state.device != device:
+            raise Unauthorized(f"state for {state.device!r} published on another device's topic")
+        before = self.devices.get(device)
+        self.devices[device] = state
+        if before is None or before.status != state.status:
+            log.info("device %s is %s", device, state.status)
+            self._status_dirty = True
+        if self.round is not None:
+            if state.status == "offline":
+                self.round.drop(device)
+            else:
+                self.round.rejoin(device)
+
+    def _on_update_chunk(self, device: str, payload: bytes, now: float) -> None:
+        chunk = decode_chunk(payload, max_bytes=self.s.max_message_bytes + 4096)
+        key = (device, chunk.payload_id)
+        self.payload_bytes[key] = self.payload_bytes.get(key, 0) + len(payload)
+        try:
+            done = self.reassembler.add(chunk, source=device, now=now)
+        except ProtocolError as err:
+            self.payload_bytes.pop(key, None)
+            self._reject(device, chunk.payload_id, -1, err)
+            return
+        if done is None:
+            return
+        nbytes = self.payload_bytes.pop(key, len(payload))
+        try:
+            update = decode_update(done.payload, max_bytes=self.s.max_update_bytes)
+        except ProtocolError as err:
+            self._reject(device, chunk.payload_id, -1, err)
+            return
+        if update.device != device or update.update_id != chunk.payload_id:
+            err = Unauthorized(f"update claims device {update.device!r} / id {update.update_id}")
+            self._reject(device, chunk.payload_id, update.round_id, err)
+            return
+        try:
+            self._take_update(update, nbytes, now)
+        except ProtocolError as err:
+            self._reject(device, update.update_id, update.round_id, err)
+
+    def _reject(self, device: str, update_id: str, round_id: int, err: ProtocolError) -> None:
+        err.at(device=device, topic=self.topics.update(device))
+        self.counters[f"rejected_{err.reason_code}"] += 1
+        log.warning("rejected update %s from %s: %s", update_id, device, err.reason)
+        self._ack(device, Ack(update_id, round_id, "rejected", f"{err.reason_code}: {err.reason}"))
+
+    def _take_update(self, u: Update, nbytes: int, now: float) -> None:
+        if self.round is None or self.sum is None:
+            if u.update_id in self.counted_ids:
+                counted_in = self.counted_ids[u.update_id]
+                raise DuplicateUpdate(f"update {u.update_id} was already counted in {counted_in}")
+            if u.round_id < self.next_round_id:
+                self._late(u)
+                return
+            raise SchemaError(f"no round is open (update for round {u.round_id})")
+        verdict = self.round.judge(
+            update_id=u.update_id,
+            device=u.device,
+            round_id=u.round_id,
+            base_version=u.base_version,
+            now=now,
+            counted_ids=self.counted_ids,
+        )
+        if verdict == "late":
+            self._late(u)
+            return
+        if u.codec != "float32":
+            raise SchemaError(f"codec {u.codec!r} is not supported by this aggregator")
+        if u.num_examples > MAX_EXAMPLES_PER_UPDATE:
+            raise SchemaError(f"num_examples {u.num_examples} is implausible")
+        check_tensors(u.tensors, self.model.specs)
+        self.sum.add(u.tensors, float(u.num_examples))
+        self.round.record(u.device, u.update_id)
+        self.counted_ids[u.update_id] = u.round_id
+        while len(self.counted_ids) > KEEP_COUNTED_IDS:
+            self.counted_ids.pop(next(iter(self.counted_ids)))
+        stats = self.round_stats
+        stats["bytes_up"] += nbytes
+        stats["bytes_down"] += u.fetched_bytes
+        stats["participants"].append(
+            {"device": u.device, "examples": u.num_examples, **u.metrics}
+        )
+        self.counters["accepted"] += 1
+        self._status_dirty = True
+        log.info(
+            "accepted update %s from %s for round %d (%d examples, %d bytes) [%d/%d]",
+            u.update_id, u.device, u.round_id, u.num_examples, nbytes,
+            len(self.round.accepted), self.round.target,
+        )  # fmt: skip
+        self._ack(u.device, Ack(u.update_id, u.round_id, "accepted"))
+
+    def _late(self, u: Update) -> None:
+        self.counters["late"] += 1
+        log.info("late update %s from %s for round %d", u.update_id, u.device, u.round_id)
+        self._ack(u.device, Ack(u.update_id, u.round_id, "late", "round already closed"))
+
+    def _ack(self, device: str, ack: Ack) -> None:
+        try:
+            topic = self.topics.ack(device)
+        except ValueError:
+            return  # not a device id we could answer on
+        self.link.publish(topic, encode_ack(ack), qos=1)
+
+    # ------------------------------------------------------------ rounds
+
+    def _online(self) -> list[str]:
+        return sorted(d for d, s in self.devices.items() if s.status != "offline")
+
+    def _open_round(self, online: list[str], now: float) -> None:
+        policy = self.s.policy
+        target = policy.round_target(len(online))
+        selected = select_devices(
+            online, target=target, over_select=policy.over_select, rng=self.rng
+        )
+        target = min(target, len(selected))
+        self.round = OpenRound(
+            round_id=self.next_round_id,
+            model_version=self.model.version,
+            selected=frozenset(selected),
+            opened_at=now,
+            deadline=now + policy.timeout_s,
+            target=target,
+            min_devices=min(policy.min_devices, target),
+        )
+        self.sum = RunningSum(specs=self.model.specs)
+        self.round_stats = {"bytes_up": 0, "bytes_down": 0, "participants": []}
+        self._announce("open")
+        log.info(
+            "round %d open: version %d, %d selected of %d online, target %d, deadline in %.0fs",
+            self.round.round_id, self.model.version, len(selected), len(online), target,
+            policy.timeout_s,
+        )  # fmt: skip
+        self._status_dirty = True
+
+    def _announce(self, state: str) -> None:
+        r = self.round
+        assert r is not None
+        msg = RoundAnnouncement(
+            job=self.s.job,
+            round_id=r.round_id,
+            model_version=r.model_version,
+            state=state,
+            opened_at=r.opened_at,
+            deadline=r.deadline,
+            selected=tuple(sorted(r.selected)),
+            target=r.target,
+            min_devices=r.min_devices,
+            train=self.s.train,
+        )
+        self.link.publish(self.topics.round(), encode_round(msg), qos=1, retain=True)
+
+    def _close_round(self, outcome: str, now: float) -> None:
+        r, acc = self.round, self.sum
+        assert r is not None and acc is not None
+        record: dict[str, Any] = {
+            "round": r.round_id,
+            "outcome": outcome,
+            "base_version": r.model_version,
+            "selected": sorted(r.selected),
+            "dropped": sorted(r.dropped),
+            "accepted": len(r.accepted),
+            "opened_at": r.opened_at,
+            "closed_at": now,
+            "wall_s": round(now - r.opened_at, 3),
+            **self.round_stats,
+        }
+        if outcome == "abandoned":
+            log.warning(
+                "round %d abandoned: %d of %d needed updates arrived; keeping version %d",
+                r.round_id, len(r.accepted), r.min_devices, self.model.version,
+            )  # fmt: skip
+            self.counters["rounds_abandoned"] += 1
+        else:
+            weights = apply_delta(self.model.weights, acc.mean(), server_lr=self.s.server_lr)
+            metrics = self.model.advance(weights, round_id=r.round_id)
+            self.model.publish(self.link, self.topics, publish_onnx=self.s.publish_onnx)
+            record.update(version=self.model.version, **metrics)
+            self.counters["rounds_closed"] += 1
+            log.info(
+                "round %d %s with %d updates: version %d, accuracy %.4f, loss %.4f",
+                r.round_id, outcome, len(r.accepted), self.model.version,
+                metrics["accuracy"], metrics["loss"],
+            )  # fmt: skip
+        self._announce("closed" if outcome != "abandoned" else "abandoned")
+        self.store.append_round(record)
+        self.next_round_id = r.round_id + 1
+        self.round, self.sum = None, None
+        self._save_state()
+        self.waiting_since = now
+        closed = self.counters["rounds_closed"]
+        if self.s.rounds and r.round_id >= self.s.rounds:
+            self.done_reason = f"ran {r.round_id} rounds"
+        elif (
+            self.s.target_accuracy
+            and closed
+            and self.model.metrics.get("accuracy", 0.0) >= self.s.target_accuracy
+        ):
+            self.done_reason = f"reached accuracy {self.model.metrics['accuracy']:.4f}"
+        self._publish_status(now, force=True)
+
+    # ------------------------------------------------------------ state and status
+
+    def _resume(self) -> None:
+        state = self.store.load_state() or {}
+        self.model.load_or_init()
+        self.next_round_id = int(state.get("next_round", 1))
+        self.counted_ids = {str(k): int(v) for k, v in state.get("counted_ids", {}).items()}
+        if state:
+            log.info(
+                "resumed from %s: version %d, next round %d",
+                self.s.state_dir, self.model.version, self.next_round_id,
+            )  # fmt: skip
+        self._save_state()
+
+    def _save_state(self) -> None:
+        self.store.save_state(
+            {
+                "job": self.s.job,
+                "task": self.task.name,
+                "version": self.model.version,
+                "next_round": self.next_round_id,
+                "counted_ids": self.counted_ids,
+                "counters": dict(self.counters),
+            }
+        )
+
+    def status(self, now: float) -> dict[str, Any]:
+        """What the retained status topic says: readable by people and monitoring tools."""
+        r = self.round
+        if self.done_reason:
+            phase = "done"
+        elif r is not None:
+            phase = "training"
+        else:
+            phase = "waiting for devices"
+        online = self._online()
+        return {
+            "job": self.s.job,
+            "task": self.task.name,
+            "phase": phase,
+            "done_reason": self.done_reason,
+            "model_version": self.model.version,
+            "accuracy": self.model.metrics.get("accuracy"),
+            "loss": self.model.metrics.get("loss"),
+            "rounds_closed": self.counters["rounds_closed"],
+            "round": None
+            if r is None
+            else {
+                "id": r.round_id,
+                "selected": len(r.selected),
+                "received": len(r.accepted),
+                "target": r.target,
+                "dropped": sorted(r.dropped),
+                "deadline_in_s": round(max(0.0, r.deadline - now), 1),
+            },
+            "devices": {"online": len(online), "known": len(self.devices)},
+            "counters": dict(sorted(self.counters.items())),
+            "aggregator_version": __version__,
+            "updated_at": round(now, 3),
+        }
+
+    def _publish_status(self, now: float, *, force: bool = False) -> None:
+        if not force and (not self._status_dirty or now - self._status_at < STATUS_EVERY_S):
+            return
+        body = json.dumps(self.status(now), indent=1).encode()
+        self.link.publish(self.topics.status(), body, qos=1, retain=True)
+        self._status_at, self._status_dirty = now, False

@@ -1,0 +1,86 @@
+"""Everything an aggregator run is configured by (TOML [aggregator], FEDMQ_*, flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from aggregator.rounds import RoundPolicy
+from fedmq.chunks import DEFAULT_MAX_MESSAGE_BYTES
+from fedmq.link import BrokerAddress
+from fedmq.topics import Topics
+from fedmq.wire import TrainConfig
+
+
+@dataclass(frozen=True)
+class AggregatorSettings:
+    """One aggregator's job, broker, round policy and local training config."""
+
+    job: str = "demo"
+    prefix: str = "fedmq"
+    host: str = "127.0.0.1"
+    port: int = 1883
+    mqtt_version: str = "5"
+    username: str | None = None
+    password: str | None = None
+    task: str = "mnist-2nn"
+    state_dir: Path = Path("fedmq-state")
+    rounds: int = 50  # rounds to run; 0 runs until stopped
+    target_accuracy: float = 0.0  # stop once the global model reaches it; 0 never
+    devices_per_round: int = 0  # updates that complete a round; 0 = all online devices
+    over_select: float = 0.0
+    min_devices: int = 1
+    round_timeout_s: float = 60.0
+    start_wait_s: float = 30.0  # open a smaller round if the fleet is not all online by then
+    epochs: int = 1
+    batch_size: int = 10
+    lr: float = 0.05
+    momentum: float = 0.0
+    server_lr: float = 1.0
+    seed: int = 0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_update_bytes: int = 64 * 1024 * 1024  # refuse any update payload larger than this
+    publish_onnx: bool = True
+
+    def __post_init__(self) -> None:
+        self.topics  # noqa: B018 - validates job and prefix
+        self.broker  # noqa: B018 - validates host, port, version
+        self.policy  # noqa: B018
+        self.train  # noqa: B018
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0 (0 = run until stopped), got {self.rounds}")
+        if not 0 <= self.target_accuracy <= 1:
+            raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
+        if self.start_wait_s < 0 or not self.server_lr > 0:
+            raise ValueError("start_wait_s must be >= 0 and server_lr positive")
+        if self.max_message_bytes < 1024 or self.max_update_bytes < 1024:
+            raise ValueError("max_message_bytes and max_update_bytes must be at least 1024")
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(job=self.job, prefix=self.prefix)
+
+    @property
+    def broker(self) -> BrokerAddress:
+        return BrokerAddress(
+            host=self.host,
+            port=self.port,
+            mqtt_version=self.mqtt_version,
+            username=self.username,
+            password=self.password,
+        )
+
+    @property
+    def policy(self) -> RoundPolicy:
+        return RoundPolicy(
+            target=self.devices_per_round,
+            over_select=self.over_select,
+            min_devices=self.min_devices,
+            timeout_s=self.round_timeout_s,
+        )
+
+    @property
+    def train(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum
+        )

@@ -1,0 +1,95 @@
+"""The aggregator's state directory: global versions, round history, service state.
+
+Every file is written atomically (temp file, fsync, rename, fsync of the directory), so
+a crash leaves either the old file or the new one, never half of one.
+
+    <state_dir>/versions/000007.weights   msgpack weights blob, exactly as published
+    <state_dir>/versions/000007.onnx      ONNX export of that version
+    <state_dir>/versions/000007.manifest  the manifest that announced it
+    <state_dir>/history.json              one record per round (metrics, participants, bytes)
+    <state_dir>/state.json                current version, next round id, counted update ids
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace path with data so that readers see the old or the new file, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Store:
+    """Reads and writes one job's state directory."""
+
+    def __init__(self, *, root: Path, keep_versions: int = 0) -> None:
+        if keep_versions < 0:
+            raise ValueError(f"keep_versions must be >= 0 (0 keeps all), got {keep_versions}")
+        self.root = Path(root)
+        self.versions_dir = self.root / "versions"
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        self.keep_versions = keep_versions
+
+    def _version_path(self, version: int, ext: str) -> Path:
+        return self.versions_dir / f"{version:06d}.{ext}"
+
+    def save_version(
+        self, version: int, *, weights: bytes, manifest: bytes, onnx: bytes | None = None
+    ) -> None:
+        """Keep one global version; the manifest is written last, so it marks completeness."""
+        write_atomic(self._version_path(version, "weights"), weights)
+        if onnx is not None:
+            write_atomic(self._version_path(version, "onnx"), onnx)
+        write_atomic(self._version_path(version, "manifest"), manifest)
+        if self.keep_versions:
+            for old in self.versions()[: -self.keep_versions]:
+                for ext in ("weights", "onnx", "manifest"):
+                    self._version_path(old, ext).unlink(missing_ok=True)
+
+    def versions(self) -> list[int]:
+        """Complete versions on disk, oldest first."""
+        return sorted(int(p.stem) for p in self.versions_dir.glob("*.manifest"))
+
+    def load_version(self, version: int) -> tuple[bytes, bytes, bytes | None]:
+        """(weights blob, manifest blob, onnx bytes or None) of a stored version."""
+        onnx = self._version_path(version, "onnx")
+        return (
+            self._version_path(version, "weights").read_bytes(),
+            self._version_path(version, "manifest").read_bytes(),
+            onnx.read_bytes() if onnx.exists() else None,
+        )
+
+    def history(self) -> list[dict[str, Any]]:
+        """Round records, oldest first."""
+        path = self.root / "history.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def append_round(self, record: dict[str, Any]) -> None:
+        """Add one round's record to the history."""
+        rounds = self.history()
+        rounds.append(record)
+        write_atomic(self.root / "history.json", json.dumps(rounds, indent=1).encode())
+
+    def load_state(self) -> dict[str, Any] | None:
+        """The service state saved last, or None for a fresh directory."""
+        path = self.root / "state.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        """Save the service state."""
+        write_atomic(self.root / "state.json", json.dumps(state, indent=1).encode())

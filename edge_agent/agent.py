@@ -1,0 +1,329 @@
+"""The device agent: one loop over MQTT events that fetches, trains, publishes and resends.
+
+It holds one global version at a time (fetched chunk by chunk, checked against the
+manifest's sha256 and tensor specs), trains when a round selects it, keeps every update
+in an on-disk outbox until the aggregator acknowledges it, and resends the outbox after
+every reconnect. torch is imported only when the device trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from edge_agent.settings import AgentSettings
+from edge_agent.state import DeviceStore
+from fedmq import __version__
+from fedmq.chunks import Reassembler, encode_chunks
+from fedmq.errors import ProtocolError, SchemaError
+from fedmq.link import Connected, Disconnected, Link, Message
+from fedmq.tasks import Task, get_task
+from fedmq.tasks.partition import device_data
+from fedmq.wire import (
+    DeviceMetrics,
+    DeviceState,
+    Manifest,
+    RoundAnnouncement,
+    Update,
+    check_tensors,
+    decode_ack,
+    decode_chunk,
+    decode_manifest,
+    decode_round,
+    decode_weights,
+    encode_metrics,
+    encode_state,
+    encode_update,
+)
+from firmware_profiles import Profile, load_profile
+
+TICK_S = 0.2
+
+
+class Agent:
+    """One device taking part in one job."""
+
+    def __init__(self, *, settings: AgentSettings, task: Task | None = None) -> None:
+        self.s = settings
+        self.device = settings.device_id
+        self.topics = settings.topics
+        self.profile: Profile = load_profile(settings.profile)
+        self.log = logging.LoggerAdapter(
+            logging.getLogger("fedmq.agent"), {"device": self.device}
+        )
+        self.infer_only = settings.infer_only or not self.profile.can_train
+        self.task = task or get_task(settings.task)
+        self.x, self.y = device_data(
+            self.task,
+            scheme=settings.partition,
+            num_devices=settings.num_devices,
+            device_index=settings.device_index,
+            seed=settings.data_seed,
+            alpha=settings.alpha,
+        )
+        self.store = DeviceStore(root=settings.state_dir / self.device)
+        self.link = Link(
+            client_id=f"fedmq-{self.device}",
+            address=settings.broker,
+            subscriptions=[
+                (self.topics.round(), 1),
+                (self.topics.global_manifest(), 1),
+                (self.topics.ack(self.device), 1),
+            ],
+            will=(self.topics.device_state(self.device), self._state_payload("offline")),
+            max_message_bytes=settings.max_message_bytes or self.profile.max_message_bytes,
+        )
+        self.reassembler = Reassembler(max_payload_bytes=64 * 1024 * 1024, max_open=4)
+        progress = self.store.load()
+        self.version: int = int(progress.get("version", -1))
+        self.last_round: int = int(progress.get("last_round", 0))
+        self.weights: dict[str, np.ndarray] | None = None
+        blob = self.store.load_model()
+        if blob is not None and self.version >= 0:
+            self.weights = decode_weights(blob)
+        self.fetched_bytes = int(progress.get("fetched_bytes", 0))
+        self.wanted: Manifest | None = None
+        self.wanted_topics: list[str] = []
+        self.receiving_bytes = 0
+        self.pending: RoundAnnouncement | None = None
+        self._model: Any = None
+        self.rounds_trained = 0
+        self.counters: dict[str, int] = {}
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self, *, stop: Any = None, max_rounds: int = 0) -> int:
+        """Serve until stop is set (or max_rounds were trained); 0 on a clean stop."""
+        self.log.info(
+            "starting: %d local examples, profile %s, %s",
+            len(self.x), self.profile.name, "inference only" if self.infer_only else "training",
+        )  # fmt: skip
+        self.link.start()
+        try:
+            while not (stop is not None and stop.is_set()):
+                if max_rounds and self.rounds_trained >= max_rounds and not len(self.store.outbox):
+                    break
+                event = self.link.next_event(TICK_S)
+                if isinstance(event, Connected):
+                    self._on_connected(event)
+                elif isinstance(event, Disconnected):
+                    self.log.warning("broker connection lost (%s); reconnecting", event.reason)
+                elif isinstance(event, Message):
+                    try:
+                        self._on_message(event)
+                    except ProtocolError as err:
+                        err.at(device=self.device, topic=event.topic)
+                        self.counters[err.reason_code] = self.counters.get(err.reason_code, 0) + 1
+                        self.log.warning("dropped message on %s: %s", event.topic, err.reason)
+                self._maybe_train(time.time())
+        finally:
+            self.link.stop(final=(self.topics.device_state(self.device),
+                                  self._state_payload("offline")))  # fmt: skip
+        return 0
+
+    def _on_connected(self, event: Connected) -> None:
+        self.log.info(
+            "connected (session present: %s, broker max packet: %s)",
+            event.session_present, event.max_packet_size,
+        )  # fmt: skip
+        self._publish_state("online")
+        for update_id, payload in self.store.outbox.pending():
+            self.log.info("resending unacknowledged update %s", update_id)
+            self._send(update_id, payload)
+
+    def _on_message(self, msg: Message) -> None:
+        kind = self.topics.kind_of(msg.topic)
+        if not msg.payload:
+            return  # a cleared retained topic
+        if kind == "global":
+            self._on_manifest(decode_manifest(msg.payload))
+        elif kind == "global_chunk":
+            self._on_global_chunk(msg.payload)
+        elif kind == "round":
+            self._on_round(decode_round(msg.payload))
+        elif kind == "ack":
+            ack = decode_ack(msg.payload)
+            if self.store.outbox.remove(ack.update_id):
+                level = logging.INFO if ack.status == "accepted" else logging.WARNING
+                self.log.log(
+                    level, "update %s for round %d: %s %s",
+                    ack.update_id, ack.round_id, ack.status, ack.reason,
+                )  # fmt: skip
+
+    # ------------------------------------------------------------ global model
+
+    def _on_manifest(self, m: Manifest) -> None:
+        if m.version == self.version or (self.wanted and self.wanted.version == m.version):
+            return
+        for topic in self.wanted_topics:
+            self.link.unsubscribe(topic)
+        ref = m.onnx if self.infer_only and m.onnx else m.weights
+        self.wanted = m
+        self.receiving_bytes = 0
+        self.wanted_topics = [
+            self.topics.global_chunk(m.version, i)
+            for i in range(ref.first_index, ref.first_index + ref.chunks)
+        ]
+        for topic in self.wanted_topics:
+            self.link.subscribe(topic, 1)
+        self.log.info("fetching global version %d (%d chunks)", m.version, ref.chunks)
+
+    def _on_global_chunk(self, payload: bytes) -> None:
+        m = self.wanted
+        if m is None:
+            return
+        chunk = decode_chunk(payload, max_bytes=8 * 1024 * 1024)
+        ref = m.onnx if self.infer_only and m.onnx else m.weights
+        if chunk.payload_id != ref.payload_id:
+            return  # a chunk of another version or of the payload this device does not use
+        self.receiving_bytes += len(payload)
+        done = self.reassembler.add(chunk, source="global", now=time.time())
+        if done is None:
+            return
+        if hashlib.sha256(done.payload).hexdigest() != ref.sha256 or len(done.payload) != ref.size:
+            raise SchemaError(f"global version {m.version} does not match its manifest")
+        for topic in self.wanted_topics:
+            self.link.unsubscribe(topic)
+        self.wanted, self.wanted_topics = None, []
+        if ref is m.onnx:
+            self._evaluate_onnx(m, done.payload)
+            self.version = m.version
+            return
+        weights = decode_weights(done.payload)
+        check_tensors(weights, m.tensors, what=f"global version {m.version}")
+        self.weights, self.version = weights, m.version
+        self.fetched_bytes = self.receiving_bytes
+        self.store.save_model(done.payload)
+        self._save_progress()
+        self.log.info("holding global version %d (%d bytes)", m.version, self.fetched_bytes)
+
+    def _evaluate_onnx(self, m: Manifest, onnx_bytes: bytes) -> None:
+        from edge_agent.inference import OnnxModel, accuracy
+
+        model = OnnxModel(onnx_bytes=onnx_bytes, threads=self.profile.torch_threads)
+        acc = accuracy(model, self.x, self.y)
+        self.log.info("global version %d: local accuracy %.4f (onnxruntime)", m.version, acc)
+        self._publish_metrics(m.round_id, m.version, {"onnx_accuracy": acc})
+
+    # ------------------------------------------------------------ rounds
+
+    def _on_round(self, r: RoundAnnouncement) -> None:
+        if r.state != "open" or self.device not in r.selected or self.infer_only:
+            if self.pending and r.round_id >= self.pending.round_id and r.state != "open":
+                self.pending = None  # the round we waited to train for has ended
+            return
+        if r.round_id <= self.last_round:
+            return  # trained this round already (e.g. a retained redelivery after restart)
+        self.pending = r
+        self.log.info("selected for round %d (version %d)", r.round_id, r.model_version)
+
+    def _maybe_train(self, now: float) -> None:
+        r = self.pending
+        if r is None or self.version != r.model_version or self.weights is None:
+            return
+        self.pending = None
+        if now > r.deadline:
+            self.log.warning("round %d: deadline passed before the model arrived", r.round_id)
+            return
+        self._train(r)
+
+    def _train(self, r: RoundAnnouncement) -> None:
+        import torch
+
+        from edge_agent.training import Budget, train_local
+        from fedmq.tasks.weights import get_weights, set_weights
+
+        torch.set_num_threads(self.profile.torch_threads)
+        if self._model is None:
+            self._model = self.task.build_model()
+        assert self.weights is not None
+        base = self.weights
+        set_weights(self._model, base)
+        self._publish_state("training")
+        result = train_local(
+            self._model,
+            self.x,
+            self.y,
+            config=r.train,
+            budget=Budget(
+                max_seconds=self.profile.max_train_seconds,
+                max_memory_mb=self.profile.max_memory_mb,
+                max_batch_size=self.profile.max_batch_size,
+            ),
+            seed=r.round_id * 100_003 + self.s.device_index,
+        )
+        if self.s.extra_delay_s:
+            time.sleep(self.s.extra_delay_s)
+        trained = get_weights(self._model)
+        delta = {name: trained[name] - base[name] for name in base}
+        update = Update(
+            update_id=uuid.uuid4().hex,
+            device=self.device,
+            round_id=r.round_id,
+            base_version=r.model_version,
+            num_examples=len(self.x) if not result.stopped_by else max(1, result.examples),
+            codec="float32",
+            tensors=delta,
+            metrics={"train_loss": result.mean_loss, "train_s": result.seconds},
+            fetched_bytes=self.fetched_bytes,
+        )
+        payload = encode_update(update)
+        self.store.outbox.put(update.update_id, payload)  # before sending: survives a crash
+        self.last_round = r.round_id
+        self.fetched_bytes = 0  # downlink is counted once, with the first update that used it
+        self._save_progress()
+        self._send(update.update_id, payload)
+        self.rounds_trained += 1
+        self._publish_state("online")
+        self._publish_metrics(
+            r.round_id, r.model_version,
+            {"train_loss": result.mean_loss, "train_s": result.seconds,
+             "epochs": result.epochs_done},
+        )  # fmt: skip
+        self.log.info(
+            "round %d: trained %.1f epochs in %.2fs, loss %.4f%s; sent update %s (%d bytes)",
+            r.round_id, result.epochs_done, result.seconds, result.mean_loss,
+            f", stopped by {result.stopped_by} budget" if result.stopped_by else "",
+            update.update_id, len(payload),
+        )  # fmt: skip
+
+    def _send(self, update_id: str, payload: bytes) -> None:
+        topic = self.topics.update(self.device)
+        for chunk in encode_chunks(payload, update_id, self.link.max_message_bytes):
+            self.link.publish(topic, chunk, qos=1)
+
+    # ------------------------------------------------------------ presence
+
+    def _state_payload(self, status: str) -> bytes:
+        return encode_state(
+            DeviceState(
+                device=self.device,
+                status=status,
+                profile=self.profile.name,
+                agent_version=__version__,
+                num_examples=len(self.x),
+                model_version=getattr(self, "version", -1),
+                ts=time.time(),
+            )
+        )
+
+    def _publish_state(self, status: str) -> None:
+        self.link.publish(
+            self.topics.device_state(self.device), self._state_payload(status), qos=1, retain=True
+        )
+
+    def _publish_metrics(self, round_id: int, version: int, metrics: dict[str, float]) -> None:
+        msg = DeviceMetrics(device=self.device, round_id=round_id, model_version=version,
+                            metrics=metrics)  # fmt: skip
+        self.link.publish(self.topics.metrics(self.device), encode_metrics(msg), qos=0)
+
+    def _save_progress(self) -> None:
+        self.store.save(
+            {"version": self.version, "last_round": self.last_round,
+             "fetched_bytes": self.fetched_bytes}
+        )  # fmt: skip

@@ -1,0 +1,62 @@
+"""Everything one device agent is configured by (TOML [agent], FEDMQ_*, flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmq.link import BrokerAddress
+from fedmq.topics import Topics, check_name
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """One device: who it is, where the broker is, its data and its budget."""
+
+    device_id: str = "device-0"
+    job: str = "demo"
+    prefix: str = "fedmq"
+    host: str = "127.0.0.1"
+    port: int = 1883
+    mqtt_version: str = "5"
+    username: str | None = None
+    password: str | None = None
+    task: str = "mnist-2nn"
+    partition: str = "iid"  # iid | shards | dirichlet
+    num_devices: int = 1  # how many devices share the task's training pool
+    device_index: int = 0  # which share is this device's
+    alpha: float = 0.5  # Dirichlet concentration for partition = dirichlet
+    data_seed: int = 0
+    state_dir: Path = Path("fedmq-agent")
+    profile: str = "rpi4"
+    max_message_bytes: int = 0  # 0: take the profile's
+    infer_only: bool = False  # never train: fetch the ONNX export and evaluate it
+    extra_delay_s: float = 0.0  # simulated slowness after training (tests, benchmarks)
+
+    def __post_init__(self) -> None:
+        check_name("device id", self.device_id)
+        self.topics  # noqa: B018 - validates job and prefix
+        self.broker  # noqa: B018
+        if self.num_devices < 1 or not 0 <= self.device_index < self.num_devices:
+            raise ValueError(
+                f"device_index must be in [0, num_devices), got {self.device_index} "
+                f"of {self.num_devices}"
+            )
+        if self.max_message_bytes and self.max_message_bytes < 1024:
+            raise ValueError("max_message_bytes must be 0 (profile's) or at least 1024")
+        if self.extra_delay_s < 0 or self.alpha <= 0:
+            raise ValueError("extra_delay_s must be >= 0 and alpha positive")
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(job=self.job, prefix=self.prefix)
+
+    @property
+    def broker(self) -> BrokerAddress:
+        return BrokerAddress(
+            host=self.host,
+            port=self.port,
+            mqtt_version=self.mqtt_version,
+            username=self.username,
+            password=self.password,
+        )

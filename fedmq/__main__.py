@@ -1,0 +1,5 @@
+"""`python -m fedmq` is the `fedmq` command."""
+
+from fedmq.cli import main
+
+raise SystemExit(main())

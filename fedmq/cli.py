@@ -1,0 +1,298 @@
+"""The `fedmq` command: demo, aggregator, agent, broker, status, tasks.
+
+Settings come from a TOML file (--config), then FEDMQ_* environment variables, then flags.
+Exit codes: 0 done, 1 unexpected failure, 2 bad configuration or usage, 3 the demo ran
+but missed its accuracy target, 4 no broker could be reached or started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from fedmq import __version__
+from fedmq.config import ConfigError, load_settings
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_TARGET_MISSED, EXIT_NO_BROKER = 0, 1, 2, 3, 4
+
+AGGREGATOR_HELP = {
+    "job": "job name; topics live under <prefix>/<job>/",
+    "prefix": "topic prefix (default fedmq)",
+    "host": "MQTT broker host",
+    "port": "MQTT broker port",
+    "mqtt_version": "MQTT protocol: 5 or 3.1.1",
+    "username": "broker user name",
+    "password": "broker password (prefer FEDMQ_PASSWORD)",
+    "task": "built-in task (fedmq tasks) or package.module:attr",
+    "state_dir": "directory for global versions, round history and service state",
+    "rounds": "rounds to run, 0 = until stopped",
+    "target_accuracy": "stop once the global model reaches this test accuracy (0 = never)",
+    "devices_per_round": "updates that complete a round (0 = every online device)",
+    "over_select": "select this fraction more devices than needed, for dropouts",
+    "min_devices": "quorum: updates needed to close a round at its deadline",
+    "round_timeout_s": "seconds from opening a round to its deadline",
+    "start_wait_s": "open a smaller round when the full fleet is not online after this",
+    "epochs": "local epochs per round (E)",
+    "batch_size": "local batch size (B)",
+    "lr": "local SGD learning rate",
+    "momentum": "local SGD momentum",
+    "server_lr": "server learning rate applied to the mean delta (1 = FedAvg)",
+    "seed": "seed for model initialisation and device selection",
+    "max_message_bytes": "largest MQTT payload to publish (capped by the broker's CONNACK)",
+    "max_update_bytes": "refuse update payloads larger than this",
+    "publish_onnx": "publish each global version's ONNX export for inference devices",
+}
+
+AGENT_HELP = {
+    "device_id": "this device's id (letters, digits, _ . -)",
+    "job": AGGREGATOR_HELP["job"],
+    "prefix": AGGREGATOR_HELP["prefix"],
+    "host": AGGREGATOR_HELP["host"],
+    "port": AGGREGATOR_HELP["port"],
+    "mqtt_version": AGGREGATOR_HELP["mqtt_version"],
+    "username": AGGREGATOR_HELP["username"],
+    "password": AGGREGATOR_HELP["password"],
+    "task": AGGREGATOR_HELP["task"],
+    "partition": "how the task's pool is split across devices: iid, shards or dirichlet",
+    "num_devices": "how many devices share the pool",
+    "device_index": "which share is this device's (0-based)",
+    "alpha": "Dirichlet concentration for --partition dirichlet",
+    "data_seed": "seed of the partition (the same on every device)",
+    "state_dir": "directory for the held model, progress and the outbox",
+    "profile": "firmware profile: a bundled name (fedmq tasks) or a TOML file",
+    "max_message_bytes": "largest MQTT payload to publish (0 = the profile's)",
+    "infer_only": "never train: fetch each version's ONNX export and evaluate it locally",
+    "extra_delay_s": "simulated slowness in seconds after training (tests, benchmarks)",
+}
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str]) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        help_text = f"{helps.get(f.name, '')} (default: {f.default})"
+        if tp is bool:
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                help=help_text,
+            )  # fmt: skip
+        else:
+            base = tp if tp in (int, float, Path) else str
+            parser.add_argument(flag, dest=f.name, type=base, default=None, help=help_text)
+
+
+def _settings(cls: type, args: argparse.Namespace, section: str) -> Any:
+    return load_settings(
+        cls, sections=(section,), config_file=args.config, flags=vars(args)
+    )
+
+
+def _setup_logging(level: str) -> None:
+    class _Device(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.device = getattr(record, "device", "-")
+            return True
+
+    handler = logging.StreamHandler()
+    handler.addFilter(_Device())
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)-7s %(name)s [%(device)s] %(message)s")
+    )
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    from aggregator.settings import AggregatorSettings
+    from edge_agent.settings import AgentSettings
+
+    parser = argparse.ArgumentParser(
+        prog="fedmq",
+        description="Federated learning for fleets of small devices that talk over MQTT.",
+        epilog=(
+            "Settings: --config FILE (TOML; top-level keys and an [aggregator] or [agent] "
+            "table), then FEDMQ_<SETTING> environment variables, then flags. "
+            "Exit codes: 0 ok, 1 failure, 2 bad configuration, 3 demo missed its target, "
+            "4 no broker."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"fedmq {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="broker + aggregator + a fleet of agents on MNIST, with progress and a plot",
+        description=(
+            "Start a broker (Mosquitto, or an embedded one when Mosquitto is not installed), "
+            "an aggregator and a fleet of agents as separate processes; train until the "
+            "target accuracy; write metrics JSON and a plot to the run directory."
+        ),
+    )
+    from fedmq.demo import add_demo_flags
+
+    add_demo_flags(demo)
+
+    agg = sub.add_parser(
+        "aggregator",
+        help="run the aggregator service for one job",
+        description="Run synchronous FedAvg rounds for one job against an MQTT broker.",
+    )
+    agg.add_argument("--config", type=Path, help="TOML config file")
+    _add_settings_flags(agg, AggregatorSettings, AGGREGATOR_HELP)
+
+    agent = sub.add_parser(
+        "agent",
+        help="run a device agent",
+        description="Take part in a job: fetch global versions, train locally, send updates.",
+    )
+    agent.add_argument("--config", type=Path, help="TOML config file")
+    _add_settings_flags(agent, AgentSettings, AGENT_HELP)
+
+    broker = sub.add_parser(
+        "broker",
+        help="run a Mosquitto broker with a generated config",
+        description="Run Mosquitto in the foreground with a config fedmq generates.",
+    )
+    broker.add_argument("--port", type=int, default=1883)
+    broker.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    broker.add_argument("--data-dir", type=Path, default=Path("fedmq-broker"))
+    broker.add_argument("--message-size-limit", type=int, default=0,
+                        help="largest payload the broker accepts (0 = its default)")  # fmt: skip
+    broker.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto")
+
+    status = sub.add_parser("status", help="print a job's retained status")
+    status.add_argument("--host", default="127.0.0.1")
+    status.add_argument("--port", type=int, default=1883)
+    status.add_argument("--job", default="demo")
+    status.add_argument("--prefix", default="fedmq")
+    status.add_argument("--timeout", type=float, default=5.0)
+
+    sub.add_parser("tasks", help="list built-in tasks and firmware profiles")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the fedmq command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return _dispatch(args)
+    except ConfigError as err:
+        print(f"fedmq: configuration error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as err:
+        print(f"fedmq: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from fedmq.demo import run_demo
+
+        return run_demo(args)
+    if args.command == "aggregator":
+        from aggregator.service import Aggregator
+        from aggregator.settings import AggregatorSettings
+
+        return _serve(Aggregator(settings=_settings(AggregatorSettings, args, "aggregator")))
+    if args.command == "agent":
+        from edge_agent.agent import Agent
+        from edge_agent.settings import AgentSettings
+
+        return _serve(Agent(settings=_settings(AgentSettings, args, "agent")))
+    if args.command == "broker":
+        return _run_broker(args)
+    if args.command == "status":
+        return _print_status(args)
+    if args.command == "tasks":
+        from fedmq.tasks import get_task, list_tasks
+        from firmware_profiles import list_profiles, load_profile
+
+        print("tasks:")
+        for name in list_tasks():
+            print(f"  {name:14s} {get_task(name).description}")
+        print("firmware profiles:")
+        for name in list_profiles():
+            print(f"  {name:14s} {load_profile(name).description}")
+        return EXIT_OK
+    raise AssertionError(args.command)
+
+
+def _serve(service: Any) -> int:
+    """Run a service until it finishes or SIGTERM/SIGINT asks it to stop."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    code = service.run(stop=stop)
+    return EXIT_NO_BROKER if code == 2 else code
+
+
+def _run_broker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from broker import start_broker
+
+    try:
+        broker = start_broker(
+            prefer=args.broker,
+            port=args.port,
+            data_dir=args.data_dir,
+            message_size_limit=args.message_size_limit,
+        )
+    except RuntimeError as err:
+        print(f"fedmq: {err}", file=sys.stderr)
+        return EXIT_NO_BROKER
+    print(f"{broker.kind} listening on {broker.host}:{broker.port} (MQTT {broker.mqtt_version})")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            if not broker.running:
+                print("fedmq: the broker exited", file=sys.stderr)
+                return EXIT_FAILURE
+    finally:
+        broker.stop()
+    return EXIT_OK
+
+
+def _print_status(args: argparse.Namespace) -> int:
+    import json
+
+    from fedmq.link import BrokerAddress, Link, Message
+    from fedmq.topics import Topics
+
+    topics = Topics(job=args.job, prefix=args.prefix)
+    link = Link(
+        client_id=f"fedmq-status-{__import__('os').getpid()}",
+        address=BrokerAddress(host=args.host, port=args.port),
+        subscriptions=[(topics.status(), 0)],
+        persistent=False,
+    )
+    link.start()
+    try:
+        if not link.wait_connected(args.timeout):
+            print(f"fedmq: no broker at {args.host}:{args.port}", file=sys.stderr)
+            return EXIT_NO_BROKER
+        while (event := link.next_event(args.timeout)) is not None:
+            if isinstance(event, Message) and event.payload:
+                print(json.dumps(json.loads(event.payload), indent=2))
+                return EXIT_OK
+        print(f"fedmq: no status for job {args.job!r}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        link.stop()

@@ -1,0 +1,116 @@
+"""Settings from three layers: a TOML file, FEDMQ_* environment variables, command-line flags.
+
+Later layers win: defaults < TOML < environment < flags. A settings class is a frozen
+dataclass whose fields are plain scalars; this module reads the layers, converts strings
+to each field's type, and lets the dataclass validate the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+T = TypeVar("T")
+ENV_PREFIX = "FEDMQ_"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be read or has the wrong type; the message names its source."""
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML config file; ConfigError with the file name on failure."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+
+
+def _base_type(tp: Any) -> Any:
+    """The non-None member of Optional[X] / X | None, else tp itself."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def _convert(value: Any, tp: Any, source: str) -> Any:
+    tp = _base_type(tp)
+    if value is None:
+        return None
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{value!r} is not a boolean")
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value!r} is not an integer")
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is Path:
+            return Path(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: {err}") from err
+    return value
+
+
+def load_settings(
+    cls: type[T],
+    *,
+    sections: tuple[str, ...] = (),
+    config_file: Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    """Build cls from defaults, then the TOML file's top level and sections, env, flags."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        doc = read_toml(Path(config_file))
+        layers = [doc] + [doc.get(s, {}) for s in sections]
+        for layer in layers:
+            if not isinstance(layer, dict):
+                continue
+            for key, raw in layer.items():
+                name = key.replace("-", "_")
+                if name in fields and not isinstance(raw, dict):
+                    values[name] = _convert(raw, hints[name], f"{config_file}: {key}")
+    env = os.environ if environ is None else environ
+    for name in fields:
+        var = ENV_PREFIX + name.upper()
+        if var in env:
+            values[name] = _convert(env[var], hints[name], f"environment {var}")
+    for name, raw in (flags or {}).items():
+        if name in fields and raw is not None:
+            values[name] = _convert(raw, hints[name], f"--{name.replace('_', '-')}")
+    try:
+        return cls(**values)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err

@@ -1,0 +1,228 @@
+"""The one MQTT connection both shells use: paho in, our own event types out.
+
+paho re-raises exceptions from callbacks into its network loop, so the callbacks here do
+nothing but turn what arrived into a small immutable event and put it on a bounded
+queue; the shell's own loop does the work. Subscriptions are (re)made in on_connect, so
+a reconnect renews them. paho lives here (it is a core dependency of every install) so
+that neither shell repeats connection, Will, session and packet-size handling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fedmq.chunks import DEFAULT_MAX_MESSAGE_BYTES
+
+log = logging.getLogger("fedmq.link")
+
+MQTT_VERSIONS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+# Bytes of a PUBLISH packet that are not payload: fixed header, topic, packet id, properties.
+PUBLISH_OVERHEAD = 64
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker is and how to speak to it."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    mqtt_version: str = "5"
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = 30
+
+    def __post_init__(self) -> None:
+        if self.mqtt_version not in MQTT_VERSIONS:
+            raise ValueError(
+                f"mqtt_version must be one of {sorted(MQTT_VERSIONS)}, got {self.mqtt_version!r}"
+            )
+        if not 0 < self.port < 65536:
+            raise ValueError(f"broker port must be 1-65535, got {self.port}")
+        if self.keepalive < 5:
+            raise ValueError(f"keepalive must be at least 5 seconds, got {self.keepalive}")
+
+
+@dataclass(frozen=True)
+class Connected:
+    """The broker accepted the connection."""
+
+    session_present: bool
+    max_packet_size: int | None  # from CONNACK (MQTT 5), None when the broker sent none
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    """The connection dropped; paho reconnects with backoff by itself."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Message:
+    """One PUBLISH that arrived."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+Event = Connected | Disconnected | Message
+
+
+class Link:
+    """A paho client with a Will, a persistent session, renewed subscriptions and an inbox."""
+
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        address: BrokerAddress,
+        subscriptions: Iterable[tuple[str, int]] = (),
+        will: tuple[str, bytes] | None = None,
+        persistent: bool = True,
+        session_expiry_s: int = 3600,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        inbox_size: int = 10000,
+    ) -> None:
+        if max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
+        self.client_id = client_id
+        self.address = address
+        self.inbox: queue.Queue[Event] = queue.Queue(maxsize=inbox_size)
+        self.configured_max_message_bytes = max_message_bytes
+        self.broker_max_packet_size: int | None = None
+        self.dropped_events = 0
+        self._subs: dict[str, int] = dict(subscriptions)
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        protocol = MQTT_VERSIONS[address.mqtt_version]
+        self._v5 = protocol == mqtt.MQTTv5
+        kwargs = {} if self._v5 else {"clean_session": not persistent}
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs
+        )
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.max_inflight_messages_set(64)
+        if address.username:
+            self.client.username_pw_set(address.username, address.password)
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self._persistent = persistent
+        self._session_expiry_s = session_expiry_s
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Connect in the background; paho keeps reconnecting with backoff until stop()."""
+        props = None
+        clean_start: bool | int = mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            if self._persistent:
+                props.SessionExpiryInterval = self._session_expiry_s
+                clean_start = False
+            else:
+                clean_start = True
+        self.client.connect_async(
+            self.address.host,
+            self.address.port,
+            keepalive=self.address.keepalive,
+            clean_start=clean_start,
+            properties=props,
+        )
+        self.client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected or timeout; True when connected."""
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def stop(self, *, final: tuple[str, bytes] | None = None) -> None:
+        """Publish a last retained message (e.g. offline state), disconnect, stop the loop."""
+        if final is not None and self.connected:
+            info = self.client.publish(final[0], final[1], qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout=2.0)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # ------------------------------------------------------------ use
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest payload we may publish: configured, capped by the broker's CONNACK."""
+        limit = self.configured_max_message_bytes
+        if self.broker_max_packet_size:
+            limit = min(limit, self.broker_max_packet_size - PUBLISH_OVERHEAD - 256)
+        return limit
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Subscribe now and after every reconnect."""
+        with self._lock:
+            self._subs[topic] = qos
+        if self.connected:
+            self.client.subscribe(topic, qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        """Stop a subscription and do not renew it."""
+        with self._lock:
+            present = self._subs.pop(topic, None) is not None
+        if present and self.connected:
+            self.client.unsubscribe(topic)
+
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> mqtt.MQTTMessageInfo:
+        """Publish; with QoS 1 paho keeps the message and sends it once reconnected."""
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def next_event(self, timeout: float) -> Event | None:
+        """The next event from the network thread, or None after timeout."""
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    # ------------------------------------------------------------ paho callbacks
+
+    def _put(self, event: Event) -> None:
+        try:
+            self.inbox.put(event, timeout=5.0)
+        except queue.Full:
+            self.dropped_events += 1
+            log.error("%s: inbox full, dropped %s", self.client_id, type(event).__name__)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            log.warning("%s: broker refused connection: %s", self.client_id, reason_code)
+            return
+        size = getattr(properties, "MaximumPacketSize", None) if properties else None
+        self.broker_max_packet_size = int(size) if size else None
+        with self._lock:
+            subs = list(self._subs.items())
+        if subs:
+            client.subscribe(subs)
+        self._connected.set()
+        self._put(Connected(bool(flags.session_present), self.broker_max_packet_size))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        self._connected.clear()
+        self._put(Disconnected(str(reason_code)))
+
+    def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+        self._put(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
