@@ -238,7 +238,7 @@ class Agent:
         from edge_agent.training import Budget, train_local
         from fedmq.tasks.weights import get_weights, set_weights
 
-        torch.set_num_threads(self.profile.torch_threads)
+        torch.set_num_threads(self.s.torch_threads or self.profile.torch_threads)
         if self._model is None:
             self._model = self.task.build_model()
         assert self.weights is not None

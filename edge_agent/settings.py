@@ -30,6 +30,7 @@ class AgentSettings:
     state_dir: Path = Path("fedmq-agent")
     profile: str = "rpi4"
     max_message_bytes: int = 0  # 0: take the profile's
+    torch_threads: int = 0  # 0: take the profile's
     infer_only: bool = False  # never train: fetch the ONNX export and evaluate it
     extra_delay_s: float = 0.0  # simulated slowness after training (tests, benchmarks)
 
@@ -44,6 +45,8 @@ class AgentSettings:
             )
         if self.max_message_bytes and self.max_message_bytes < 1024:
             raise ValueError("max_message_bytes must be 0 (profile's) or at least 1024")
+        if self.torch_threads < 0:
+            raise ValueError("torch_threads must be 0 (profile's) or positive")
         if self.extra_delay_s < 0 or self.alpha <= 0:
             raise ValueError("extra_delay_s must be >= 0 and alpha positive")
 

@@ -66,6 +66,7 @@ AGENT_HELP = {
     "state_dir": "directory for the held model, progress and the outbox",
     "profile": "firmware profile: a bundled name (fedmq tasks) or a TOML file",
     "max_message_bytes": "largest MQTT payload to publish (0 = the profile's)",
+    "torch_threads": "CPU threads for local training (0 = the profile's)",
     "infer_only": "never train: fetch each version's ONNX export and evaluate it locally",
     "extra_delay_s": "simulated slowness in seconds after training (tests, benchmarks)",
 }

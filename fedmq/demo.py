@@ -73,7 +73,9 @@ def run_demo(args: argparse.Namespace) -> int:
             procs.append(_spawn(
                 ["agent", *common, "--device-id", f"device-{i:02d}", "--device-index", str(i),
                  "--num-devices", str(args.devices), "--partition", args.partition,
-                 "--data-seed", str(args.seed), "--state-dir", str(run_dir / "agents")],
+                 "--data-seed", str(args.seed), "--state-dir", str(run_dir / "agents"),
+                 # many simulated devices share this machine's cores: one thread each
+                 "--torch-threads", "1"],
                 run_dir / f"agent-{i:02d}.log",
             ))  # fmt: skip
         print(f"started 1 aggregator and {args.devices} agents "

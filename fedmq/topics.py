@@ -67,6 +67,9 @@ class Topics:
     def ack(self, device: str) -> str:
         return f"{self.base}/ack/{check_name('device id', device)}"
 
+    def acks_filter(self) -> str:
+        return f"{self.base}/ack/+"
+
     def device_state(self, device: str) -> str:
         return f"{self.prefix}/devices/{check_name('device id', device)}/state"
 

@@ -1,0 +1,152 @@
+"""Start a real aggregator and real agents as processes against a test broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from fedmq.topics import Topics
+from fedmq.wire import Ack, decode_ack
+
+
+class Fleet:
+    """An aggregator and agents for one job under one topic prefix; stops them all."""
+
+    def __init__(self, *, broker: Any, root: Path, prefix: str, job: str = "t",
+                 task: str = "digits-mlp") -> None:  # fmt: skip
+        self.broker = broker
+        self.root = root
+        self.prefix = prefix
+        self.job = job
+        self.task = task
+        self.topics = Topics(job=job, prefix=prefix)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.state_dir = root / "aggregator"
+
+    def _common(self) -> list[str]:
+        return ["--host", self.broker.host, "--port", str(self.broker.port),
+                "--mqtt-version", self.broker.mqtt_version, "--job", self.job,
+                "--prefix", self.prefix, "--task", self.task]  # fmt: skip
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - child owns it
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "fedmq", *argv], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def aggregator(self, **flags: Any) -> subprocess.Popen[bytes]:
+        """Start the aggregator with --flag value pairs from keyword arguments."""
+        opts = {"state_dir": self.state_dir, "rounds": 3, "round_timeout_s": 30,
+                "start_wait_s": 30, "epochs": 1, "batch_size": 10, "lr": 0.05, **flags}  # fmt: skip
+        return self._spawn("aggregator", ["aggregator", *self._common(), *_flags(opts)])
+
+    def agent(self, index: int, num_devices: int, **flags: Any) -> subprocess.Popen[bytes]:
+        """Start agent number index of num_devices (device id d<index>)."""
+        opts = {"device_id": f"d{index}", "device_index": index, "num_devices": num_devices,
+                "partition": "iid", "state_dir": self.root / "agents", **flags}  # fmt: skip
+        return self._spawn(f"agent-{index}", ["agent", *self._common(), *_flags(opts)])
+
+    def history(self) -> list[dict[str, Any]]:
+        path = self.state_dir / "history.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def state(self) -> dict[str, Any]:
+        return json.loads((self.state_dir / "state.json").read_text())
+
+    def wait_for(self, what: str, check: Callable[[], Any], timeout: float) -> Any:
+        """Poll check() until it returns something truthy; fail with the logs otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = check()
+            if got:
+                return got
+            agg = self.procs.get("aggregator")
+            if agg is not None and agg.poll() not in (None, 0):
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
+
+    def wait_rounds(self, n: int, timeout: float = 120) -> list[dict[str, Any]]:
+        """Wait until n rounds are in the history."""
+        return self.wait_for(f"{n} rounds", lambda: len(self.history()) >= n and self.history(),
+                             timeout)  # fmt: skip
+
+    def logs(self, tail: int = 25) -> str:
+        out = []
+        for name in self.procs:
+            path = self.root / f"{name}.log"
+            lines = path.read_text(errors="replace").splitlines()[-tail:] if path.exists() else []
+            out.append(f"--- {name} ---\n" + "\n".join(lines))
+        return "\n".join(out)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (no clean shutdown, no offline message: its Will fires)."""
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs[name].wait(timeout=10)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _flags(opts: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in opts.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+class Watcher:
+    """A plain paho client that records messages on a topic filter (acks, updates)."""
+
+    def __init__(self, broker: Any, topic_filter: str) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        version = mqtt.MQTTv5 if broker.mqtt_version == "5" else mqtt.MQTTv311
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=version)
+        self.client.on_connect = lambda c, *_: c.subscribe(topic_filter, 1)
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "watcher could not subscribe"
+
+    def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+        with self._lock:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+
+    def acks(self) -> list[tuple[str, Ack]]:
+        with self._lock:
+            return [(t, decode_ack(p)) for t, p in self.messages]
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        self.client.publish(topic, payload, qos=qos).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -1,0 +1,134 @@
+"""A real fleet through a real Mosquitto: training, dropouts, late updates, bad input, limits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+from fedmq.chunks import encode_chunks
+from fedmq.wire import Update, encode_update
+from tests.integration.fleet import Fleet, Watcher
+
+
+def test_fleet_trains_to_accuracy(fleet: Fleet) -> None:
+    fleet.aggregator(rounds=4, devices_per_round=4, min_devices=4, epochs=3, lr=0.1)
+    for i in range(4):
+        fleet.agent(i, 4)
+    rounds = fleet.wait_rounds(4, timeout=150)
+    assert [r["outcome"] for r in rounds] == ["complete"] * 4
+    assert all(r["accepted"] == 4 for r in rounds)
+    assert rounds[-1]["accuracy"] >= 0.85, rounds[-1]
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
+    assert fleet.procs["aggregator"].wait(timeout=30) == 0
+    state = fleet.state()
+    assert state["version"] == 4 and len(state["counted_ids"]) == 16
+
+
+def test_killed_device_does_not_block_the_round(fleet: Fleet) -> None:
+    fleet.aggregator(rounds=1, devices_per_round=4, min_devices=3, round_timeout_s=60)
+    for i in range(3):
+        fleet.agent(i, 4)
+    slow = fleet.agent(3, 4, extra_delay_s=120)  # trains, then hangs before sending
+    fleet.wait_for("round 1 to open", lambda: (fleet.root / "agent-3.log").read_text().count(
+        "selected for round 1"), timeout=60)  # fmt: skip
+    fleet.wait_for("3 updates", lambda: fleet.state()["counters"].get("accepted", 0) >= 3
+                   or "accepted update" in (fleet.root / "aggregator.log").read_text()
+                   and (fleet.root / "aggregator.log").read_text().count("accepted update") >= 3,
+                   timeout=60)  # fmt: skip
+    fleet.kill("agent-3")
+    assert slow.returncode == -9
+    (rnd,) = fleet.wait_rounds(1, timeout=30)  # long before the 60 s deadline: the Will ended it
+    assert rnd["outcome"] == "quorum" and rnd["accepted"] == 3
+    assert rnd["dropped"] == ["d3"]
+    assert rnd["wall_s"] < 60
+
+
+def test_late_update_is_acknowledged_late(fleet: Fleet, mosquitto: Any) -> None:
+    watcher = Watcher(mosquitto, fleet.topics.acks_filter())
+    try:
+        fleet.aggregator(rounds=2, devices_per_round=3, min_devices=2, round_timeout_s=6)
+        fleet.agent(0, 3)
+        fleet.agent(1, 3)
+        fleet.agent(2, 3, extra_delay_s=9)
+        fleet.wait_for(
+            "a late ack",
+            lambda: [a for t, a in watcher.acks() if a.status == "late" and t.endswith("/d2")],
+            timeout=90,
+        )
+        rounds = fleet.wait_rounds(1)
+        assert rounds[0]["outcome"] == "quorum" and rounds[0]["accepted"] == 2
+        assert "d2" not in {p["device"] for p in rounds[0]["participants"]}
+    finally:
+        watcher.close()
+
+
+def _bad_update(device: str, round_id: int, shape: tuple[int, ...]) -> bytes:
+    return encode_update(Update("bad-shape-1", device, round_id, 0, 10, "float32",
+                                {"nonsense": np.zeros(shape, np.float32)}))  # fmt: skip
+
+
+def test_malformed_and_oversized_messages_are_rejected(fleet: Fleet, mosquitto: Any) -> None:
+    watcher = Watcher(mosquitto, fleet.topics.acks_filter())
+    try:
+        fleet.aggregator(rounds=1, devices_per_round=2, min_devices=2, max_message_bytes=65536,
+                         max_update_bytes=4 * 1024 * 1024)  # fmt: skip
+        fleet.agent(0, 2)
+        fleet.agent(1, 2)
+        fleet.wait_for("round 1", lambda: "round 1 open" in
+                       (fleet.root / "aggregator.log").read_text(), timeout=60)  # fmt: skip
+        topic = fleet.topics.update("d9")
+        watcher.publish(topic, b"\xc1 not msgpack")
+        watcher.publish(topic, msgpack.packb({"v": 1, "kind": "chunk", "id": "x"}))
+        watcher.publish(topic, os.urandom(200_000))  # over the aggregator's message cap
+        huge = encode_chunks(b"\0" * (5 * 1024 * 1024), "too-big", 65536)[0]
+        watcher.publish(topic, huge)  # claims a payload over max_update_bytes
+        for chunk in encode_chunks(_bad_update("d9", 1, (3, 3)), "bad-shape-1", 65536):
+            watcher.publish(topic, chunk)
+        (rnd,) = fleet.wait_rounds(1, timeout=90)
+        assert rnd["outcome"] == "complete" and rnd["accepted"] == 2
+        counters = fleet.state()["counters"]
+        assert counters["rejected_decode_error"] >= 2
+        assert counters["rejected_schema_error"] >= 1
+        assert counters["rejected_chunk_error"] >= 1
+        assert counters["rejected_unauthorized"] + counters.get("rejected_shape_mismatch", 0) >= 1
+        rejected = {a.update_id: a.reason for t, a in watcher.acks() if a.status == "rejected"}
+        assert "too-big" in rejected and "exceeds" in rejected["too-big"]
+        assert "bad-shape-1" in rejected
+        assert fleet.procs["aggregator"].wait(timeout=30) == 0
+    finally:
+        watcher.close()
+
+
+@pytest.mark.parametrize("advertised", [True, False], ids=["connack-limit", "configured-limit"])
+def test_payload_over_broker_limit_arrives_chunked(
+    broker_factory: Any, tmp_path: Path, topic_prefix: str, advertised: bool
+) -> None:
+    """128 KiB broker: learned from CONNACK Maximum Packet Size, or configured on both sides."""
+    limit = 131072
+    if advertised:
+        broker = broker_factory(message_size_limit=limit, max_packet_size=limit)
+        flags: dict[str, Any] = {}
+    else:
+        broker = broker_factory(message_size_limit=limit)
+        flags = {"max_message_bytes": limit}
+    fleet = Fleet(broker=broker, root=tmp_path, prefix=topic_prefix, task="mnist-2nn")
+    watcher = Watcher(broker, fleet.topics.updates_filter())
+    try:
+        fleet.aggregator(rounds=1, devices_per_round=2, min_devices=2, **flags)
+        fleet.agent(0, 2, **flags)
+        fleet.agent(1, 2, **flags)
+        (rnd,) = fleet.wait_rounds(1, timeout=120)
+        assert rnd["outcome"] == "complete" and rnd["accepted"] == 2, fleet.logs()
+        sizes = [len(p) for _, p in watcher.messages]
+        # two 800 KB float32 updates of the 199,210-parameter model, each in >= 7 chunks
+        assert len(sizes) >= 14 and max(sizes) <= limit
+        assert rnd["bytes_up"] > 2 * 199_210 * 4
+        assert "Protocol error" not in (tmp_path / "aggregator.log").read_text()
+    finally:
+        watcher.close()
+        fleet.stop()
