@@ -72,6 +72,9 @@ class GlobalModel:
                 )
             self.weights, self.version, self.round_id = weights, manifest.version, manifest.round_id
             self.created, self.metrics, self.onnx = manifest.created, manifest.metrics, onnx
+            if manifest.job:  # it was published: its chunks may still be retained on the broker
+                onnx_chunks = manifest.onnx.chunks if manifest.onnx else 0
+                self._published = (manifest.version, manifest.weights.chunks + onnx_chunks)
             return
         self.metrics = self._evaluate()
         self._store()
@@ -151,11 +154,16 @@ class GlobalModel:
         )
         manifest = encode_manifest(m)
         link.publish(topics.global_manifest(), manifest, qos=1, retain=True)
-        if self._published and self._published[0] != self.version:
+        count = len(chunks) + len(onnx_chunks)
+        if self._published:
+            # clear what the broker still retains of the previous layout (an empty
+            # retained payload deletes it): the old version, or extra chunks of this one
             old_version, old_count = self._published
-            for i in range(old_count):
+            first = count if old_version == self.version else 0
+            for i in range(first, old_count):
                 link.publish(topics.global_chunk(old_version, i), b"", qos=1, retain=True)
-        self._published = (self.version, len(chunks) + len(onnx_chunks))
+        self._published = (self.version, count)
+        self.store.save_manifest(self.version, manifest)
         total = sum(map(len, chunks + onnx_chunks)) + len(manifest)
         log.info(
             "published version %d: %d weight chunks, %d onnx chunks, %d bytes",

@@ -118,6 +118,9 @@ class Aggregator:
         return 0
 
     def _tick(self, now: float) -> None:
+        for key in self.reassembler.expire(now):
+            self.counters["expired_partial_updates"] += 1
+            self.payload_bytes.pop(key, None)
         if self.round is not None:
             outcome = self.round.outcome(now)
             if outcome is not None:
@@ -153,6 +156,9 @@ class Aggregator:
         state = decode_state(payload)
         if state.device != device:
             raise Unauthorized(f"state for {state.device!r} published on another device's topic")
+        if state.job != self.s.job:
+            self.devices.pop(device, None)  # a device of another job (or one that moved on)
+            return
         before = self.devices.get(device)
         self.devices[device] = state
         if before is None or before.status != state.status:
@@ -257,7 +263,8 @@ class Aggregator:
     # ------------------------------------------------------------ rounds
 
     def _online(self) -> list[str]:
-        return sorted(d for d, s in self.devices.items() if s.status != "offline")
+        """Devices that are online and train (inference-only devices are never selected)."""
+        return sorted(d for d, s in self.devices.items() if s.status != "offline" and s.trains)
 
     def _open_round(self, online: list[str], now: float) -> None:
         policy = self.s.policy
@@ -358,6 +365,7 @@ class Aggregator:
         self.model.load_or_init()
         self.next_round_id = int(state.get("next_round", 1))
         self.counted_ids = {str(k): int(v) for k, v in state.get("counted_ids", {}).items()}
+        self.counters.update(state.get("counters", {}))
         if state:
             log.info(
                 "resumed from %s: version %d, next round %d",
@@ -386,7 +394,8 @@ class Aggregator:
             phase = "training"
         else:
             phase = "waiting for devices"
-        online = self._online()
+        trainers = self._online()
+        online = [d for d, s in self.devices.items() if s.status != "offline"]
         return {
             "job": self.s.job,
             "task": self.task.name,
@@ -406,7 +415,11 @@ class Aggregator:
                 "dropped": sorted(r.dropped),
                 "deadline_in_s": round(max(0.0, r.deadline - now), 1),
             },
-            "devices": {"online": len(online), "known": len(self.devices)},
+            "devices": {
+                "online": len(online),
+                "trainers_online": len(trainers),
+                "known": len(self.devices),
+            },
             "counters": dict(sorted(self.counters.items())),
             "aggregator_version": __version__,
             "updated_at": round(now, 3),

@@ -5,7 +5,7 @@ a crash leaves either the old file or the new one, never half of one.
 
     <state_dir>/versions/000007.weights   msgpack weights blob, exactly as published
     <state_dir>/versions/000007.onnx      ONNX export of that version
-    <state_dir>/versions/000007.manifest  the manifest that announced it
+    <state_dir>/versions/000007.manifest  the manifest that announced it (its chunk layout)
     <state_dir>/history.json              one record per round (metrics, participants, bytes)
     <state_dir>/state.json                current version, next round id, counted update ids
 """
@@ -60,6 +60,10 @@ class Store:
             for old in self.versions()[: -self.keep_versions]:
                 for ext in ("weights", "onnx", "manifest"):
                     self._version_path(old, ext).unlink(missing_ok=True)
+
+    def save_manifest(self, version: int, manifest: bytes) -> None:
+        """Replace a stored version's manifest with the one actually published."""
+        write_atomic(self._version_path(version, "manifest"), manifest)
 
     def versions(self) -> list[int]:
         """Complete versions on disk, oldest first."""

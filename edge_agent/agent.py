@@ -20,7 +20,7 @@ from edge_agent.settings import AgentSettings
 from edge_agent.state import DeviceStore
 from fedmq import __version__
 from fedmq.chunks import Reassembler, encode_chunks
-from fedmq.errors import ProtocolError, SchemaError
+from fedmq.errors import DecodeError, ProtocolError, SchemaError
 from fedmq.link import Connected, Disconnected, Link, Message
 from fedmq.tasks import Task, get_task
 from fedmq.tasks.partition import device_data
@@ -28,6 +28,7 @@ from fedmq.wire import (
     DeviceMetrics,
     DeviceState,
     Manifest,
+    PayloadRef,
     RoundAnnouncement,
     Update,
     check_tensors,
@@ -68,7 +69,7 @@ class Agent:
         )
         self.store = DeviceStore(root=settings.state_dir / self.device)
         self.link = Link(
-            client_id=f"fedmq-{self.device}",
+            client_id=f"fedmq-{settings.job}-{self.device}",
             address=settings.broker,
             subscriptions=[
                 (self.topics.round(), 1),
@@ -82,6 +83,11 @@ class Agent:
         progress = self.store.load()
         self.version: int = int(progress.get("version", -1))
         self.last_round: int = int(progress.get("last_round", 0))
+        # sha256 of the held model, and of the model the last round was trained from: a
+        # round is "already trained" only if both its id and its base model match
+        self.model_sha: str = str(progress.get("model_sha", ""))
+        self.last_round_sha: str = str(progress.get("last_round_sha", ""))
+        self.fetch_attempts = 0
         self.weights: dict[str, np.ndarray] | None = None
         blob = self.store.load_model()
         if blob is not None and self.version >= 0:
@@ -158,11 +164,14 @@ class Agent:
     # ------------------------------------------------------------ global model
 
     def _on_manifest(self, m: Manifest) -> None:
-        if m.version == self.version or (self.wanted and self.wanted.version == m.version):
-            return
+        ref = m.onnx if self.infer_only and m.onnx else m.weights
+        if (m.version, ref.sha256) == (self.version, self.model_sha):
+            return  # already held
+        if self.wanted and (m.version, ref.sha256) == (self.wanted.version, self._ref().sha256):
+            return  # already fetching
         for topic in self.wanted_topics:
             self.link.unsubscribe(topic)
-        ref = m.onnx if self.infer_only and m.onnx else m.weights
+        self.fetch_attempts = 0
         self.wanted = m
         self.receiving_bytes = 0
         self.wanted_topics = [
@@ -173,30 +182,42 @@ class Agent:
             self.link.subscribe(topic, 1)
         self.log.info("fetching global version %d (%d chunks)", m.version, ref.chunks)
 
+    def _ref(self) -> PayloadRef:
+        """The payload of the wanted version this device uses: weights, or ONNX to infer."""
+        m = self.wanted
+        assert m is not None
+        return m.onnx if self.infer_only and m.onnx else m.weights
+
     def _on_global_chunk(self, payload: bytes) -> None:
         m = self.wanted
         if m is None:
             return
         chunk = decode_chunk(payload, max_bytes=8 * 1024 * 1024)
-        ref = m.onnx if self.infer_only and m.onnx else m.weights
+        ref = self._ref()
         if chunk.payload_id != ref.payload_id:
             return  # a chunk of another version or of the payload this device does not use
         self.receiving_bytes += len(payload)
         done = self.reassembler.add(chunk, source="global", now=time.time())
         if done is None:
             return
-        if hashlib.sha256(done.payload).hexdigest() != ref.sha256 or len(done.payload) != ref.size:
-            raise SchemaError(f"global version {m.version} does not match its manifest")
         for topic in self.wanted_topics:
             self.link.unsubscribe(topic)
+        if hashlib.sha256(done.payload).hexdigest() != ref.sha256 or len(done.payload) != ref.size:
+            self.fetch_attempts += 1
+            if self.fetch_attempts < 3:  # fetch the retained chunks once more
+                for topic in self.wanted_topics:
+                    self.link.subscribe(topic, 1)
+            else:
+                self.wanted, self.wanted_topics = None, []
+            raise SchemaError(f"global version {m.version} does not match its manifest")
         self.wanted, self.wanted_topics = None, []
         if ref is m.onnx:
             self._evaluate_onnx(m, done.payload)
-            self.version = m.version
+            self.version, self.model_sha = m.version, ref.sha256
             return
         weights = decode_weights(done.payload)
         check_tensors(weights, m.tensors, what=f"global version {m.version}")
-        self.weights, self.version = weights, m.version
+        self.weights, self.version, self.model_sha = weights, m.version, ref.sha256
         self.fetched_bytes = self.receiving_bytes
         self.store.save_model(done.payload)
         self._save_progress()
@@ -205,7 +226,10 @@ class Agent:
     def _evaluate_onnx(self, m: Manifest, onnx_bytes: bytes) -> None:
         from edge_agent.inference import OnnxModel, accuracy
 
-        model = OnnxModel(onnx_bytes=onnx_bytes, threads=self.profile.torch_threads)
+        try:
+            model = OnnxModel(onnx_bytes=onnx_bytes, threads=self.profile.torch_threads)
+        except ValueError as err:
+            raise DecodeError(f"global version {m.version}: {err}") from err
         acc = accuracy(model, self.x, self.y)
         self.log.info("global version %d: local accuracy %.4f (onnxruntime)", m.version, acc)
         self._publish_metrics(m.round_id, m.version, {"onnx_accuracy": acc})
@@ -217,8 +241,6 @@ class Agent:
             if self.pending and r.round_id >= self.pending.round_id and r.state != "open":
                 self.pending = None  # the round we waited to train for has ended
             return
-        if r.round_id <= self.last_round:
-            return  # trained this round already (e.g. a retained redelivery after restart)
         self.pending = r
         self.log.info("selected for round %d (version %d)", r.round_id, r.model_version)
 
@@ -227,6 +249,8 @@ class Agent:
         if r is None or self.version != r.model_version or self.weights is None:
             return
         self.pending = None
+        if r.round_id <= self.last_round and self.model_sha == self.last_round_sha:
+            return  # trained this round already (e.g. a retained redelivery after restart)
         if now > r.deadline:
             self.log.warning("round %d: deadline passed before the model arrived", r.round_id)
             return
@@ -266,7 +290,8 @@ class Agent:
             device=self.device,
             round_id=r.round_id,
             base_version=r.model_version,
-            num_examples=len(self.x) if not result.stopped_by else max(1, result.examples),
+            # FedAvg weight n_k: the local dataset, or what a budget-stopped run got through
+            num_examples=min(len(self.x), max(1, result.examples)),
             codec="float32",
             tensors=delta,
             metrics={"train_loss": result.mean_loss, "train_s": result.seconds},
@@ -274,7 +299,7 @@ class Agent:
         )
         payload = encode_update(update)
         self.store.outbox.put(update.update_id, payload)  # before sending: survives a crash
-        self.last_round = r.round_id
+        self.last_round, self.last_round_sha = r.round_id, self.model_sha
         self.fetched_bytes = 0  # downlink is counted once, with the first update that used it
         self._save_progress()
         self._send(update.update_id, payload)
@@ -304,11 +329,13 @@ class Agent:
             DeviceState(
                 device=self.device,
                 status=status,
+                job=self.s.job,
                 profile=self.profile.name,
                 agent_version=__version__,
                 num_examples=len(self.x),
                 model_version=getattr(self, "version", -1),
                 ts=time.time(),
+                trains=not self.infer_only,
             )
         )
 
@@ -324,6 +351,7 @@ class Agent:
 
     def _save_progress(self) -> None:
         self.store.save(
-            {"version": self.version, "last_round": self.last_round,
+            {"version": self.version, "model_sha": self.model_sha,
+             "last_round": self.last_round, "last_round_sha": self.last_round_sha,
              "fetched_bytes": self.fetched_bytes}
         )  # fmt: skip

@@ -95,9 +95,15 @@ def load_settings(
     if config_file is not None:
         doc = read_toml(Path(config_file))
         layers = [doc] + [doc.get(s, {}) for s in sections]
-        for layer in layers:
+        for section, layer in zip(("", *sections), layers, strict=True):
             if not isinstance(layer, dict):
-                continue
+                raise ConfigError(f"{config_file}: [{section}] must be a table")
+            unknown = sorted(k for k in layer if k.replace("-", "_") not in fields)
+            if section and unknown:  # the top level is shared by every role: not checked
+                raise ConfigError(
+                    f"{config_file}: unknown keys {unknown} in [{section}]; "
+                    f"known: {', '.join(sorted(fields))}"
+                )
             for key, raw in layer.items():
                 name = key.replace("-", "_")
                 if name in fields and not isinstance(raw, dict):

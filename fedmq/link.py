@@ -13,6 +13,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -101,6 +102,7 @@ class Link:
         self.configured_max_message_bytes = max_message_bytes
         self.broker_max_packet_size: int | None = None
         self.dropped_events = 0
+        self._in_flight: list[mqtt.MQTTMessageInfo] = []
         self._subs: dict[str, int] = dict(subscriptions)
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -152,12 +154,20 @@ class Link:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def stop(self, *, final: tuple[str, bytes] | None = None) -> None:
-        """Publish a last retained message (e.g. offline state), disconnect, stop the loop."""
+    def stop(self, *, final: tuple[str, bytes] | None = None, flush_s: float = 10.0) -> None:
+        """Publish a last retained message (e.g. offline state), let queued QoS 1 messages
+        reach the broker (up to flush_s), then disconnect and stop the loop."""
         if final is not None and self.connected:
-            info = self.client.publish(final[0], final[1], qos=1, retain=True)
+            self.publish(final[0], final[1], qos=1, retain=True)
+        deadline = time.monotonic() + flush_s
+        with self._lock:
+            pending = list(self._in_flight)
+        for info in pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.connected:
+                break
             with contextlib.suppress(RuntimeError, ValueError):
-                info.wait_for_publish(timeout=2.0)
+                info.wait_for_publish(timeout=left)
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -189,7 +199,12 @@ class Link:
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> mqtt.MQTTMessageInfo:
         """Publish; with QoS 1 paho keeps the message and sends it once reconnected."""
-        return self.client.publish(topic, payload, qos=qos, retain=retain)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0:
+            with self._lock:
+                self._in_flight = [i for i in self._in_flight if not i.is_published()]
+                self._in_flight.append(info)
+        return info
 
     def next_event(self, timeout: float) -> Event | None:
         """The next event from the network thread, or None after timeout."""

@@ -212,6 +212,10 @@ def check_tensors(
         extra = sorted(set(tensors) - set(expected))
         raise ShapeMismatch(f"{what}: tensor names differ (missing {missing}, extra {extra})")
     for name, arr in tensors.items():
+        if arr.dtype != DTYPES[expected[name].dtype].newbyteorder("="):
+            raise ShapeMismatch(
+                f"{what}: tensor {name!r} is {arr.dtype.name}, expected {expected[name].dtype}"
+            )
         if tuple(arr.shape) != expected[name].shape:
             raise ShapeMismatch(
                 f"{what}: tensor {name!r} has shape {tuple(arr.shape)}, "
@@ -596,11 +600,13 @@ class DeviceState:
 
     device: str
     status: str
+    job: str = ""
     profile: str = ""
     agent_version: str = ""
     num_examples: int = 0
     model_version: int = -1
     ts: float = 0.0
+    trains: bool = True  # False: inference only, never selected for a round
 
 
 def encode_state(s: DeviceState) -> bytes:
@@ -610,11 +616,13 @@ def encode_state(s: DeviceState) -> bytes:
         {
             "device": s.device,
             "status": s.status,
+            "job": s.job,
             "profile": s.profile,
             "agent_version": s.agent_version,
             "num_examples": s.num_examples,
             "model_version": s.model_version,
             "ts": s.ts,
+            "trains": s.trains,
         },
     )
 
@@ -625,11 +633,13 @@ def decode_state(payload: bytes, *, max_bytes: int = 64 * 1024) -> DeviceState:
     s = DeviceState(
         device=_get(obj, "device", "str"),
         status=_get(obj, "status", "str"),
+        job=_get(obj, "job", "str"),
         profile=_get(obj, "profile", "str"),
         agent_version=_get(obj, "agent_version", "str"),
         num_examples=_get(obj, "num_examples", "int"),
         model_version=_get(obj, "model_version", "int"),
         ts=float(_get(obj, "ts", "num")),
+        trains=_get(obj, "trains", "bool"),
     )
     if s.status not in DEVICE_STATUSES:
         raise SchemaError(f"state: unknown status {s.status!r}")

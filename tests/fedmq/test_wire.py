@@ -104,7 +104,7 @@ def test_small_messages_round_trip() -> None:
     assert decode_round(encode_round(r)) == r
     a = Ack("u1", 4, "late", "round already closed")
     assert decode_ack(encode_ack(a)) == a
-    s = DeviceState("d1", "online", "rpi4", "0.1.0", 400, 3, 12.5)
+    s = DeviceState("d1", "online", "j", "rpi4", "0.1.0", 400, 3, 12.5, trains=False)
     assert decode_state(encode_state(s)) == s
     m = DeviceMetrics("d1", 4, 3, {"train_loss": 0.25})
     assert decode_metrics(encode_metrics(m)) == m

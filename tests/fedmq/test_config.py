@@ -1,0 +1,53 @@
+"""Settings layering: defaults < TOML < FEDMQ_* environment < flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aggregator.settings import AggregatorSettings
+from edge_agent.settings import AgentSettings
+from fedmq.config import ConfigError, load_settings
+
+
+def test_layers_in_order(tmp_path: Path) -> None:
+    cfg = tmp_path / "fedmq.toml"
+    cfg.write_text('job = "plant7"\nport = 1884\ndevice_id = "x"\n[aggregator]\nrounds = 12\n'
+                   'lr = 0.1\n[agent]\ndevice_id = "y"\n')  # fmt: skip
+    env = {"FEDMQ_ROUNDS": "20", "FEDMQ_PUBLISH_ONNX": "false", "FEDMQ_UNRELATED": "x"}
+    s = load_settings(AggregatorSettings, sections=("aggregator",), config_file=cfg,
+                      flags={"lr": 0.2, "seed": None}, environ=env)  # fmt: skip
+    assert s.job == "plant7" and s.port == 1884  # TOML top level
+    assert s.rounds == 20  # env beats TOML
+    assert s.lr == 0.2  # flag beats TOML
+    assert s.publish_onnx is False and s.seed == 0  # env bool; unset flag keeps default
+
+
+def test_agent_section_and_paths(tmp_path: Path) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[agent]\ndevice-id = "pi-17"\nstate_dir = "/var/lib/fedmq"\n')
+    s = load_settings(AgentSettings, sections=("agent",), config_file=cfg, environ={})
+    assert s.device_id == "pi-17" and s.state_dir == Path("/var/lib/fedmq")
+
+
+def test_errors_name_their_source(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="FEDMQ_PORT"):
+        load_settings(AggregatorSettings, environ={"FEDMQ_PORT": "eighty"})
+    with pytest.raises(ConfigError, match="not a boolean"):
+        load_settings(AggregatorSettings, environ={"FEDMQ_PUBLISH_ONNX": "maybe"})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(AggregatorSettings, config_file=bad, environ={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(AggregatorSettings, config_file=tmp_path / "missing.toml", environ={})
+    with pytest.raises(ConfigError, match="min_devices"):
+        load_settings(AggregatorSettings, flags={"devices_per_round": 2, "min_devices": 3},
+                      environ={})  # fmt: skip
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[aggregator]\nround = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown keys \['round'\]"):
+        load_settings(AggregatorSettings, sections=("aggregator",), config_file=typo, environ={})
+    with pytest.raises(ConfigError, match="device id"):
+        load_settings(AgentSettings, flags={"device_id": "a/b"}, environ={})

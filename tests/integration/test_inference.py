@@ -1,0 +1,53 @@
+"""An inference-only device on a machine without torch runs each global version in onnxruntime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedmq.wire import decode_metrics
+from tests.integration.fleet import Fleet, Watcher, _flags
+
+NO_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not installed on this device")
+sys.meta_path.insert(0, NoTorch())
+from fedmq.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_infer_only_agent_without_torch(fleet: Fleet, mosquitto: Any, tmp_path: Path) -> None:
+    watcher = Watcher(mosquitto, fleet.topics.metrics("sensor"))
+    log = open(tmp_path / "sensor.log", "wb")  # noqa: SIM115
+    try:
+        fleet.aggregator(rounds=3, devices_per_round=2, min_devices=2, epochs=3, lr=0.1)
+        fleet.agent(0, 3)
+        fleet.agent(1, 3)
+        argv = ["agent", "--host", mosquitto.host, "--port", str(mosquitto.port),
+                "--job", fleet.job, "--prefix", fleet.prefix, "--task", fleet.task,
+                *_flags({"device_id": "sensor", "device_index": 2, "num_devices": 3,
+                         "profile": "sensor-infer", "state_dir": tmp_path / "sensor"})]  # fmt: skip
+        sensor = subprocess.Popen([sys.executable, "-c", NO_TORCH, *argv], stdout=log,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
+        fleet.procs["sensor"] = sensor
+
+        def final_metrics() -> Any:
+            got = [decode_metrics(p) for _, p in watcher.messages]
+            return [m for m in got if m.model_version == 3]
+
+        (m,) = fleet.wait_for("onnx metrics for version 3", final_metrics, timeout=120)
+        assert sensor.poll() is None, (tmp_path / "sensor.log").read_text()
+        assert m.device == "sensor" and m.metrics["onnx_accuracy"] > 0.6
+        versions = sorted({decode_metrics(p).model_version for _, p in watcher.messages})
+        assert versions[-1] == 3 and len(versions) >= 2
+        text = (tmp_path / "sensor.log").read_text()
+        assert "inference only" in text and "Traceback" not in text
+    finally:
+        watcher.close()
+        log.close()
