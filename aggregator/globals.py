@@ -102,9 +102,7 @@ class GlobalModel:
             self.version, weights=blob, manifest=encode_manifest(manifest), onnx=self.onnx
         )
 
-    def manifest(
-        self, blob: bytes, *, job: str, weight_chunks: int, onnx_chunks: int
-    ) -> Manifest:
+    def manifest(self, blob: bytes, *, job: str, weight_chunks: int, onnx_chunks: int) -> Manifest:
         """The manifest for the current version, given how its payloads were chunked."""
         onnx_ref = None
         if self.onnx is not None and onnx_chunks:
@@ -170,4 +168,3 @@ class GlobalModel:
             self.version, len(chunks), len(onnx_chunks), total,
         )  # fmt: skip
         return total
-

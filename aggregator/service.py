@@ -236,9 +236,7 @@ class Aggregator:
         stats = self.round_stats
         stats["bytes_up"] += nbytes
         stats["bytes_down"] += u.fetched_bytes
-        stats["participants"].append(
-            {"device": u.device, "examples": u.num_examples, **u.metrics}
-        )
+        stats["participants"].append({"device": u.device, "examples": u.num_examples, **u.metrics})
         self.counters["accepted"] += 1
         self._status_dirty = True
         log.info(

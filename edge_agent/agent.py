@@ -54,9 +54,7 @@ class Agent:
         self.device = settings.device_id
         self.topics = settings.topics
         self.profile: Profile = load_profile(settings.profile)
-        self.log = logging.LoggerAdapter(
-            logging.getLogger("fedmq.agent"), {"device": self.device}
-        )
+        self.log = logging.LoggerAdapter(logging.getLogger("fedmq.agent"), {"device": self.device})
         self.infer_only = settings.infer_only or not self.profile.can_train
         self.task = task or get_task(settings.task)
         self.x, self.y = device_data(

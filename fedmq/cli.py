@@ -89,9 +89,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[
 
 
 def _settings(cls: type, args: argparse.Namespace, section: str) -> Any:
-    return load_settings(
-        cls, sections=(section,), config_file=args.config, flags=vars(args)
-    )
+    return load_settings(cls, sections=(section,), config_file=args.config, flags=vars(args))
 
 
 def _setup_logging(level: str) -> None:

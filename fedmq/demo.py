@@ -21,20 +21,37 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
     """The demo's flags; its defaults reach 80% on non-IID MNIST in about two minutes."""
     p.add_argument("--devices", type=int, default=10, help="agents to start (default 10)")
     p.add_argument("--task", default="mnist-2nn", help="task (default mnist-2nn)")
-    p.add_argument("--partition", default="shards", choices=["iid", "shards", "dirichlet"],
-                   help="how data is split across devices (default shards: 2 labels each)")
+    p.add_argument(
+        "--partition",
+        default="shards",
+        choices=["iid", "shards", "dirichlet"],
+        help="how data is split across devices (default shards: 2 labels each)",
+    )
     p.add_argument("--rounds", type=int, default=60, help="most rounds to run (default 60)")
-    p.add_argument("--target-accuracy", type=float, default=0.80,
-                   help="stop once test accuracy reaches this (default 0.80)")
+    p.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=0.80,
+        help="stop once test accuracy reaches this (default 0.80)",
+    )
     p.add_argument("--epochs", type=int, default=2, help="local epochs per round (default 2)")
     p.add_argument("--batch-size", type=int, default=10, help="local batch size (default 10)")
     p.add_argument("--lr", type=float, default=0.05, help="local learning rate (default 0.05)")
-    p.add_argument("--round-timeout-s", type=float, default=30.0,
-                   help="round deadline in seconds (default 30)")
-    p.add_argument("--broker", default="auto", choices=["auto", "mosquitto", "embedded"],
-                   help="auto uses Mosquitto when installed, else an embedded broker")
-    p.add_argument("--run-dir", type=Path, default=None,
-                   help="where logs, metrics.json and accuracy.png go (default runs/demo-<time>)")
+    p.add_argument(
+        "--round-timeout-s", type=float, default=30.0, help="round deadline in seconds (default 30)"
+    )
+    p.add_argument(
+        "--broker",
+        default="auto",
+        choices=["auto", "mosquitto", "embedded"],
+        help="auto uses Mosquitto when installed, else an embedded broker",
+    )
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="where logs, metrics.json and accuracy.png go (default runs/demo-<time>)",
+    )
     p.add_argument("--seed", type=int, default=0)  # fmt: skip
 
 
@@ -147,8 +164,9 @@ def _watch(broker: Any, aggregator: subprocess.Popen[bytes], args: argparse.Name
 
     link = Link(
         client_id=f"fedmq-demo-watch-{os.getpid()}",
-        address=BrokerAddress(host=broker.host, port=broker.port,
-                              mqtt_version=broker.mqtt_version),  # fmt: skip
+        address=BrokerAddress(
+            host=broker.host, port=broker.port, mqtt_version=broker.mqtt_version
+        ),  # fmt: skip
         subscriptions=[(Topics(job="demo").status(), 0)],
         persistent=False,
     )

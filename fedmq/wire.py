@@ -94,8 +94,7 @@ def _get(obj: Mapping[str, Any], key: str, typ: str, *, optional: bool = False) 
     ok = isinstance(value, _TYPES[typ]) and not (typ in ("int", "num") and isinstance(value, bool))
     if not ok:
         raise SchemaError(
-            f"{obj.get('kind', 'message')}: field {key!r} must be {typ}, "
-            f"got {type(value).__name__}"
+            f"{obj.get('kind', 'message')}: field {key!r} must be {typ}, got {type(value).__name__}"
         )
     if typ == "num" and not math.isfinite(value):
         raise SchemaError(f"{obj.get('kind', 'message')}: field {key!r} must be finite")
@@ -268,9 +267,9 @@ def encode_chunk(c: Chunk) -> bytes:
     )
 
 
-CHUNK_OVERHEAD = len(
-    encode_chunk(Chunk("x" * 64, 2**31, 2**31, 2**62, b"\0" * 32, b""))
-) + 5  # +5: the bin header of data can grow to 5 bytes
+CHUNK_OVERHEAD = (
+    len(encode_chunk(Chunk("x" * 64, 2**31, 2**31, 2**62, b"\0" * 32, b""))) + 5
+)  # +5: the bin header of data can grow to 5 bytes
 
 
 def decode_chunk(payload: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Chunk:

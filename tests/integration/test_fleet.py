@@ -67,9 +67,10 @@ def test_late_update_is_acknowledged_late(fleet: Fleet, mosquitto: Any) -> None:
         assert rnd["outcome"] in ("quorum", "abandoned") and rnd["wall_s"] >= 8
         assert "d2" in rnd["selected"]
         assert "d2" not in {p["device"] for p in rnd["participants"]}
-        assert fleet.state()["counters"].get("late", 0) >= 1 or "late update" in (
-            fleet.root / "aggregator.log"
-        ).read_text()
+        assert (
+            fleet.state()["counters"].get("late", 0) >= 1
+            or "late update" in (fleet.root / "aggregator.log").read_text()
+        )
     finally:
         watcher.close()
 
