@@ -51,8 +51,9 @@ class Topics:
     def global_chunk(self, version: int, index: int) -> str:
         return f"{self.base}/global/{version}/{index}"
 
-    def global_chunks_filter(self, version: int) -> str:
-        return f"{self.base}/global/{version}/+"
+    def global_chunks_filter(self, version: int | None = None) -> str:
+        """Chunks of one version, or of every version when version is None."""
+        return f"{self.base}/global/{'+' if version is None else version}/+"
 
     def round(self) -> str:
         return f"{self.base}/round"

@@ -50,8 +50,10 @@ class ScriptedDevice:
         self.client.on_subscribe = lambda *_: subscribed.set()
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
-        self.client.subscribe([(topics.round(), 1), (topics.global_manifest(), 1),
-                               (topics.acks_filter(), 1), (f"{topics.base}/global/+/+", 1)])  # fmt: skip
+        self.client.subscribe(
+            [(topics.round(), 1), (topics.global_manifest(), 1), (topics.acks_filter(), 1),
+             (topics.global_chunks_filter(), 1)]
+        )  # fmt: skip
         assert subscribed.wait(10)
         self.rounds: list[RoundAnnouncement] = []
         self.manifests: list[Manifest] = []
