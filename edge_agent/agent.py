@@ -96,6 +96,8 @@ class Agent:
         self.receiving_bytes = 0
         self.pending: RoundAnnouncement | None = None
         self._model: Any = None
+        if not self.infer_only:
+            self._model = self._build_model()  # at start, not inside the first round's timer
         self.rounds_trained = 0
         self.counters: dict[str, int] = {}
 
@@ -254,16 +256,17 @@ class Agent:
             return
         self._train(r)
 
-    def _train(self, r: RoundAnnouncement) -> None:
+    def _build_model(self) -> Any:
         import torch
 
+        torch.set_num_threads(self.s.torch_threads or self.profile.torch_threads)
+        return self.task.build_model()
+
+    def _train(self, r: RoundAnnouncement) -> None:
         from edge_agent.training import Budget, train_local
         from fedmq.tasks.weights import get_weights, set_weights
 
-        torch.set_num_threads(self.s.torch_threads or self.profile.torch_threads)
-        if self._model is None:
-            self._model = self.task.build_model()
-        assert self.weights is not None
+        assert self.weights is not None and self._model is not None
         base = self.weights
         set_weights(self._model, base)
         self._publish_state("training")
