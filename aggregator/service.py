@@ -125,6 +125,8 @@ class Aggregator:
             outcome = self.round.outcome(now)
             if outcome is not None:
                 self._close_round(outcome, now)
+        elif self.s.rounds and self.next_round_id > self.s.rounds:
+            self.done_reason = f"ran {self.next_round_id - 1} rounds"
         elif not self.done_reason:
             online = self._online()
             policy = self.s.policy

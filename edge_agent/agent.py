@@ -248,6 +248,8 @@ class Agent:
         r = self.pending
         if r is None or self.version != r.model_version or self.weights is None:
             return
+        if self.wanted is not None and self.wanted.version == r.model_version:
+            return  # the manifest names other bytes for this version: train once refetched
         self.pending = None
         if r.round_id <= self.last_round and self.model_sha == self.last_round_sha:
             return  # trained this round already (e.g. a retained redelivery after restart)

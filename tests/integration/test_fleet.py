@@ -154,3 +154,13 @@ def test_restarted_aggregator_continues_from_its_state_dir(fleet: Fleet) -> None
     assert [r["version"] for r in rounds] == [1, 2, 3]
     assert [r["base_version"] for r in rounds] == [0, 1, 2]
     assert "resumed from" in (fleet.root / "aggregator.log").read_text()
+
+
+def test_aggregator_past_its_rounds_stops_without_a_round(fleet: Fleet) -> None:
+    fleet.aggregator(rounds=1, devices_per_round=1, min_devices=1)
+    fleet.agent(0, 1)
+    assert fleet.procs["aggregator"].wait(timeout=120) == 0
+    fleet.aggregator(rounds=1, devices_per_round=1, min_devices=1)  # restarted, same state dir
+    assert fleet.procs["aggregator"].wait(timeout=60) == 0
+    assert [r["round"] for r in fleet.history()] == [1]
+    assert (fleet.root / "aggregator.log").read_text().count("stopped: ran 1 rounds") == 2
