@@ -191,8 +191,8 @@ class Aggregator:
             self._reject(device, chunk.payload_id, -1, err)
             return
         if update.device != device or update.update_id != chunk.payload_id:
-            err = Unauthorized(f"update claims device {update.device!r} / id {update.update_id}")
-            self._reject(device, chunk.payload_id, update.round_id, err)
+            claim = f"update claims device {update.device!r} / id {update.update_id}"
+            self._reject(device, chunk.payload_id, update.round_id, Unauthorized(claim))
             return
         try:
             self._take_update(update, nbytes, now)

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -108,9 +109,12 @@ class Link:
         self._connected = threading.Event()
         protocol = MQTT_VERSIONS[address.mqtt_version]
         self._v5 = protocol == mqtt.MQTTv5
-        kwargs = {} if self._v5 else {"clean_session": not persistent}
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=protocol,
+            # MQTT 3.1.1 only; MQTT 5 says clean start at connect time
+            clean_session=None if self._v5 else not persistent,
         )
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.max_inflight_messages_set(64)
@@ -129,7 +133,7 @@ class Link:
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting with backoff until stop()."""
         props = None
-        clean_start: bool | int = mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
         if self._v5:
             props = Properties(PacketTypes.CONNECT)
             if self._persistent:

@@ -71,7 +71,10 @@ def load_profile(name_or_path: str) -> Profile:
         raise ValueError(f"profile {path}: unknown keys {unknown}; known: {sorted(known)}")
     raw.setdefault("name", path.stem)
     for key, value in raw.items():
-        want = {"str": str, "bool": bool, "int": int, "float": (int, float)}[str(known[key])]
+        kinds: dict[str, type | tuple[type, ...]] = {
+            "str": str, "bool": bool, "int": int, "float": (int, float)
+        }  # fmt: skip
+        want = kinds[str(known[key])]
         if isinstance(value, bool) and want is not bool or not isinstance(value, want):
             raise ValueError(f"profile {path}: {key} = {value!r} has the wrong type")
     return Profile(**raw)

@@ -1,0 +1,109 @@
+"""Message framing shared by every wire message: msgpack maps with a schema version,
+size caps before unpacking, typed field access. Never pickle."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from fedmq.errors import DecodeError, SchemaError
+
+SCHEMA_VERSION = 1
+
+# Little-endian on the wire whatever the host; bool/object/complex are never accepted.
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "float64": np.dtype("<f8"),
+    "int8": np.dtype("i1"),
+    "uint8": np.dtype("u1"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+}
+
+MAX_TENSORS = 4096
+MAX_DIMS = 8
+# Hard ceiling for any single decoded message; callers pass tighter caps.
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+
+
+def pack_message(kind: str, body: Mapping[str, Any]) -> bytes:
+    return msgpack.packb({"v": SCHEMA_VERSION, "kind": kind, **body}, use_bin_type=True)
+
+
+def unpack_message(payload: bytes, kind: str, max_bytes: int) -> dict[str, Any]:
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise DecodeError(f"{kind}: payload must be bytes, got {type(payload).__name__}")
+    if len(payload) > max_bytes:
+        raise DecodeError(f"{kind}: message of {len(payload)} bytes exceeds the {max_bytes} cap")
+    try:
+        obj = msgpack.unpackb(
+            bytes(payload),
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_bin_len=max_bytes,
+            max_str_len=max_bytes,
+            max_array_len=max(MAX_TENSORS, 1 << 16),
+            max_map_len=1024,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError) as err:  # fmt: skip
+        raise DecodeError(f"{kind}: not valid msgpack ({err.__class__.__name__}: {err})") from err
+    if not isinstance(obj, dict):
+        raise DecodeError(f"{kind}: expected a map, got {type(obj).__name__}")
+    if obj.get("v") != SCHEMA_VERSION:
+        raise SchemaError(f"{kind}: unsupported schema version {obj.get('v')!r}")
+    if obj.get("kind") != kind:
+        raise SchemaError(f"expected a {kind!r} message, got {obj.get('kind')!r}")
+    return obj
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "num": (int, float),
+    "bytes": (bytes,),
+    "bool": (bool,),
+    "list": (list,),
+    "map": (dict,),
+}
+
+
+def get_field(obj: Mapping[str, Any], key: str, typ: str, *, optional: bool = False) -> Any:
+    """One field of a decoded map, type-checked; raises SchemaError on absence or type."""
+    if key not in obj or obj[key] is None:
+        if optional:
+            return None
+        raise SchemaError(f"{obj.get('kind', 'message')}: missing field {key!r}")
+    value = obj[key]
+    ok = isinstance(value, _TYPES[typ]) and not (typ in ("int", "num") and isinstance(value, bool))
+    if not ok:
+        raise SchemaError(
+            f"{obj.get('kind', 'message')}: field {key!r} must be {typ}, got {type(value).__name__}"
+        )
+    if typ == "num" and not math.isfinite(value):
+        raise SchemaError(f"{obj.get('kind', 'message')}: field {key!r} must be finite")
+    return value
+
+
+def str_list(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    items = get_field(obj, key, "list")
+    if not all(isinstance(s, str) for s in items):
+        raise SchemaError(f"{obj.get('kind')}: field {key!r} must be a list of strings")
+    return tuple(items)
+
+
+def num_map(obj: Mapping[str, Any], key: str) -> dict[str, float]:
+    raw = get_field(obj, key, "map", optional=True) or {}
+    out: dict[str, float] = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise SchemaError(f"{obj.get('kind')}: field {key!r} must map names to numbers")
+        out[k] = float(v)
+    return out

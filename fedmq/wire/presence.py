@@ -1,0 +1,102 @@
+"""What devices say about themselves: presence (state, also the Last Will) and metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedmq.errors import SchemaError
+from fedmq.wire.codec import get_field, num_map, pack_message, unpack_message
+
+# ---------------------------------------------------------------- device state
+
+
+DEVICE_STATUSES = ("online", "training", "offline")
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """A device's retained presence; the offline form is also its Last Will."""
+
+    device: str
+    status: str
+    job: str = ""
+    profile: str = ""
+    agent_version: str = ""
+    num_examples: int = 0
+    model_version: int = -1
+    ts: float = 0.0
+    trains: bool = True  # False: inference only, never selected for a round
+
+
+def encode_state(s: DeviceState) -> bytes:
+    """The retained message on devices/<device>/state."""
+    return pack_message(
+        "state",
+        {
+            "device": s.device,
+            "status": s.status,
+            "job": s.job,
+            "profile": s.profile,
+            "agent_version": s.agent_version,
+            "num_examples": s.num_examples,
+            "model_version": s.model_version,
+            "ts": s.ts,
+            "trains": s.trains,
+        },
+    )
+
+
+def decode_state(payload: bytes, *, max_bytes: int = 64 * 1024) -> DeviceState:
+    """Inverse of encode_state."""
+    obj = unpack_message(payload, "state", max_bytes)
+    s = DeviceState(
+        device=get_field(obj, "device", "str"),
+        status=get_field(obj, "status", "str"),
+        job=get_field(obj, "job", "str"),
+        profile=get_field(obj, "profile", "str"),
+        agent_version=get_field(obj, "agent_version", "str"),
+        num_examples=get_field(obj, "num_examples", "int"),
+        model_version=get_field(obj, "model_version", "int"),
+        ts=float(get_field(obj, "ts", "num")),
+        trains=get_field(obj, "trains", "bool"),
+    )
+    if s.status not in DEVICE_STATUSES:
+        raise SchemaError(f"state: unknown status {s.status!r}")
+    return s
+
+
+# ---------------------------------------------------------------- device metrics
+
+
+@dataclass(frozen=True)
+class DeviceMetrics:
+    """Local evaluation a device reports after a round or an inference pass."""
+
+    device: str
+    round_id: int
+    model_version: int
+    metrics: dict[str, float]
+
+
+def encode_metrics(m: DeviceMetrics) -> bytes:
+    """The message on <job>/metrics/<device>."""
+    return pack_message(
+        "metrics",
+        {
+            "device": m.device,
+            "round": m.round_id,
+            "model_version": m.model_version,
+            "metrics": dict(m.metrics),
+        },
+    )
+
+
+def decode_metrics(payload: bytes, *, max_bytes: int = 64 * 1024) -> DeviceMetrics:
+    """Inverse of encode_metrics."""
+    obj = unpack_message(payload, "metrics", max_bytes)
+    return DeviceMetrics(
+        device=get_field(obj, "device", "str"),
+        round_id=get_field(obj, "round", "int"),
+        model_version=get_field(obj, "model_version", "int"),
+        metrics=num_map(obj, "metrics"),
+    )

@@ -1,0 +1,212 @@
+"""A round's messages: the announcement, a device's update, the aggregator's ack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedmq.errors import SchemaError
+from fedmq.wire.codec import (
+    MAX_MESSAGE_BYTES,
+    get_field,
+    num_map,
+    pack_message,
+    str_list,
+    unpack_message,
+)
+from fedmq.wire.tensors import decode_tensors, encode_tensors
+
+# ---------------------------------------------------------------- round announcement
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a device does locally in a round."""
+
+    epochs: int = 1
+    batch_size: int = 10
+    lr: float = 0.05
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or not (0 < self.lr < 100):
+            raise ValueError(
+                f"training config needs epochs >= 1, batch_size >= 1 and 0 < lr < 100, "
+                f"got epochs={self.epochs} batch_size={self.batch_size} lr={self.lr}"
+            )
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+
+
+@dataclass(frozen=True)
+class RoundAnnouncement:
+    """The retained message on <job>/round: the open round, or the last one's outcome."""
+
+    job: str
+    round_id: int
+    model_version: int
+    state: str  # "open" | "closed" | "abandoned"
+    opened_at: float
+    deadline: float
+    selected: tuple[str, ...]
+    target: int
+    min_devices: int
+    train: TrainConfig
+    codec: str = "float32"
+    max_update_bytes: int = 0  # 0: no budget
+
+
+ROUND_STATES = ("open", "closed", "abandoned")
+
+
+def encode_round(r: RoundAnnouncement) -> bytes:
+    """The retained message on <job>/round."""
+    return pack_message(
+        "round",
+        {
+            "job": r.job,
+            "round": r.round_id,
+            "model_version": r.model_version,
+            "state": r.state,
+            "opened_at": r.opened_at,
+            "deadline": r.deadline,
+            "selected": list(r.selected),
+            "target": r.target,
+            "min_devices": r.min_devices,
+            "train": {
+                "epochs": r.train.epochs,
+                "batch_size": r.train.batch_size,
+                "lr": r.train.lr,
+                "momentum": r.train.momentum,
+            },
+            "codec": r.codec,
+            "max_update_bytes": r.max_update_bytes,
+        },
+    )
+
+
+def decode_round(payload: bytes, *, max_bytes: int = 1 << 20) -> RoundAnnouncement:
+    """Inverse of encode_round."""
+    obj = unpack_message(payload, "round", max_bytes)
+    t = get_field(obj, "train", "map")
+    try:
+        train = TrainConfig(
+            epochs=get_field(t, "epochs", "int"),
+            batch_size=get_field(t, "batch_size", "int"),
+            lr=float(get_field(t, "lr", "num")),
+            momentum=float(get_field(t, "momentum", "num")),
+        )
+    except ValueError as err:
+        raise SchemaError(f"round: {err}") from err
+    r = RoundAnnouncement(
+        job=get_field(obj, "job", "str"),
+        round_id=get_field(obj, "round", "int"),
+        model_version=get_field(obj, "model_version", "int"),
+        state=get_field(obj, "state", "str"),
+        opened_at=float(get_field(obj, "opened_at", "num")),
+        deadline=float(get_field(obj, "deadline", "num")),
+        selected=str_list(obj, "selected"),
+        target=get_field(obj, "target", "int"),
+        min_devices=get_field(obj, "min_devices", "int"),
+        train=train,
+        codec=get_field(obj, "codec", "str"),
+        max_update_bytes=get_field(obj, "max_update_bytes", "int"),
+    )
+    if r.state not in ROUND_STATES:
+        raise SchemaError(f"round: unknown state {r.state!r}")
+    return r
+
+
+# ---------------------------------------------------------------- update
+
+
+@dataclass(frozen=True)
+class Update:
+    """One device's contribution to one round: a delta from the version it trained on."""
+
+    update_id: str
+    device: str
+    round_id: int
+    base_version: int
+    num_examples: int
+    codec: str
+    tensors: dict[str, np.ndarray]
+    metrics: dict[str, float] = field(default_factory=dict)
+    fetched_bytes: int = 0  # downlink bytes this device received to take part
+
+
+def encode_update(u: Update) -> bytes:
+    """The payload a device publishes (chunked) on <job>/update/<device>."""
+    return pack_message(
+        "update",
+        {
+            "id": u.update_id,
+            "device": u.device,
+            "round": u.round_id,
+            "base_version": u.base_version,
+            "num_examples": u.num_examples,
+            "codec": u.codec,
+            "tensors": encode_tensors(u.tensors),
+            "metrics": dict(u.metrics),
+            "fetched_bytes": u.fetched_bytes,
+        },
+    )
+
+
+def decode_update(payload: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Update:
+    """Inverse of encode_update (structure only; the aggregator validates against its model)."""
+    obj = unpack_message(payload, "update", max_bytes)
+    u = Update(
+        update_id=get_field(obj, "id", "str"),
+        device=get_field(obj, "device", "str"),
+        round_id=get_field(obj, "round", "int"),
+        base_version=get_field(obj, "base_version", "int"),
+        num_examples=get_field(obj, "num_examples", "int"),
+        codec=get_field(obj, "codec", "str"),
+        tensors=decode_tensors(obj),
+        metrics=num_map(obj, "metrics"),
+        fetched_bytes=get_field(obj, "fetched_bytes", "int"),
+    )
+    if not 0 < len(u.update_id) <= 64:
+        raise SchemaError("update: id must be 1-64 characters")
+    if u.num_examples <= 0:
+        raise SchemaError(f"update: num_examples must be positive, got {u.num_examples}")
+    return u
+
+
+# ---------------------------------------------------------------- ack
+
+
+ACK_STATUSES = ("accepted", "rejected", "late")
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The aggregator's answer to one update."""
+
+    update_id: str
+    round_id: int
+    status: str  # accepted | rejected | late
+    reason: str = ""
+
+
+def encode_ack(a: Ack) -> bytes:
+    """The message on <job>/ack/<device>."""
+    return pack_message(
+        "ack", {"id": a.update_id, "round": a.round_id, "status": a.status, "reason": a.reason}
+    )
+
+
+def decode_ack(payload: bytes, *, max_bytes: int = 64 * 1024) -> Ack:
+    """Inverse of encode_ack."""
+    obj = unpack_message(payload, "ack", max_bytes)
+    a = Ack(
+        update_id=get_field(obj, "id", "str"),
+        round_id=get_field(obj, "round", "int"),
+        status=get_field(obj, "status", "str"),
+        reason=get_field(obj, "reason", "str"),
+    )
+    if a.status not in ACK_STATUSES:
+        raise SchemaError(f"ack: unknown status {a.status!r}")
+    return a

@@ -1,0 +1,170 @@
+"""Moving large payloads: chunks, and the manifest that announces a global version."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedmq.errors import SchemaError
+from fedmq.wire.codec import (
+    MAX_MESSAGE_BYTES,
+    get_field,
+    num_map,
+    pack_message,
+    unpack_message,
+)
+from fedmq.wire.tensors import TensorSpec
+
+# ---------------------------------------------------------------- chunk
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a payload too large for one MQTT message."""
+
+    payload_id: str
+    index: int
+    count: int
+    total_size: int
+    digest: bytes  # sha256 of the whole payload
+    data: bytes
+
+
+def encode_chunk(c: Chunk) -> bytes:
+    """A chunk as a wire message."""
+    return pack_message(
+        "chunk",
+        {
+            "id": c.payload_id,
+            "i": c.index,
+            "n": c.count,
+            "size": c.total_size,
+            "sha256": c.digest,
+            "data": c.data,
+        },
+    )
+
+
+CHUNK_OVERHEAD = (
+    len(encode_chunk(Chunk("x" * 64, 2**31, 2**31, 2**62, b"\0" * 32, b""))) + 5
+)  # +5: the bin header of data can grow to 5 bytes
+
+
+def decode_chunk(payload: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Chunk:
+    """Inverse of encode_chunk; checks index, count and digest length."""
+    obj = unpack_message(payload, "chunk", max_bytes)
+    c = Chunk(
+        payload_id=get_field(obj, "id", "str"),
+        index=get_field(obj, "i", "int"),
+        count=get_field(obj, "n", "int"),
+        total_size=get_field(obj, "size", "int"),
+        digest=get_field(obj, "sha256", "bytes"),
+        data=get_field(obj, "data", "bytes"),
+    )
+    if not 0 < len(c.payload_id) <= 64:
+        raise SchemaError("chunk: payload id must be 1-64 characters")
+    if not (c.count > 0 and 0 <= c.index < c.count):
+        raise SchemaError(f"chunk: index {c.index} outside count {c.count}")
+    if c.total_size < 0 or len(c.digest) != 32:
+        raise SchemaError("chunk: bad total size or digest")
+    return c
+
+
+# ---------------------------------------------------------------- global manifest
+
+
+@dataclass(frozen=True)
+class PayloadRef:
+    """Where a chunked payload lives and how to check it."""
+
+    payload_id: str
+    size: int
+    sha256: str
+    chunks: int
+    first_index: int  # index of its first chunk under global/<version>/
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.payload_id,
+            "size": self.size,
+            "sha256": self.sha256,
+            "chunks": self.chunks,
+            "first": self.first_index,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> PayloadRef:
+        if not isinstance(obj, dict):
+            raise SchemaError("payload reference must be a map")
+        ref = cls(
+            payload_id=get_field(obj, "id", "str"),
+            size=get_field(obj, "size", "int"),
+            sha256=get_field(obj, "sha256", "str"),
+            chunks=get_field(obj, "chunks", "int"),
+            first_index=get_field(obj, "first", "int"),
+        )
+        if ref.size < 0 or ref.chunks < 1 or ref.first_index < 0 or len(ref.sha256) != 64:
+            raise SchemaError(f"bad payload reference {obj!r}")
+        return ref
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The current global model: which version, where its chunks are, how to check them."""
+
+    job: str
+    version: int
+    round_id: int
+    created: float
+    task: str
+    codec: str
+    tensors: tuple[TensorSpec, ...]
+    weights: PayloadRef
+    onnx: PayloadRef | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_params(self) -> int:
+        return sum(s.size for s in self.tensors)
+
+
+def encode_manifest(m: Manifest) -> bytes:
+    """The retained message on <job>/global."""
+    return pack_message(
+        "global",
+        {
+            "job": m.job,
+            "version": m.version,
+            "round": m.round_id,
+            "created": m.created,
+            "task": m.task,
+            "codec": m.codec,
+            "tensors": [s.to_wire() for s in m.tensors],
+            "num_params": m.num_params,
+            "weights": m.weights.to_wire(),
+            "onnx": m.onnx.to_wire() if m.onnx else None,
+            "metrics": dict(m.metrics),
+        },
+    )
+
+
+def decode_manifest(payload: bytes, *, max_bytes: int = 1 << 20) -> Manifest:
+    """Inverse of encode_manifest."""
+    obj = unpack_message(payload, "global", max_bytes)
+    specs = tuple(TensorSpec.from_wire(s) for s in get_field(obj, "tensors", "list"))
+    onnx = get_field(obj, "onnx", "map", optional=True)
+    m = Manifest(
+        job=get_field(obj, "job", "str"),
+        version=get_field(obj, "version", "int"),
+        round_id=get_field(obj, "round", "int"),
+        created=float(get_field(obj, "created", "num")),
+        task=get_field(obj, "task", "str"),
+        codec=get_field(obj, "codec", "str"),
+        tensors=specs,
+        weights=PayloadRef.from_wire(get_field(obj, "weights", "map")),
+        onnx=PayloadRef.from_wire(onnx) if onnx is not None else None,
+        metrics=num_map(obj, "metrics"),
+    )
+    if m.version < 0 or m.round_id < 0:
+        raise SchemaError("global: version and round must be non-negative")
+    return m
