@@ -130,8 +130,11 @@ class Aggregator:
         elif not self.done_reason:
             online = self._online()
             policy = self.s.policy
-            waited = now - self.waiting_since >= self.s.start_wait_s
-            if policy.ready(len(online)) or (waited and len(online) >= policy.min_devices):
+            # the first round waits up to start_wait_s for the fleet to come online; with
+            # devices_per_round = 0 ("all online") that wait is the only way to know it has
+            waited = self.next_round_id > 1 or now - self.waiting_since >= self.s.start_wait_s
+            full = policy.ready(len(online)) and (policy.target > 0 or waited)
+            if full or (waited and len(online) >= policy.min_devices):
                 self._open_round(online, now)
         self._publish_status(now)
 
@@ -147,12 +150,17 @@ class Aggregator:
                 self._on_state(device, msg.payload)
             elif kind == "metrics":
                 m = decode_metrics(msg.payload)
+                if m.device != device:
+                    raise Unauthorized(f"metrics for {m.device!r} on another device's topic")
                 self.device_metrics[device] = m.metrics
         except ProtocolError as err:
             err.at(device=device, topic=msg.topic)
             self.counters[f"rejected_{err.reason_code}"] += 1
             log.warning("rejected message from %s on %s: %s", device, msg.topic, err.reason)
             self._status_dirty = True
+        except Exception:  # a bug of ours must not take the service down: log it, go on
+            self.counters["internal_errors"] += 1
+            log.exception("failed to handle a message from %s on %s", device, msg.topic)
 
     def _on_state(self, device: str, payload: bytes) -> None:
         state = decode_state(payload)

@@ -126,6 +126,8 @@ class Agent:
                         err.at(device=self.device, topic=event.topic)
                         self.counters[err.reason_code] = self.counters.get(err.reason_code, 0) + 1
                         self.log.warning("dropped message on %s: %s", event.topic, err.reason)
+                    except Exception:  # a bug of ours must not end the agent: log it, go on
+                        self.log.exception("failed to handle a message on %s", event.topic)
                 self._maybe_train(time.time())
         finally:
             self.link.stop(final=(self.topics.device_state(self.device),
