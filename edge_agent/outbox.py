@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
+
+from fedmq.atomicfile import write_atomic
 
 _ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
@@ -23,13 +24,7 @@ class Outbox:
 
     def put(self, update_id: str, payload: bytes) -> None:
         """Keep an update until it is acknowledged; survives a crash once this returns."""
-        path = self._path(update_id)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(self._path(update_id), payload)
 
     def remove(self, update_id: str) -> bool:
         """Forget an acknowledged update; False if it was not in the outbox."""

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from edge_agent.outbox import Outbox
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+from fedmq.atomicfile import write_atomic
 
 
 class DeviceStore:
@@ -34,7 +25,7 @@ class DeviceStore:
 
     def save(self, progress: dict[str, Any]) -> None:
         """Save progress atomically."""
-        _write_atomic(self.root / "agent.json", json.dumps(progress).encode())
+        write_atomic(self.root / "agent.json", json.dumps(progress).encode())
 
     def load_model(self) -> bytes | None:
         """The weights blob of the held global version, if any."""
@@ -43,4 +34,4 @@ class DeviceStore:
 
     def save_model(self, blob: bytes) -> None:
         """Keep the held global version's weights blob."""
-        _write_atomic(self.root / "model.weights", blob)
+        write_atomic(self.root / "model.weights", blob)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aggregator.store import Store, write_atomic
+from aggregator.store import Store
+from fedmq.atomicfile import write_atomic
 
 
 def test_versions_history_state(tmp_path: Path) -> None:
