@@ -58,11 +58,14 @@ class GlobalModel:
     def num_params(self) -> int:
         return sum(s.size for s in self.specs)
 
-    def load_or_init(self) -> None:
-        """Take the newest stored version, or evaluate and store version 0 from the seed."""
+    def load_or_init(self, version: int | None = None) -> None:
+        """Take a stored version (the newest when None), or make version 0 from the seed."""
         versions = self.store.versions()
+        if version is not None and version not in versions:
+            raise ValueError(f"state directory {self.store.root} lacks version {version}")
         if versions:
-            blob, manifest_blob, onnx = self.store.load_version(versions[-1])
+            chosen = versions[-1] if version is None else version
+            blob, manifest_blob, onnx = self.store.load_version(chosen)
             manifest = decode_manifest(manifest_blob)
             weights = decode_weights(blob)
             if specs_of(weights) != self.specs:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.checkpoint import decode_open_round, encode_open_round
 from aggregator.fedavg import RunningSum, apply_delta
 from aggregator.globals import GlobalModel
 from aggregator.rounds import OpenRound, select_devices
@@ -22,7 +23,7 @@ from aggregator.settings import AggregatorSettings
 from aggregator.store import Store
 from fedmq import __version__
 from fedmq.chunks import Reassembler
-from fedmq.errors import DuplicateUpdate, ProtocolError, SchemaError, Unauthorized
+from fedmq.errors import ProtocolError, SchemaError, Unauthorized
 from fedmq.link import Connected, Disconnected, Link, Message
 from fedmq.tasks import Task, get_task
 from fedmq.wire import (
@@ -64,13 +65,13 @@ class Aggregator:
                 (self.topics.metrics_filter(), 0),
             ],
             max_message_bytes=settings.max_message_bytes,
+            manual_ack=True,  # an update is acknowledged to the broker once it is handled
         )
         self.model = GlobalModel(task=self.task, store=self.store, seed=settings.seed)
         self.reassembler = Reassembler(max_payload_bytes=settings.max_update_bytes)
         self.counters: Counter[str] = Counter()
         self.devices: dict[str, DeviceState] = {}
         self.device_metrics: dict[str, dict[str, float]] = {}
-        self.rng = np.random.default_rng(settings.seed)
         self.round: OpenRound | None = None
         self.sum: RunningSum | None = None
         self.round_stats: dict[str, Any] = {}
@@ -99,6 +100,8 @@ class Aggregator:
         )  # fmt: skip
         self.link.publish(self.topics.round(), b"", retain=True)  # no stale round from before
         self.model.publish(self.link, self.topics, publish_onnx=self.s.publish_onnx)
+        if self.round is not None:
+            self._announce("open")  # the resumed round, exactly as first announced
         self.waiting_since = time.time()
         try:
             while not self.done_reason and not (stop is not None and stop.is_set()):
@@ -106,6 +109,7 @@ class Aggregator:
                 now = time.time()
                 if isinstance(event, Message):
                     self._on_message(event, now)
+                    self.link.ack(event)
                 elif isinstance(event, Connected):
                     log.info("broker connection up (session present: %s)", event.session_present)
                 elif isinstance(event, Disconnected):
@@ -214,10 +218,16 @@ class Aggregator:
         self._ack(device, Ack(update_id, round_id, "rejected", f"{err.reason_code}: {err.reason}"))
 
     def _take_update(self, u: Update, nbytes: int, now: float) -> None:
+        if u.update_id in self.counted_ids:
+            # a redelivery, or a resend after a restart: counted once, acknowledged again so
+            # the device can forget it
+            self.counters["duplicates"] += 1
+            log.info("update %s from %s was already counted; acknowledged again",
+                     u.update_id, u.device)  # fmt: skip
+            reason = f"duplicate: already counted in round {self.counted_ids[u.update_id]}"
+            self._ack(u.device, Ack(u.update_id, u.round_id, "accepted", reason))
+            return
         if self.round is None or self.sum is None:
-            if u.update_id in self.counted_ids:
-                counted_in = self.counted_ids[u.update_id]
-                raise DuplicateUpdate(f"update {u.update_id} was already counted in {counted_in}")
             if u.round_id < self.next_round_id:
                 self._late(u)
                 return
@@ -248,6 +258,7 @@ class Aggregator:
         stats["bytes_down"] += u.fetched_bytes
         stats["participants"].append({"device": u.device, "examples": u.num_examples, **u.metrics})
         self.counters["accepted"] += 1
+        self._checkpoint()  # before the ack: what a device saw accepted survives a crash
         self._status_dirty = True
         log.info(
             "accepted update %s from %s for round %d (%d examples, %d bytes) [%d/%d]",
@@ -277,9 +288,9 @@ class Aggregator:
     def _open_round(self, online: list[str], now: float) -> None:
         policy = self.s.policy
         target = policy.round_target(len(online))
-        selected = select_devices(
-            online, target=target, over_select=policy.over_select, rng=self.rng
-        )
+        # seeded by (seed, round): the same selection whether or not the service restarted
+        rng = np.random.default_rng([self.s.seed, self.next_round_id])
+        selected = select_devices(online, target=target, over_select=policy.over_select, rng=rng)
         target = min(target, len(selected))
         self.round = OpenRound(
             round_id=self.next_round_id,
@@ -292,6 +303,7 @@ class Aggregator:
         )
         self.sum = RunningSum(specs=self.model.specs)
         self.round_stats = {"bytes_up": 0, "bytes_down": 0, "participants": []}
+        self._checkpoint()
         self._announce("open")
         log.info(
             "round %d open: version %d, %d selected of %d online, target %d, deadline in %.0fs",
@@ -353,7 +365,8 @@ class Aggregator:
         self.store.append_round(record)
         self.next_round_id = r.round_id + 1
         self.round, self.sum = None, None
-        self._save_state()
+        self._save_state()  # the commit point: a restart now starts the next round
+        self.store.clear_open_round()
         self.waiting_since = now
         closed = self.counters["rounds_closed"]
         if self.s.rounds and r.round_id >= self.s.rounds:
@@ -369,8 +382,11 @@ class Aggregator:
     # ------------------------------------------------------------ state and status
 
     def _resume(self) -> None:
+        """Continue from the state directory: the committed version and round, and the
+        open round with its running sum if the service stopped in the middle of one."""
         state = self.store.load_state() or {}
-        self.model.load_or_init()
+        version = state.get("version")
+        self.model.load_or_init(None if version is None else int(version))
         self.next_round_id = int(state.get("next_round", 1))
         self.counted_ids = {str(k): int(v) for k, v in state.get("counted_ids", {}).items()}
         self.counters.update(state.get("counters", {}))
@@ -379,7 +395,24 @@ class Aggregator:
                 "resumed from %s: version %d, next round %d",
                 self.s.state_dir, self.model.version, self.next_round_id,
             )  # fmt: skip
+        blob = self.store.load_open_round()
+        if blob is not None:
+            r, acc, stats = decode_open_round(blob, specs=self.model.specs)
+            if (r.round_id, r.model_version) == (self.next_round_id, self.model.version):
+                self.round, self.sum, self.round_stats = r, acc, stats
+                for update_id in r.accepted.values():
+                    self.counted_ids[update_id] = r.round_id
+                log.info(
+                    "resumed open round %d: %d of %d updates already counted",
+                    r.round_id, len(r.accepted), r.target,
+                )  # fmt: skip
+            else:  # a round whose close was already committed
+                self.store.clear_open_round()
         self._save_state()
+
+    def _checkpoint(self) -> None:
+        assert self.round is not None and self.sum is not None
+        self.store.save_open_round(encode_open_round(self.round, self.sum, self.round_stats))
 
     def _save_state(self) -> None:
         self.store.save_state(

@@ -7,7 +7,12 @@ a crash leaves either the old file or the new one, never half of one.
     <state_dir>/versions/000007.onnx      ONNX export of that version
     <state_dir>/versions/000007.manifest  the manifest that announced it (its chunk layout)
     <state_dir>/history.json              one record per round (metrics, participants, bytes)
+    <state_dir>/open_round.msgpack        the open round: its devices, accepted update ids
+                                          and the running sum, rewritten on every accept
     <state_dir>/state.json                current version, next round id, counted update ids
+
+state.json is the commit point: a restart trusts the version and round it names, and a
+version file or open round that is newer than it is the trace of an unfinished step.
 """
 
 from __future__ import annotations
@@ -69,10 +74,23 @@ class Store:
         return json.loads(path.read_text()) if path.exists() else []
 
     def append_round(self, record: dict[str, Any]) -> None:
-        """Add one round's record to the history."""
-        rounds = self.history()
+        """Add one round's record to the history, replacing an earlier record of that round."""
+        rounds = [r for r in self.history() if r.get("round") != record.get("round")]
         rounds.append(record)
         write_atomic(self.root / "history.json", json.dumps(rounds, indent=1).encode())
+
+    def save_open_round(self, blob: bytes) -> None:
+        """Keep the open round (encoded by the service) so a restart resumes it."""
+        write_atomic(self.root / "open_round.msgpack", blob)
+
+    def load_open_round(self) -> bytes | None:
+        """The open round saved last, or None."""
+        path = self.root / "open_round.msgpack"
+        return path.read_bytes() if path.exists() else None
+
+    def clear_open_round(self) -> None:
+        """Forget the open round once it is closed and committed."""
+        (self.root / "open_round.msgpack").unlink(missing_ok=True)
 
     def load_state(self) -> dict[str, Any] | None:
         """The service state saved last, or None for a fresh directory."""

@@ -44,6 +44,9 @@ from fedmq.wire import (
 from firmware_profiles import Profile, load_profile
 
 TICK_S = 0.2
+# an update with no ack after this long is sent again (the ack, or the aggregator's copy,
+# may have been lost in a crash); update ids make resends idempotent
+ACK_TIMEOUT_S = 30.0
 
 
 class Agent:
@@ -99,6 +102,7 @@ class Agent:
         if not self.infer_only:
             self._model = self._build_model()  # at start, not inside the first round's timer
         self.rounds_trained = 0
+        self._sent_at: dict[str, float] = {}
         self.counters: dict[str, int] = {}
 
     # ------------------------------------------------------------ the loop
@@ -128,7 +132,9 @@ class Agent:
                         self.log.warning("dropped message on %s: %s", event.topic, err.reason)
                     except Exception:  # a bug of ours must not end the agent: log it, go on
                         self.log.exception("failed to handle a message on %s", event.topic)
-                self._maybe_train(time.time())
+                now = time.time()
+                self._maybe_train(now)
+                self._resend_unacked(now)
         finally:
             self.link.stop(final=(self.topics.device_state(self.device),
                                   self._state_payload("offline")))  # fmt: skip
@@ -156,6 +162,7 @@ class Agent:
             self._on_round(decode_round(msg.payload))
         elif kind == "ack":
             ack = decode_ack(msg.payload)
+            self._sent_at.pop(ack.update_id, None)
             if self.store.outbox.remove(ack.update_id):
                 level = logging.INFO if ack.status == "accepted" else logging.WARNING
                 self.log.log(
@@ -322,7 +329,21 @@ class Agent:
             update.update_id, len(payload),
         )  # fmt: skip
 
+    def _resend_unacked(self, now: float) -> None:
+        overdue = [uid for uid, at in self._sent_at.items() if now - at > ACK_TIMEOUT_S]
+        if not overdue or not self.link.connected:
+            return
+        pending = dict(self.store.outbox.pending())
+        for update_id in overdue:
+            if update_id in pending:
+                self.log.warning("no ack for update %s after %.0fs; sending it again",
+                                 update_id, ACK_TIMEOUT_S)  # fmt: skip
+                self._send(update_id, pending[update_id])
+            else:
+                del self._sent_at[update_id]
+
     def _send(self, update_id: str, payload: bytes) -> None:
+        self._sent_at[update_id] = time.time()
         topic = self.topics.update(self.device)
         for chunk in encode_chunks(payload, update_id, self.link.max_message_bytes):
             self.link.publish(topic, chunk, qos=1)

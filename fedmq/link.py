@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Iterable
@@ -29,6 +30,14 @@ log = logging.getLogger("fedmq.link")
 MQTT_VERSIONS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 # Bytes of a PUBLISH packet that are not payload: fixed header, topic, packet id, properties.
 PUBLISH_OVERHEAD = 64
+# Reconnect backoff: paho waits min_delay after a lost connection and doubles the wait per
+# failed attempt up to max_delay, with no jitter, so a fleet that lost its broker would
+# come back in lockstep. Each client therefore scales the whole schedule by its own factor
+# in [1, 2) (reconnect_delays): a thousand devices spread their first attempt over 1-2 s,
+# the next over 2-4 s, and so on, and retry at the cap every 15-30 s, each with a period
+# of its own, so they drift apart instead of hitting a restarted broker together.
+RECONNECT_MIN_DELAY_S = 1.0
+RECONNECT_MAX_DELAY_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -75,9 +84,19 @@ class Message:
     topic: str
     payload: bytes
     retain: bool
+    mid: int = 0
+    qos: int = 0
 
 
 Event = Connected | Disconnected | Message
+
+
+def reconnect_delays(client_id: str) -> tuple[float, float]:
+    """(min, max) reconnect delay for this client: 1 s and 15 s scaled by a jitter in [1, 2)."""
+    # seeded by the client id (random.Random hashes a str seed with SHA-512, the same in
+    # every process): a device always backs off the same way, different devices differently
+    factor = random.Random(client_id).uniform(1.0, 2.0)
+    return RECONNECT_MIN_DELAY_S * factor, RECONNECT_MAX_DELAY_S * factor
 
 
 class Link:
@@ -94,6 +113,7 @@ class Link:
         session_expiry_s: int = 3600,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         inbox_size: int = 10000,
+        manual_ack: bool = False,
     ) -> None:
         if max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
@@ -104,6 +124,7 @@ class Link:
         self.broker_max_packet_size: int | None = None
         self.dropped_events = 0
         self._in_flight: list[mqtt.MQTTMessageInfo] = []
+        self._manual_ack = manual_ack
         self._subs: dict[str, int] = dict(subscriptions)
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -115,8 +136,12 @@ class Link:
             protocol=protocol,
             # MQTT 3.1.1 only; MQTT 5 says clean start at connect time
             clean_session=None if self._v5 else not persistent,
+            # with manual_ack the PUBACK goes out only after the shell called ack(): a QoS 1
+            # message the shell had not handled when it crashed is redelivered
+            manual_ack=manual_ack,
         )
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        min_delay, max_delay = reconnect_delays(client_id)
+        self.client.reconnect_delay_set(min_delay=min_delay, max_delay=max_delay)  # type: ignore[arg-type]
         self.client.max_inflight_messages_set(64)
         if address.username:
             self.client.username_pw_set(address.username, address.password)
@@ -170,8 +195,9 @@ class Link:
             left = deadline - time.monotonic()
             if left <= 0 or not self.connected:
                 break
-            with contextlib.suppress(RuntimeError, ValueError):
-                info.wait_for_publish(timeout=left)
+            if not _settled(info):
+                with contextlib.suppress(RuntimeError, ValueError):
+                    info.wait_for_publish(timeout=left)
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -206,9 +232,14 @@ class Link:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0:
             with self._lock:
-                self._in_flight = [i for i in self._in_flight if not i.is_published()]
+                self._in_flight = [i for i in self._in_flight if not _settled(i)]
                 self._in_flight.append(info)
         return info
+
+    def ack(self, msg: Message) -> None:
+        """Acknowledge a handled QoS 1 message (only with manual_ack=True)."""
+        if msg.qos > 0 and self._manual_ack:
+            self.client.ack(msg.mid, msg.qos)
 
     def next_event(self, timeout: float) -> Event | None:
         """The next event from the network thread, or None after timeout."""
@@ -244,4 +275,12 @@ class Link:
         self._put(Disconnected(str(reason_code)))
 
     def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
-        self._put(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+        self._put(Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos))
+
+
+def _settled(info: mqtt.MQTTMessageInfo) -> bool:
+    """True once the broker acknowledged the message, or paho gave up tracking it."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):  # published while disconnected: paho resends it
+        return True

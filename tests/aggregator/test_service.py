@@ -145,8 +145,12 @@ def test_verdicts_and_fedavg_through_the_wire(service: tuple[Any, Any]) -> None:
     dev.send("a", _update("ua", "a", 1, 0, ones, n=10))
     assert dev.ack_for("ua").status == "accepted"
 
+    dev.acks.clear()
+    dev.send("a", _update("ua", "a", 1, 0, ones))  # a resend: acknowledged, not counted again
+    again = dev.ack_for("ua")
+    assert again.status == "accepted" and "already counted" in again.reason
+
     refusals = {
-        "ua": ("a", _update("ua", "a", 1, 0, ones), "duplicate_update"),
         "ua2": ("a", _update("ua2", "a", 1, 0, ones), "duplicate_update"),
         "spoof": ("b", _update("spoof", "a", 1, 0, ones), "unauthorized"),
         "future": ("b", _update("future", "b", 9, 0, ones), "stale_update"),
@@ -158,8 +162,6 @@ def test_verdicts_and_fedavg_through_the_wire(service: tuple[Any, Any]) -> None:
                   "shape_mismatch"),
     }  # fmt: skip
     for uid, (topic_device, u, code) in refusals.items():
-        if uid == "ua":
-            dev.acks.clear()
         dev.send(topic_device, u)
         ack = dev.ack_for(uid)
         assert (ack.status, ack.reason.split(":")[0]) == ("rejected", code), (uid, ack)
@@ -179,7 +181,8 @@ def test_verdicts_and_fedavg_through_the_wire(service: tuple[Any, Any]) -> None:
 
     status = agg.status(time.time())
     assert status["counters"]["accepted"] == 2 and status["counters"]["late"] == 1
-    assert status["counters"]["rejected_duplicate_update"] == 2
+    assert status["counters"]["rejected_duplicate_update"] == 1
+    assert status["counters"]["duplicates"] == 1
     assert status["counters"]["rejected_unauthorized"] == 2
     assert status["counters"]["rejected_stale_update"] == 2
     assert status["counters"]["rejected_shape_mismatch"] == 2

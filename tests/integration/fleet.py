@@ -31,6 +31,7 @@ class Fleet:
         self.task = task
         self.topics = Topics(job=job, prefix=prefix)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.killed: set[str] = set()  # killed on purpose, not yet restarted
         self.state_dir = root / "aggregator"
 
     def _common(self) -> list[str]:
@@ -45,6 +46,7 @@ class Fleet:
                                 stderr=subprocess.STDOUT, env=env)  # fmt: skip
         log.close()
         self.procs[name] = proc
+        self.killed.discard(name)
         return proc
 
     def aggregator(self, **flags: Any) -> subprocess.Popen[bytes]:
@@ -74,7 +76,7 @@ class Fleet:
             if got:
                 return got
             agg = self.procs.get("aggregator")
-            if agg is not None and agg.poll() not in (None, 0):
+            if agg is not None and agg.poll() not in (None, 0) and "aggregator" not in self.killed:
                 break
             time.sleep(0.2)
         raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
@@ -83,6 +85,22 @@ class Fleet:
         """Wait until n rounds are in the history."""
         return self.wait_for(f"{n} rounds", lambda: len(self.history()) >= n and self.history(),
                              timeout)  # fmt: skip
+
+    def log_text(self, name: str) -> str:
+        """The whole log of one process ('aggregator', 'agent-3'); '' before it wrote any."""
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_log(self, name: str, text: str, timeout: float, count: int = 1) -> str:
+        """Wait until a process's log holds text at least count times; return the log."""
+        return self.wait_for(f"{text!r} x{count} in {name}.log",
+                             lambda: self.log_text(name).count(text) >= count
+                             and self.log_text(name), timeout)  # fmt: skip
+
+    def outbox(self, index: int) -> list[Path]:
+        """Updates agent index (device d<index>) still keeps unacknowledged in its outbox."""
+        path = self.root / "agents" / f"d{index}" / "outbox"
+        return sorted(path.glob("*.update")) if path.exists() else []
 
     def logs(self, tail: int = 25) -> str:
         out = []
@@ -94,6 +112,7 @@ class Fleet:
 
     def kill(self, name: str) -> None:
         """SIGKILL one process (no clean shutdown, no offline message: its Will fires)."""
+        self.killed.add(name)
         self.procs[name].send_signal(signal.SIGKILL)
         self.procs[name].wait(timeout=10)
 
