@@ -21,21 +21,28 @@ class RunningSum:
             raise ValueError("a running sum needs at least one tensor spec")
         self.specs = specs
         self.sums = {s.name: np.zeros(s.shape, dtype=np.float64) for s in specs}
-        self.total_weight = 0.0
+        self.total_weight = 0.0  # what mean() divides by
         self.count = 0
 
-    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
-        """Fold one validated delta in with its weight (usually its example count)."""
+    def add(
+        self, delta: Mapping[str, np.ndarray], weight: float, *, norm: float | None = None
+    ) -> None:
+        """Fold one validated delta in with its weight (usually its example count).
+
+        norm, when given, is what this update adds to the divisor instead of its weight:
+        FedBuff weighs by examples x staleness discount but divides by examples, so that
+        stale updates move the model less.
+        """
         if not weight > 0:
             raise ValueError(f"update weight must be positive, got {weight}")
         for name, acc in self.sums.items():
             acc += weight * np.asarray(delta[name], dtype=np.float64)
-        self.total_weight += weight
+        self.total_weight += weight if norm is None else norm
         self.count += 1
 
     def mean(self) -> dict[str, np.ndarray]:
         """The weighted mean delta; ValueError if nothing was added."""
-        if self.count == 0:
+        if self.count == 0 or not self.total_weight > 0:
             raise ValueError("no updates were added, there is no mean")
         return {name: acc / self.total_weight for name, acc in self.sums.items()}
 

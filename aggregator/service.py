@@ -46,6 +46,7 @@ TICK_S = 0.2
 STATUS_EVERY_S = 1.0
 MAX_EXAMPLES_PER_UPDATE = 10_000_000
 KEEP_COUNTED_IDS = 100_000
+ASYNC_HORIZON_S = 365 * 24 * 3600.0  # an async "round" ends when its buffer fills, not by time
 
 
 class Aggregator:
@@ -68,6 +69,7 @@ class Aggregator:
             manual_ack=True,  # an update is acknowledged to the broker once it is handled
         )
         self.model = GlobalModel(task=self.task, store=self.store, seed=settings.seed)
+        self.buffer = settings.buffer
         self.reassembler = Reassembler(max_payload_bytes=settings.max_update_bytes)
         self.counters: Counter[str] = Counter()
         self.devices: dict[str, DeviceState] = {}
@@ -126,7 +128,11 @@ class Aggregator:
             self.counters["expired_partial_updates"] += 1
             self.payload_bytes.pop(key, None)
         if self.round is not None:
-            outcome = self.round.outcome(now)
+            if self.s.mode == "async":
+                full = len(self.round.accepted) >= self.s.buffer_size
+                outcome = "buffered" if full else None
+            else:
+                outcome = self.round.outcome(now)
             if outcome is not None:
                 self._close_round(outcome, now)
         elif self.s.rounds and self.next_round_id > self.s.rounds:
@@ -227,6 +233,9 @@ class Aggregator:
             reason = f"duplicate: already counted in round {self.counted_ids[u.update_id]}"
             self._ack(u.device, Ack(u.update_id, u.round_id, "accepted", reason))
             return
+        if self.s.mode == "async" and self.round is not None and self.sum is not None:
+            self._take_async(u, nbytes)
+            return
         if self.round is None or self.sum is None:
             if u.round_id < self.next_round_id:
                 self._late(u)
@@ -243,20 +252,46 @@ class Aggregator:
         if verdict == "late":
             self._late(u)
             return
+        self._validate(u)
+        self.sum.add(u.tensors, float(u.num_examples))
+        self.round.record(u.device, u.update_id)
+        self._count(u, nbytes)
+
+    def _take_async(self, u: Update, nbytes: int) -> None:
+        """FedBuff: any training device of this job, any recent base version."""
+        assert self.round is not None and self.sum is not None
+        state = self.devices.get(u.device)
+        if state is None or not state.trains:
+            raise Unauthorized("not a training device of this job")
+        s = self.buffer.staleness(
+            current_version=self.model.version, base_version=u.base_version, device=u.device
+        )
+        self._validate(u)
+        n = float(u.num_examples)
+        self.sum.add(u.tensors, n * self.buffer.weight(s), norm=n)
+        # one entry per update: in async mode a device may be in the buffer more than once
+        self.round.record(u.update_id, u.update_id)
+        self._count(u, nbytes, staleness=s)
+
+    def _validate(self, u: Update) -> None:
         if u.codec != "float32":
             raise SchemaError(f"codec {u.codec!r} is not supported by this aggregator")
         if u.num_examples > MAX_EXAMPLES_PER_UPDATE:
             raise SchemaError(f"num_examples {u.num_examples} is implausible")
         check_tensors(u.tensors, self.model.specs)
-        self.sum.add(u.tensors, float(u.num_examples))
-        self.round.record(u.device, u.update_id)
+
+    def _count(self, u: Update, nbytes: int, **extra: Any) -> None:
+        """Book an update folded into the sum: ids, stats, checkpoint, then the ack."""
+        assert self.round is not None
         self.counted_ids[u.update_id] = u.round_id
         while len(self.counted_ids) > KEEP_COUNTED_IDS:
             self.counted_ids.pop(next(iter(self.counted_ids)))
         stats = self.round_stats
         stats["bytes_up"] += nbytes
         stats["bytes_down"] += u.fetched_bytes
-        stats["participants"].append({"device": u.device, "examples": u.num_examples, **u.metrics})
+        stats["participants"].append(
+            {"device": u.device, "examples": u.num_examples, **extra, **u.metrics}
+        )
         self.counters["accepted"] += 1
         self._checkpoint()  # before the ack: what a device saw accepted survives a crash
         self._status_dirty = True
@@ -287,17 +322,26 @@ class Aggregator:
 
     def _open_round(self, online: list[str], now: float) -> None:
         policy = self.s.policy
-        target = policy.round_target(len(online))
-        # seeded by (seed, round): the same selection whether or not the service restarted
-        rng = np.random.default_rng([self.s.seed, self.next_round_id])
-        selected = select_devices(online, target=target, over_select=policy.over_select, rng=rng)
-        target = min(target, len(selected))
+        if self.s.mode == "async":
+            # every free device trains on the newest version; no deadline, K updates
+            selected = tuple(online)
+            target = self.s.buffer_size
+            deadline = now + ASYNC_HORIZON_S
+        else:
+            target = policy.round_target(len(online))
+            # seeded by (seed, round): the same selection whether or not the service restarted
+            rng = np.random.default_rng([self.s.seed, self.next_round_id])
+            selected = select_devices(
+                online, target=target, over_select=policy.over_select, rng=rng
+            )
+            target = min(target, len(selected))
+            deadline = now + policy.timeout_s
         self.round = OpenRound(
             round_id=self.next_round_id,
             model_version=self.model.version,
             selected=frozenset(selected),
             opened_at=now,
-            deadline=now + policy.timeout_s,
+            deadline=deadline,
             target=target,
             min_devices=min(policy.min_devices, target),
         )
@@ -306,9 +350,10 @@ class Aggregator:
         self._checkpoint()
         self._announce("open")
         log.info(
-            "round %d open: version %d, %d selected of %d online, target %d, deadline in %.0fs",
-            self.round.round_id, self.model.version, len(selected), len(online), target,
-            policy.timeout_s,
+            "round %d open (%s): version %d, %d selected of %d online, target %d, "
+            "deadline in %.0fs",
+            self.round.round_id, self.s.mode, self.model.version, len(selected), len(online),
+            target, deadline - now,
         )  # fmt: skip
         self._status_dirty = True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from aggregator.fedbuff import BufferPolicy
 from aggregator.rounds import RoundPolicy
 from fedmq.chunks import DEFAULT_MAX_MESSAGE_BYTES
 from fedmq.link import BrokerAddress
@@ -41,12 +42,19 @@ class AggregatorSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_update_bytes: int = 64 * 1024 * 1024  # refuse any update payload larger than this
     publish_onnx: bool = True
+    mode: str = "sync"  # sync: rounds with a deadline; async: FedBuff
+    buffer_size: int = 10  # async: updates per new version (K)
+    staleness_exponent: float = 0.5  # async: weight (1 + staleness)^-a
+    max_staleness: int = 20  # async: updates older than this many versions are rejected
 
     def __post_init__(self) -> None:
         self.topics  # noqa: B018 - validates job and prefix
         self.broker  # noqa: B018 - validates host, port, version
         self.policy  # noqa: B018
         self.train  # noqa: B018
+        self.buffer  # noqa: B018
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"mode must be 'sync' or 'async', got {self.mode!r}")
         if self.rounds < 0:
             raise ValueError(f"rounds must be >= 0 (0 = run until stopped), got {self.rounds}")
         if not 0 <= self.target_accuracy <= 1:
@@ -77,6 +85,14 @@ class AggregatorSettings:
             over_select=self.over_select,
             min_devices=self.min_devices,
             timeout_s=self.round_timeout_s,
+        )
+
+    @property
+    def buffer(self) -> BufferPolicy:
+        return BufferPolicy(
+            buffer_size=self.buffer_size,
+            staleness_exponent=self.staleness_exponent,
+            max_staleness=self.max_staleness,
         )
 
     @property

@@ -46,6 +46,10 @@ AGGREGATOR_HELP = {
     "max_message_bytes": "largest MQTT payload to publish (capped by the broker's CONNACK)",
     "max_update_bytes": "refuse update payloads larger than this",
     "publish_onnx": "publish each global version's ONNX export for inference devices",
+    "mode": "sync: rounds with a deadline and quorum; async: FedBuff, a version every K updates",
+    "buffer_size": "async: updates folded into each new version (K)",
+    "staleness_exponent": "async: an update s versions stale weighs (1 + s)^-a",
+    "max_staleness": "async: reject updates more than this many versions stale",
 }
 
 AGENT_HELP = {
