@@ -83,6 +83,7 @@ class Aggregator:
         self.waiting_since = 0.0
         self.done_reason = ""
         self._status_at = 0.0
+        self._connections = 0
         self._status_dirty = True
 
     # ------------------------------------------------------------ the loop
@@ -113,7 +114,7 @@ class Aggregator:
                     self._on_message(event, now)
                     self.link.ack(event)
                 elif isinstance(event, Connected):
-                    log.info("broker connection up (session present: %s)", event.session_present)
+                    self._on_reconnected(event)
                 elif isinstance(event, Disconnected):
                     log.warning("broker connection lost (%s); reconnecting", event.reason)
                 self._tick(now)
@@ -122,6 +123,18 @@ class Aggregator:
             self.link.stop()
         log.info("stopped: %s", self.done_reason or "asked to stop")
         return 0
+
+    def _on_reconnected(self, event: Connected) -> None:
+        log.info("broker connection up (session present: %s)", event.session_present)
+        self._connections += 1
+        if event.session_present or self._connections == 1:  # the first: run() published
+            return
+        # the broker lost our session, so it may have lost retained messages too (a
+        # SIGKILL between autosaves): publish the global model and the open round again
+        self.model.publish(self.link, self.topics, publish_onnx=self.s.publish_onnx)
+        if self.round is not None:
+            self._announce("open")
+        self._publish_status(time.time(), force=True)
 
     def _tick(self, now: float) -> None:
         for key in self.reassembler.expire(now):
