@@ -46,7 +46,6 @@ TICK_S = 0.2
 STATUS_EVERY_S = 1.0
 MAX_EXAMPLES_PER_UPDATE = 10_000_000
 KEEP_COUNTED_IDS = 100_000
-ASYNC_HORIZON_S = 365 * 24 * 3600.0  # an async "round" ends when its buffer fills, not by time
 
 
 class Aggregator:
@@ -124,6 +123,17 @@ class Aggregator:
         log.info("stopped: %s", self.done_reason or "asked to stop")
         return 0
 
+    def _buffer_outcome(self, now: float) -> str | None:
+        """Async: flush when the buffer holds its target, or at its age limit if it holds
+        anything; an empty buffer at its age limit is abandoned and announced afresh."""
+        assert self.round is not None
+        got = len(self.round.accepted)
+        if got >= self.round.target:
+            return "buffered"
+        if now >= self.round.deadline:
+            return "buffered" if got else "abandoned"
+        return None
+
     def _on_reconnected(self, event: Connected) -> None:
         log.info("broker connection up (session present: %s)", event.session_present)
         self._connections += 1
@@ -142,8 +152,7 @@ class Aggregator:
             self.payload_bytes.pop(key, None)
         if self.round is not None:
             if self.s.mode == "async":
-                full = len(self.round.accepted) >= self.s.buffer_size
-                outcome = "buffered" if full else None
+                outcome = self._buffer_outcome(now)
             else:
                 outcome = self.round.outcome(now)
             if outcome is not None:
@@ -274,8 +283,8 @@ class Aggregator:
         """FedBuff: any training device of this job, any recent base version."""
         assert self.round is not None and self.sum is not None
         state = self.devices.get(u.device)
-        if state is None or not state.trains:
-            raise Unauthorized("not a training device of this job")
+        if state is not None and not state.trains:  # unknown is fine: its state may follow
+            raise Unauthorized("an inference-only device sent an update")
         s = self.buffer.staleness(
             current_version=self.model.version, base_version=u.base_version, device=u.device
         )
@@ -336,10 +345,11 @@ class Aggregator:
     def _open_round(self, online: list[str], now: float) -> None:
         policy = self.s.policy
         if self.s.mode == "async":
-            # every free device trains on the newest version; no deadline, K updates
+            # every free device trains on the newest version; K updates make a version (fewer
+            # when fewer devices are online, or when the buffer reaches round_timeout_s)
             selected = tuple(online)
-            target = self.s.buffer_size
-            deadline = now + ASYNC_HORIZON_S
+            target = min(self.s.buffer_size, len(online))
+            deadline = now + policy.timeout_s
         else:
             target = policy.round_target(len(online))
             # seeded by (seed, round): the same selection whether or not the service restarted
