@@ -46,6 +46,9 @@ TICK_S = 0.2
 STATUS_EVERY_S = 1.0
 MAX_EXAMPLES_PER_UPDATE = 10_000_000
 KEEP_COUNTED_IDS = 100_000
+# an offline state counts as a dropout only after this long (and this long after our own
+# reconnect): longer than a device's first reconnect after a broker restart
+DROP_GRACE_S = 8.0
 
 
 class Aggregator:
@@ -83,6 +86,8 @@ class Aggregator:
         self.done_reason = ""
         self._status_at = 0.0
         self._connections = 0
+        self._connected_at = 0.0
+        self.pending_drops: dict[str, float] = {}  # device -> when its Will arrived
         self._status_dirty = True
 
     # ------------------------------------------------------------ the loop
@@ -137,16 +142,23 @@ class Aggregator:
     def _on_reconnected(self, event: Connected) -> None:
         log.info("broker connection up (session present: %s)", event.session_present)
         self._connections += 1
-        if event.session_present or self._connections == 1:  # the first: run() published
+        self._connected_at = time.time()
+        if self._connections == 1:  # the first: run() published everything
             return
-        # the broker lost our session, so it may have lost retained messages too (a
-        # SIGKILL between autosaves): publish the global model and the open round again
+        # a broker killed between autosaves restores an old session and old retained
+        # messages, so session_present says nothing: publish the model and round again
         self.model.publish(self.link, self.topics, publish_onnx=self.s.publish_onnx)
         if self.round is not None:
             self._announce("open")
         self._publish_status(time.time(), force=True)
 
     def _tick(self, now: float) -> None:
+        for device, since in list(self.pending_drops.items()):
+            if self.round is None:
+                self.pending_drops.clear()
+            elif now - max(since, self._connected_at) >= DROP_GRACE_S:
+                del self.pending_drops[device]
+                self.round.drop(device)
         for key in self.reassembler.expire(now):
             self.counters["expired_partial_updates"] += 1
             self.payload_bytes.pop(key, None)
@@ -157,18 +169,23 @@ class Aggregator:
                 outcome = self.round.outcome(now)
             if outcome is not None:
                 self._close_round(outcome, now)
-        elif self.s.rounds and self.next_round_id > self.s.rounds:
-            self.done_reason = f"ran {self.next_round_id - 1} rounds"
-        elif not self.done_reason:
-            online = self._online()
-            policy = self.s.policy
-            # the first round waits up to start_wait_s for the fleet to come online; with
-            # devices_per_round = 0 ("all online") that wait is the only way to know it has
-            waited = self.next_round_id > 1 or now - self.waiting_since >= self.s.start_wait_s
-            full = policy.ready(len(online)) and (policy.target > 0 or waited)
-            if full or (waited and len(online) >= policy.min_devices):
-                self._open_round(online, now)
+        # the next round opens in the same tick: no gap in which updates find none open
+        if self.round is None and not self.done_reason:
+            if self.s.rounds and self.next_round_id > self.s.rounds:
+                self.done_reason = f"ran {self.next_round_id - 1} rounds"
+            else:
+                self._maybe_open(now)
         self._publish_status(now)
+
+    def _maybe_open(self, now: float) -> None:
+        online = self._online()
+        policy = self.s.policy
+        # the first round waits up to start_wait_s for the fleet to come online; with
+        # devices_per_round = 0 ("all online") that wait is the only way to know it has
+        waited = self.next_round_id > 1 or now - self.waiting_since >= self.s.start_wait_s
+        full = policy.ready(len(online)) and (policy.target > 0 or waited)
+        if full or (waited and len(online) >= policy.min_devices):
+            self._open_round(online, now)
 
     # ------------------------------------------------------------ messages
 
@@ -179,7 +196,7 @@ class Aggregator:
             if kind == "update":
                 self._on_update_chunk(device, msg.payload, now)
             elif kind == "state" and msg.payload:
-                self._on_state(device, msg.payload)
+                self._on_state(device, msg.payload, now)
             elif kind == "metrics":
                 m = decode_metrics(msg.payload)
                 if m.device != device:
@@ -194,7 +211,7 @@ class Aggregator:
             self.counters["internal_errors"] += 1
             log.exception("failed to handle a message from %s on %s", device, msg.topic)
 
-    def _on_state(self, device: str, payload: bytes) -> None:
+    def _on_state(self, device: str, payload: bytes, now: float) -> None:
         state = decode_state(payload)
         if state.device != device:
             raise Unauthorized(f"state for {state.device!r} published on another device's topic")
@@ -208,8 +225,11 @@ class Aggregator:
             self._status_dirty = True
         if self.round is not None:
             if state.status == "offline":
-                self.round.drop(device)
+                # a Will may be a broker restart, not a dead device (Mosquitto publishes every
+                # client's Will when it shuts down): count it as a dropout after a grace
+                self.pending_drops.setdefault(device, now)
             else:
+                self.pending_drops.pop(device, None)
                 self.round.rejoin(device)
 
     def _on_update_chunk(self, device: str, payload: bytes, now: float) -> None:
