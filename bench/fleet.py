@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedmq.processes import spawn_fedmq, stop_all
+
 TASK = "mnist-2nn"
 POLL_S = 0.5
 THRESHOLDS = (0.80, 0.85, 0.90)
@@ -62,14 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start `python -m fedmq <argv>` with one thread and its output in log_path."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    with open(log_path, "wb") as log:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "fedmq", *argv], stdout=log,
-                                stderr=subprocess.STDOUT, env=env)  # fmt: skip
-
-
 def peak_rss_kib(pid: int) -> int:
     """VmHWM of a live process in KiB; 0 once it is gone (or a zombie)."""
     try:
@@ -96,20 +90,6 @@ def advance(bar: Any, history: list[dict[str, Any]]) -> None:
     bar.update(len(history) - bar.n)
 
 
-def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Terminate every process still running, killing those that ignore it."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.monotonic() + 10
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def run_partition(partition: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One full run in a fresh broker, job and state directory; its measurements."""
     from tqdm import tqdm
@@ -128,7 +108,7 @@ def run_partition(partition: str, args: argparse.Namespace, work: Path) -> dict[
     bar = tqdm(total=args.rounds, unit="round", desc=partition, dynamic_ncols=True)
     try:
         start = time.monotonic()
-        procs.append(spawn(
+        procs.append(spawn_fedmq(
             ["aggregator", *common, "--state-dir", str(state_dir), "--rounds", str(args.rounds),
              "--devices-per-round", n, "--min-devices", n,
              "--round-timeout-s", str(args.round_timeout_s), "--start-wait-s", "120",
@@ -137,7 +117,7 @@ def run_partition(partition: str, args: argparse.Namespace, work: Path) -> dict[
             run_dir / "aggregator.log",
         ))  # fmt: skip
         for i in range(args.devices):
-            procs.append(spawn(
+            procs.append(spawn_fedmq(
                 ["agent", *common, "--device-id", f"device-{i:02d}", "--device-index", str(i),
                  "--num-devices", n, "--partition", partition,
                  "--state-dir", str(run_dir / "agents"), "--torch-threads", "1"],

@@ -36,12 +36,13 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from fedmq.processes import spawn_fedmq, stop_all
 
 TASK = "mnist-2nn"
 POLL_S = 0.5
@@ -91,34 +92,12 @@ def device_delays(n: int, fast_s: float, slow_factor: float, seed: int) -> list[
     return [fast_s * slow_factor if i in slow else fast_s for i in range(n)]
 
 
-def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start `python -m fedmq <argv>` with one thread and its output in log_path."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    with open(log_path, "wb") as log:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "fedmq", *argv], stdout=log,
-                                stderr=subprocess.STDOUT, env=env)  # fmt: skip
-
-
 def read_json(path: Path, default: Any) -> Any:
     """A JSON file the aggregator writes atomically (never half a file), or default."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return default
-
-
-def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM every process still running (the aggregator flushes its state), then kill."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.monotonic() + 10
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def mode_flags(mode: str, args: argparse.Namespace) -> list[str]:
@@ -142,13 +121,13 @@ def run_mode(mode: str, args: argparse.Namespace, delays: list[float], work: Pat
     broker = start_broker(prefer="mosquitto", port=0, data_dir=run_dir / "broker")
     common = ["--host", broker.host, "--port", str(broker.port), "--job", f"stragglers-{mode}",
               "--mqtt-version", broker.mqtt_version, "--task", TASK]  # fmt: skip
-    procs = [spawn(["aggregator", *common, "--state-dir", str(state_dir), "--rounds", "0",
+    procs = [spawn_fedmq(["aggregator", *common, "--state-dir", str(state_dir), "--rounds", "0",
                     "--start-wait-s", "120", "--epochs", "1", "--batch-size", "10",
                     "--lr", "0.05", *mode_flags(mode, args)],
                    run_dir / "aggregator.log")]  # fmt: skip
     try:
         for i, delay in enumerate(delays):
-            procs.append(spawn(
+            procs.append(spawn_fedmq(
                 ["agent", *common, "--device-id", f"device-{i:02d}", "--device-index", str(i),
                  "--num-devices", str(len(delays)), "--partition", "iid",
                  "--state-dir", str(run_dir / "agents"), "--torch-threads", "1",

@@ -14,7 +14,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
+
+from fedmq.processes import spawn_fedmq, stop_all
 
 
 def add_demo_flags(p: argparse.ArgumentParser) -> None:
@@ -73,10 +75,10 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"run directory: {run_dir}")
     common = ["--host", broker.host, "--port", str(broker.port), "--job", "demo",
               "--mqtt-version", broker.mqtt_version, "--task", args.task]  # fmt: skip
-    procs: list[tuple[subprocess.Popen[bytes], TextIO]] = []
+    procs: list[subprocess.Popen[bytes]] = []
     code = 1
     try:
-        procs.append(_spawn(
+        procs.append(spawn_fedmq(
             ["aggregator", *common, "--state-dir", str(run_dir / "aggregator"),
              "--rounds", str(args.rounds), "--target-accuracy", str(args.target_accuracy),
              "--devices-per-round", str(args.devices),
@@ -87,7 +89,7 @@ def run_demo(args: argparse.Namespace) -> int:
             run_dir / "aggregator.log",
         ))  # fmt: skip
         for i in range(args.devices):
-            procs.append(_spawn(
+            procs.append(spawn_fedmq(
                 ["agent", *common, "--device-id", f"device-{i:02d}", "--device-index", str(i),
                  "--num-devices", str(args.devices), "--partition", args.partition,
                  "--data-seed", str(args.seed), "--state-dir", str(run_dir / "agents"),
@@ -97,7 +99,7 @@ def run_demo(args: argparse.Namespace) -> int:
             ))  # fmt: skip
         print(f"started 1 aggregator and {args.devices} agents "
               f"({args.task}, {args.partition} partition)")  # fmt: skip
-        agg_code = _watch(broker, procs[0][0], args)
+        agg_code = _watch(broker, procs[0], args)
         history_path = run_dir / "aggregator" / "history.json"
         rounds = json.loads(history_path.read_text()) if history_path.exists() else []
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -127,32 +129,9 @@ def run_demo(args: argparse.Namespace) -> int:
         print("\ninterrupted; stopping every process", file=sys.stderr)
         code = 130
     finally:
-        _stop_all(procs)
+        stop_all(procs)
         broker.stop()
     return code
-
-
-def _spawn(argv: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], TextIO]:
-    log = open(log_path, "w")  # noqa: SIM115 - closed in _stop_all
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedmq", *argv], stdout=log, stderr=subprocess.STDOUT, env=env
-    )
-    return proc, log
-
-
-def _stop_all(procs: list[tuple[subprocess.Popen[bytes], TextIO]]) -> None:
-    for proc, _ in reversed(procs):
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.monotonic() + 10
-    for proc, log in procs:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def _watch(broker: Any, aggregator: subprocess.Popen[bytes], args: argparse.Namespace) -> int:
