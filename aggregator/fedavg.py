@@ -1,7 +1,8 @@
 """FedAvg as a running weighted sum: memory O(model), not O(devices).
 
 Pure numpy. Each accepted update is folded in as it arrives; closing a round divides by
-the total weight and applies the mean delta to the global weights.
+the total weight and applies the mean delta to the global weights. A sparse update is
+scattered into the sum at its indices: no dense per-device copy is ever made.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fedmq.codecs import Decoded, SparseTensor
 from fedmq.wire import TensorSpec
 
 
@@ -25,7 +27,7 @@ class RunningSum:
         self.count = 0
 
     def add(
-        self, delta: Mapping[str, np.ndarray], weight: float, *, norm: float | None = None
+        self, delta: Mapping[str, Decoded], weight: float, *, norm: float | None = None
     ) -> None:
         """Fold one validated delta in with its weight (usually its example count).
 
@@ -36,7 +38,12 @@ class RunningSum:
         if not weight > 0:
             raise ValueError(f"update weight must be positive, got {weight}")
         for name, acc in self.sums.items():
-            acc += weight * np.asarray(delta[name], dtype=np.float64)
+            t = delta[name]
+            if isinstance(t, SparseTensor):
+                # indices are unique (checked when decoded), so += on the view is exact
+                acc.reshape(-1)[t.indices] += weight * t.values.astype(np.float64)
+            else:
+                acc += weight * np.asarray(t, dtype=np.float64)
         self.total_weight += weight if norm is None else norm
         self.count += 1
 

@@ -1,4 +1,10 @@
-"""The global model: its weights and version, evaluation, storage and retained publication."""
+"""The global model: its weights and version, evaluation, storage and retained publication.
+
+Each version is published as a full payload in the downlink codec (float32, fp16, int8,
+optionally zstd) and, when a delta codec is configured, also as a delta from the version
+before it. The weights a version *is* are what devices decode (fedmq.codecs.models), so
+the aggregator evaluates, exports and aggregates onto exactly what devices hold.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,11 @@ import numpy as np
 
 from aggregator.store import Store
 from fedmq.chunks import encode_chunks
+from fedmq.codecs import Pipeline, encode_model, encode_model_delta
 from fedmq.tasks import Task
 from fedmq.topics import Topics
 from fedmq.wire import (
+    DeltaRef,
     Manifest,
     PayloadRef,
     TensorSpec,
@@ -33,7 +41,15 @@ log = logging.getLogger("fedmq.aggregator")
 class GlobalModel:
     """Owns the current global weights; evaluates, stores and publishes each version."""
 
-    def __init__(self, *, task: Task, store: Store, seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        task: Task,
+        store: Store,
+        seed: int = 0,
+        downlink: Pipeline | None = None,
+        downlink_delta: Pipeline | None = None,
+    ) -> None:
         import torch
 
         from fedmq.tasks import weights as tw
@@ -53,6 +69,12 @@ class GlobalModel:
         self.onnx: bytes | None = None
         self._published: tuple[int, int] | None = None  # (version, chunk count) on the broker
         self._test = task.load_test()
+        self.downlink = downlink or Pipeline()
+        self.downlink_delta = downlink_delta
+        self.full_body = b""  # this version's full payload in the downlink codec
+        self.delta_body = b""  # this version as a delta from the previous one, or b""
+        self.model_sha = ""  # sha256 of encode_weights(self.weights)
+        self.base_sha = ""  # model_sha of the previous version (what the delta applies to)
 
     @property
     def num_params(self) -> int:
@@ -75,17 +97,56 @@ class GlobalModel:
                 )
             self.weights, self.version, self.round_id = weights, manifest.version, manifest.round_id
             self.created, self.metrics, self.onnx = manifest.created, manifest.metrics, onnx
+            self._load_payloads(manifest, blob)
             if manifest.job:  # it was published: its chunks may still be retained on the broker
                 onnx_chunks = manifest.onnx.chunks if manifest.onnx else 0
                 self._published = (manifest.version, manifest.weights.chunks + onnx_chunks)
             return
+        self.full_body, self.weights = encode_model(self.weights, self.downlink, version=0)
+        self.delta_body, self.base_sha = b"", ""
         self.metrics = self._evaluate()
         self._store()
 
+    def _load_payloads(self, manifest: Manifest, blob: bytes) -> None:
+        """The stored version's published payloads, exactly as first encoded."""
+        self.model_sha = hashlib.sha256(blob).hexdigest()
+        full, delta = self.store.load_payloads(self.version)
+        if full is None or manifest.codec != self.downlink.name:
+            # another downlink codec than this version was made with: encode it anew
+            # (the weights become what that codec carries) and publish no delta
+            self.full_body, self.weights = encode_model(
+                self.weights, self.downlink, version=self.version
+            )
+            self.model_sha = hashlib.sha256(encode_weights(self.weights)).hexdigest()
+            self.delta_body, self.base_sha = b"", ""
+            return
+        self.full_body = full
+        usable = (
+            delta is not None
+            and manifest.delta is not None
+            and self.downlink_delta is not None
+            and manifest.delta.codec == self.downlink_delta.name
+        )
+        self.delta_body = delta if usable and delta is not None else b""
+        self.base_sha = manifest.delta.base_sha256 if usable and manifest.delta else ""
+
     def advance(self, weights: dict[str, np.ndarray], *, round_id: int) -> dict[str, float]:
-        """Make weights the next version: evaluate, export, store. Returns its metrics."""
-        self.weights = weights
-        self.version += 1
+        """Make weights the next version: encode for the downlink (the version is what
+        devices decode), evaluate, export, store. Returns its metrics."""
+        version = self.version + 1
+        if self.downlink_delta is not None:
+            made = encode_model_delta(
+                weights, self.weights, full=self.downlink, delta=self.downlink_delta,
+                version=version,
+            )  # fmt: skip
+            self.base_sha = self.model_sha
+            self.full_body, self.delta_body, self.weights = (
+                made.full_body, made.delta_body, made.weights
+            )  # fmt: skip
+        else:
+            self.full_body, self.weights = encode_model(weights, self.downlink, version=version)
+            self.delta_body, self.base_sha = b"", ""
+        self.version = version
         self.round_id = round_id
         self.created = time.time()
         self.metrics = self._evaluate()
@@ -100,13 +161,32 @@ class GlobalModel:
 
     def _store(self) -> None:
         blob = encode_weights(self.weights)
-        manifest = self.manifest(blob, job="", weight_chunks=1, onnx_chunks=0)
+        self.model_sha = hashlib.sha256(blob).hexdigest()
+        manifest = self.manifest(job="", weight_chunks=1, onnx_chunks=0, delta_chunks=1)
         self.store.save_version(
-            self.version, weights=blob, manifest=encode_manifest(manifest), onnx=self.onnx
-        )
+            self.version, weights=blob, manifest=encode_manifest(manifest), onnx=self.onnx,
+            full=self.full_body, delta=self.delta_body or None,
+        )  # fmt: skip
 
-    def manifest(self, blob: bytes, *, job: str, weight_chunks: int, onnx_chunks: int) -> Manifest:
+    def manifest(
+        self, *, job: str, weight_chunks: int, onnx_chunks: int, delta_chunks: int
+    ) -> Manifest:
         """The manifest for the current version, given how its payloads were chunked."""
+        blob = self.full_body
+        delta_ref = None
+        if self.delta_body and delta_chunks:
+            delta_ref = DeltaRef(
+                base_version=self.version - 1,
+                base_sha256=self.base_sha,
+                codec=self.downlink_delta.name if self.downlink_delta else "",
+                payload=PayloadRef(
+                    payload_id=f"d{self.version}",
+                    size=len(self.delta_body),
+                    sha256=hashlib.sha256(self.delta_body).hexdigest(),
+                    chunks=delta_chunks,
+                    first_index=weight_chunks + onnx_chunks,
+                ),
+            )
         onnx_ref = None
         if self.onnx is not None and onnx_chunks:
             onnx_ref = PayloadRef(
@@ -122,7 +202,7 @@ class GlobalModel:
             round_id=self.round_id,
             created=self.created,
             task=self.task.name,
-            codec="float32",
+            codec=self.downlink.name,
             tensors=self.specs,
             weights=PayloadRef(
                 payload_id=f"w{self.version}",
@@ -133,6 +213,8 @@ class GlobalModel:
             ),
             onnx=onnx_ref,
             metrics=dict(self.metrics),
+            model_sha256=self.model_sha,
+            delta=delta_ref,
         )
 
     def publish(self, link: Link, topics: Topics, *, publish_onnx: bool) -> int:
@@ -141,21 +223,25 @@ class GlobalModel:
         Returns the bytes published.
         """
         limit = link.max_message_bytes
-        blob = encode_weights(self.weights)
-        chunks = encode_chunks(blob, f"w{self.version}", limit)
+        chunks = encode_chunks(self.full_body, f"w{self.version}", limit)
         onnx_chunks = (
             encode_chunks(self.onnx, f"o{self.version}", limit)
             if publish_onnx and self.onnx is not None
             else []
         )
-        for i, payload in enumerate(chunks + onnx_chunks):
+        delta_chunks = (
+            encode_chunks(self.delta_body, f"d{self.version}", limit) if self.delta_body else []
+        )
+        every = chunks + onnx_chunks + delta_chunks
+        for i, payload in enumerate(every):
             link.publish(topics.global_chunk(self.version, i), payload, qos=1, retain=True)
         m = self.manifest(
-            blob, job=topics.job, weight_chunks=len(chunks), onnx_chunks=len(onnx_chunks)
-        )
+            job=topics.job, weight_chunks=len(chunks), onnx_chunks=len(onnx_chunks),
+            delta_chunks=len(delta_chunks),
+        )  # fmt: skip
         manifest = encode_manifest(m)
         link.publish(topics.global_manifest(), manifest, qos=1, retain=True)
-        count = len(chunks) + len(onnx_chunks)
+        count = len(every)
         if self._published:
             # clear what the broker still retains of the previous layout (an empty
             # retained payload deletes it): the old version, or extra chunks of this one
@@ -165,9 +251,11 @@ class GlobalModel:
                 link.publish(topics.global_chunk(old_version, i), b"", qos=1, retain=True)
         self._published = (self.version, count)
         self.store.save_manifest(self.version, manifest)
-        total = sum(map(len, chunks + onnx_chunks)) + len(manifest)
+        total = sum(map(len, every)) + len(manifest)
         log.info(
-            "published version %d: %d weight chunks, %d onnx chunks, %d bytes",
-            self.version, len(chunks), len(onnx_chunks), total,
+            "published version %d (%s): %d weight chunks, %d onnx chunks, %d delta chunks, "
+            "%d bytes",
+            self.version, self.downlink.name, len(chunks), len(onnx_chunks), len(delta_chunks),
+            total,
         )  # fmt: skip
         return total

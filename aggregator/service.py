@@ -23,6 +23,7 @@ from aggregator.settings import AggregatorSettings
 from aggregator.store import Store
 from fedmq import __version__
 from fedmq.chunks import Reassembler
+from fedmq.codecs import Decoded, decode_tensors
 from fedmq.errors import ProtocolError, SchemaError, Unauthorized
 from fedmq.link import Connected, Disconnected, Link, Message
 from fedmq.tasks import Task, get_task
@@ -31,7 +32,6 @@ from fedmq.wire import (
     DeviceState,
     RoundAnnouncement,
     Update,
-    check_tensors,
     decode_chunk,
     decode_metrics,
     decode_state,
@@ -70,7 +70,13 @@ class Aggregator:
             max_message_bytes=settings.max_message_bytes,
             manual_ack=True,  # an update is acknowledged to the broker once it is handled
         )
-        self.model = GlobalModel(task=self.task, store=self.store, seed=settings.seed)
+        self.model = GlobalModel(
+            task=self.task,
+            store=self.store,
+            seed=settings.seed,
+            downlink=settings.downlink_pipeline,
+            downlink_delta=settings.downlink_delta_pipeline,
+        )
         self.buffer = settings.buffer
         self.reassembler = Reassembler(max_payload_bytes=settings.max_update_bytes)
         self.counters: Counter[str] = Counter()
@@ -254,6 +260,12 @@ class Aggregator:
             claim = f"update claims device {update.device!r} / id {update.update_id}"
             self._reject(device, chunk.payload_id, update.round_id, Unauthorized(claim))
             return
+        budget = self.s.update_budget_bytes
+        if budget and len(done.payload) > budget:
+            size = len(done.payload)
+            over = SchemaError(f"update of {size} bytes is over the round's {budget}-byte budget")
+            self._reject(device, update.update_id, update.round_id, over)
+            return
         try:
             self._take_update(update, nbytes, now)
         except ProtocolError as err:
@@ -294,8 +306,8 @@ class Aggregator:
         if verdict == "late":
             self._late(u)
             return
-        self._validate(u)
-        self.sum.add(u.tensors, float(u.num_examples))
+        tensors = self._validate(u)
+        self.sum.add(tensors, float(u.num_examples))
         self.round.record(u.device, u.update_id)
         self._count(u, nbytes)
 
@@ -308,19 +320,22 @@ class Aggregator:
         s = self.buffer.staleness(
             current_version=self.model.version, base_version=u.base_version, device=u.device
         )
-        self._validate(u)
+        tensors = self._validate(u)
         n = float(u.num_examples)
-        self.sum.add(u.tensors, n * self.buffer.weight(s), norm=n)
+        self.sum.add(tensors, n * self.buffer.weight(s), norm=n)
         # one entry per update: in async mode a device may be in the buffer more than once
         self.round.record(u.update_id, u.update_id)
         self._count(u, nbytes, staleness=s)
 
-    def _validate(self, u: Update) -> None:
-        if u.codec != "float32":
-            raise SchemaError(f"codec {u.codec!r} is not supported by this aggregator")
+    def _validate(self, u: Update) -> dict[str, Decoded]:
+        """The update's tensors, decoded against the model; ProtocolError if anything is off.
+
+        Any pipeline fedmq can decode is accepted (a device's budget may have made it
+        sparser than announced); a sparse tensor stays sparse and is scattered into the sum.
+        """
         if u.num_examples > MAX_EXAMPLES_PER_UPDATE:
             raise SchemaError(f"num_examples {u.num_examples} is implausible")
-        check_tensors(u.tensors, self.model.specs)
+        return decode_tensors(u.body, u.codec, self.model.specs)
 
     def _count(self, u: Update, nbytes: int, **extra: Any) -> None:
         """Book an update folded into the sum: ids, stats, checkpoint, then the ack."""
@@ -414,6 +429,8 @@ class Aggregator:
             target=r.target,
             min_devices=r.min_devices,
             train=self.s.train,
+            codec=self.s.update_pipeline.name,
+            max_update_bytes=self.s.update_budget_bytes,
         )
         self.link.publish(self.topics.round(), encode_round(msg), qos=1, retain=True)
 

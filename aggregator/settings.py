@@ -8,6 +8,7 @@ from pathlib import Path
 from aggregator.fedbuff import BufferPolicy
 from aggregator.rounds import RoundPolicy
 from fedmq.chunks import DEFAULT_MAX_MESSAGE_BYTES
+from fedmq.codecs import Pipeline, check_downlink, parse_pipeline
 from fedmq.link import BrokerAddress
 from fedmq.topics import Topics
 from fedmq.wire import TrainConfig
@@ -46,6 +47,10 @@ class AggregatorSettings:
     buffer_size: int = 10  # async: updates per new version (K)
     staleness_exponent: float = 0.5  # async: weight (1 + staleness)^-a
     max_staleness: int = 20  # async: updates older than this many versions are rejected
+    codec: str = "topk:0.05+int8+zstd"  # the update pipeline announced to devices
+    update_budget_bytes: int = 0  # byte budget of one update, announced; 0: none
+    downlink: str = "float32"  # codec of each version's full payload
+    downlink_delta: str = ""  # also publish a delta from the previous version in this codec
 
     def __post_init__(self) -> None:
         self.topics  # noqa: B018 - validates job and prefix
@@ -63,6 +68,29 @@ class AggregatorSettings:
             raise ValueError("start_wait_s must be >= 0 and server_lr positive")
         if self.max_message_bytes < 1024 or self.max_update_bytes < 1024:
             raise ValueError("max_message_bytes and max_update_bytes must be at least 1024")
+        if self.update_budget_bytes and not 1024 <= self.update_budget_bytes <= (
+            self.max_update_bytes
+        ):
+            raise ValueError(
+                "update_budget_bytes must be 0 (none) or between 1024 and max_update_bytes"
+            )
+        try:
+            self.update_pipeline  # noqa: B018
+            check_downlink(self.downlink_pipeline, self.downlink_delta_pipeline)
+        except ValueError as err:
+            raise ValueError(f"codec settings: {err}") from None
+
+    @property
+    def update_pipeline(self) -> Pipeline:
+        return parse_pipeline(self.codec)
+
+    @property
+    def downlink_pipeline(self) -> Pipeline:
+        return parse_pipeline(self.downlink)
+
+    @property
+    def downlink_delta_pipeline(self) -> Pipeline | None:
+        return parse_pipeline(self.downlink_delta) if self.downlink_delta else None
 
     @property
     def topics(self) -> Topics:

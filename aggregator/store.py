@@ -3,7 +3,10 @@
 Every file is written atomically (temp file, fsync, rename, fsync of the directory), so
 a crash leaves either the old file or the new one, never half of one.
 
-    <state_dir>/versions/000007.weights   msgpack weights blob, exactly as published
+    <state_dir>/versions/000007.weights   float32 weights blob of the version (what devices
+                                          rebuild from its payloads)
+    <state_dir>/versions/000007.full      its full payload in the downlink codec, as published
+    <state_dir>/versions/000007.delta     its delta from version 6, as published (if any)
     <state_dir>/versions/000007.onnx      ONNX export of that version
     <state_dir>/versions/000007.manifest  the manifest that announced it (its chunk layout)
     <state_dir>/history.json              one record per round (metrics, participants, bytes)
@@ -39,17 +42,33 @@ class Store:
         return self.versions_dir / f"{version:06d}.{ext}"
 
     def save_version(
-        self, version: int, *, weights: bytes, manifest: bytes, onnx: bytes | None = None
+        self,
+        version: int,
+        *,
+        weights: bytes,
+        manifest: bytes,
+        onnx: bytes | None = None,
+        full: bytes | None = None,
+        delta: bytes | None = None,
     ) -> None:
         """Keep one global version; the manifest is written last, so it marks completeness."""
         write_atomic(self._version_path(version, "weights"), weights)
-        if onnx is not None:
-            write_atomic(self._version_path(version, "onnx"), onnx)
+        for ext, blob in (("onnx", onnx), ("full", full), ("delta", delta)):
+            if blob is not None:
+                write_atomic(self._version_path(version, ext), blob)
         write_atomic(self._version_path(version, "manifest"), manifest)
         if self.keep_versions:
             for old in self.versions()[: -self.keep_versions]:
-                for ext in ("weights", "onnx", "manifest"):
+                for ext in ("weights", "onnx", "full", "delta", "manifest"):
                     self._version_path(old, ext).unlink(missing_ok=True)
+
+    def load_payloads(self, version: int) -> tuple[bytes | None, bytes | None]:
+        """(full payload, delta payload) a stored version was published with, if kept."""
+        full, delta = self._version_path(version, "full"), self._version_path(version, "delta")
+        return (
+            full.read_bytes() if full.exists() else None,
+            delta.read_bytes() if delta.exists() else None,
+        )
 
     def save_manifest(self, version: int, manifest: bytes) -> None:
         """Replace a stored version's manifest with the one actually published."""

@@ -8,10 +8,12 @@ every reconnect. torch is imported only when the device trains.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
 import uuid
+import zlib
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,14 @@ from edge_agent.settings import AgentSettings
 from edge_agent.state import DeviceStore
 from fedmq import __version__
 from fedmq.chunks import Reassembler, encode_chunks
+from fedmq.codecs import (
+    Compressed,
+    Pipeline,
+    apply_model_delta,
+    compress_update,
+    decode_model,
+    parse_or_schema_error,
+)
 from fedmq.errors import DecodeError, ProtocolError, SchemaError
 from fedmq.link import Connected, Disconnected, Link, Message
 from fedmq.tasks import Task, get_task
@@ -31,7 +41,6 @@ from fedmq.wire import (
     PayloadRef,
     RoundAnnouncement,
     Update,
-    check_tensors,
     decode_ack,
     decode_chunk,
     decode_manifest,
@@ -40,6 +49,8 @@ from fedmq.wire import (
     encode_metrics,
     encode_state,
     encode_update,
+    encode_weights,
+    specs_of,
 )
 from firmware_profiles import Profile, load_profile
 
@@ -95,6 +106,7 @@ class Agent:
             self.weights = decode_weights(blob)
         self.fetched_bytes = int(progress.get("fetched_bytes", 0))
         self.wanted: Manifest | None = None
+        self.wanted_ref: PayloadRef | None = None  # the payload of `wanted` being fetched
         self.wanted_topics: list[str] = []
         self.receiving_bytes = 0
         self.pending: RoundAnnouncement | None = None
@@ -173,15 +185,30 @@ class Agent:
     # ------------------------------------------------------------ global model
 
     def _on_manifest(self, m: Manifest) -> None:
-        ref = m.onnx if self.infer_only and m.onnx else m.weights
-        if (m.version, ref.sha256) == (self.version, self.model_sha):
+        if self.infer_only and m.onnx:
+            held, ref = m.onnx.sha256, m.onnx
+        else:
+            held, ref = m.model_sha256, m.weights
+            d = m.delta
+            holds = (self.version, self.model_sha) if self.weights is not None else None
+            if d and (d.base_version, d.base_sha256) == holds:
+                ref = d.payload  # this device holds the base: the delta is enough
+        if (m.version, held) == (self.version, self.model_sha):
             return  # already held
-        if self.wanted and (m.version, ref.sha256) == (self.wanted.version, self._ref().sha256):
+        if (
+            self.wanted
+            and self.wanted_ref
+            and (m.version, ref.sha256) == (self.wanted.version, self.wanted_ref.sha256)
+        ):
             return  # already fetching
+        self._fetch(m, ref)
+
+    def _fetch(self, m: Manifest, ref: PayloadRef) -> None:
+        """Subscribe to the retained chunks of one payload of version m."""
         for topic in self.wanted_topics:
             self.link.unsubscribe(topic)
         self.fetch_attempts = 0
-        self.wanted = m
+        self.wanted, self.wanted_ref = m, ref
         self.receiving_bytes = 0
         self.wanted_topics = [
             self.topics.global_chunk(m.version, i)
@@ -189,20 +216,16 @@ class Agent:
         ]
         for topic in self.wanted_topics:
             self.link.subscribe(topic, 1)
-        self.log.info("fetching global version %d (%d chunks)", m.version, ref.chunks)
-
-    def _ref(self) -> PayloadRef:
-        """The payload of the wanted version this device uses: weights, or ONNX to infer."""
-        m = self.wanted
-        assert m is not None
-        return m.onnx if self.infer_only and m.onnx else m.weights
+        what = (
+            "delta" if m.delta and ref is m.delta.payload else "onnx" if ref is m.onnx else m.codec
+        )
+        self.log.info("fetching global version %d (%s, %d chunks)", m.version, what, ref.chunks)
 
     def _on_global_chunk(self, payload: bytes) -> None:
-        m = self.wanted
-        if m is None:
+        m, ref = self.wanted, self.wanted_ref
+        if m is None or ref is None:
             return
         chunk = decode_chunk(payload, max_bytes=8 * 1024 * 1024)
-        ref = self._ref()
         if chunk.payload_id != ref.payload_id:
             return  # a chunk of another version or of the payload this device does not use
         self.receiving_bytes += len(payload)
@@ -217,20 +240,36 @@ class Agent:
                 for topic in self.wanted_topics:
                     self.link.subscribe(topic, 1)
             else:
-                self.wanted, self.wanted_topics = None, []
+                self.wanted, self.wanted_ref, self.wanted_topics = None, None, []
             raise SchemaError(f"global version {m.version} does not match its manifest")
-        self.wanted, self.wanted_topics = None, []
+        self.wanted, self.wanted_ref, self.wanted_topics = None, None, []
         if ref is m.onnx:
             self._evaluate_onnx(m, done.payload)
             self.version, self.model_sha = m.version, ref.sha256
             return
-        weights = decode_weights(done.payload)
-        check_tensors(weights, m.tensors, what=f"global version {m.version}")
-        self.weights, self.version, self.model_sha = weights, m.version, ref.sha256
-        self.fetched_bytes = self.receiving_bytes
-        self.store.save_model(done.payload)
+        full = parse_or_schema_error(m.codec)
+        if m.delta and ref is m.delta.payload:
+            assert self.weights is not None
+            weights = apply_model_delta(
+                self.weights, done.payload, full=full,
+                delta=parse_or_schema_error(m.delta.codec), version=m.version,
+            )  # fmt: skip
+        else:
+            weights = decode_model(done.payload, full, m.tensors)
+        blob = encode_weights(weights)
+        if hashlib.sha256(blob).hexdigest() != m.model_sha256:
+            if ref is not m.weights:  # the delta did not rebuild the version: take it whole
+                self.fetched_bytes += self.receiving_bytes
+                self._fetch(m, m.weights)
+            raise SchemaError(f"global version {m.version} does not rebuild to its model_sha256")
+        self.weights, self.version, self.model_sha = weights, m.version, m.model_sha256
+        self.fetched_bytes += self.receiving_bytes
+        self.store.save_model(blob)
         self._save_progress()
-        self.log.info("holding global version %d (%d bytes)", m.version, self.fetched_bytes)
+        self.log.info(
+            "holding global version %d (%d bytes fetched, %s)",
+            m.version, self.receiving_bytes, "delta" if ref is not m.weights else m.codec,
+        )  # fmt: skip
 
     def _evaluate_onnx(self, m: Manifest, onnx_bytes: bytes) -> None:
         from edge_agent.inference import OnnxModel, accuracy
@@ -250,6 +289,7 @@ class Agent:
             if self.pending and r.round_id >= self.pending.round_id and r.state != "open":
                 self.pending = None  # the round we waited to train for has ended
             return
+        parse_or_schema_error(r.codec)  # a round whose codec this agent cannot use is dropped
         self.pending = r
         self.log.info("selected for round %d (version %d)", r.round_id, r.model_version)
 
@@ -304,13 +344,20 @@ class Agent:
             base_version=r.model_version,
             # FedAvg weight n_k: the local dataset, or what a budget-stopped run got through
             num_examples=min(len(self.x), max(1, result.examples)),
-            codec="float32",
-            tensors=delta,
+            codec="",
+            body=b"",
             metrics={"train_loss": result.mean_loss, "train_s": result.seconds},
             fetched_bytes=self.fetched_bytes,
         )
+        compressed = self._compress(r, delta, header_bytes=len(encode_update(update)))
+        if compressed is None:
+            self._publish_state("online")
+            return
+        update = dataclasses.replace(update, codec=compressed.pipeline.name, body=compressed.body)
         payload = encode_update(update)
         self.store.outbox.put(update.update_id, payload)  # before sending: survives a crash
+        # then the residual: a crash between the two renames adds the old residual once more
+        self.store.save_residual(compressed.residual)
         self.last_round, self.last_round_sha = r.round_id, self.model_sha
         self.fetched_bytes = 0  # downlink is counted once, with the first update that used it
         self._save_progress()
@@ -323,11 +370,41 @@ class Agent:
              "epochs": result.epochs_done},
         )  # fmt: skip
         self.log.info(
-            "round %d: trained %.1f epochs in %.2fs, loss %.4f%s; sent update %s (%d bytes)",
+            "round %d: trained %.1f epochs in %.2fs, loss %.4f%s; sent update %s "
+            "(%s, %d bytes)",
             r.round_id, result.epochs_done, result.seconds, result.mean_loss,
             f", stopped by {result.stopped_by} budget" if result.stopped_by else "",
-            update.update_id, len(payload),
+            update.update_id, update.codec, len(payload),
         )  # fmt: skip
+
+    def _compress(
+        self, r: RoundAnnouncement, delta: dict[str, np.ndarray], *, header_bytes: int
+    ) -> Compressed | None:
+        """Encode the delta with the round's pipeline, the residual added, within the byte
+        budget (the round's or the profile's, whichever is smaller); None if it cannot fit."""
+        budgets = [b for b in (r.max_update_bytes, self.profile.max_update_bytes) if b > 0]
+        budget = min(budgets) if budgets else 0
+        # the body's bin header (at most 5 bytes) is not in an update with an empty body
+        max_body = max(1, budget - header_bytes - 5) if budget else 0
+        pipeline: Pipeline = parse_or_schema_error(r.codec)
+        rng = np.random.default_rng([r.round_id, zlib.crc32(self.device.encode())])
+        residual = self.store.load_residual()
+        if residual is not None and specs_of(residual) != specs_of(delta):
+            self.log.warning("the saved residual does not fit this model; starting afresh")
+            residual = None
+        try:
+            compressed = compress_update(
+                delta, pipeline, rng=rng, residual=residual, max_body_bytes=max_body
+            )
+        except ValueError as err:
+            self.log.error("round %d: no update sent: %s", r.round_id, err)
+            return None
+        if compressed.pipeline != pipeline:
+            self.log.info(
+                "round %d: %s to fit the %d-byte budget", r.round_id,
+                compressed.pipeline.name, budget,
+            )  # fmt: skip
+        return compressed
 
     def _resend_unacked(self, now: float) -> None:
         overdue = [uid for uid, at in self._sent_at.items() if now - at > ACK_TIMEOUT_S]

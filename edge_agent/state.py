@@ -1,4 +1,5 @@
-"""What an agent keeps on disk between runs: its current global model and its progress."""
+"""What an agent keeps on disk between runs: its current global model, its progress, its
+outbox and its error-feedback residual."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_agent.outbox import Outbox
 from fedmq.atomicfile import write_atomic
+from fedmq.wire import decode_weights, encode_weights
 
 
 class DeviceStore:
-    """<root>/model.weights, <root>/agent.json and <root>/outbox/ of one device."""
+    """<root>/model.weights, agent.json, residual.weights and outbox/ of one device."""
 
     def __init__(self, *, root: Path) -> None:
         self.root = Path(root)
@@ -35,3 +39,16 @@ class DeviceStore:
     def save_model(self, blob: bytes) -> None:
         """Keep the held global version's weights blob."""
         write_atomic(self.root / "model.weights", blob)
+
+    def load_residual(self) -> dict[str, np.ndarray] | None:
+        """What earlier sparse updates did not send (float32), or None."""
+        path = self.root / "residual.weights"
+        return decode_weights(path.read_bytes()) if path.exists() else None
+
+    def save_residual(self, residual: dict[str, np.ndarray] | None) -> None:
+        """Keep the residual for the next update (None forgets it)."""
+        path = self.root / "residual.weights"
+        if residual is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_atomic(path, encode_weights(residual))

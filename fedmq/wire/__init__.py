@@ -42,6 +42,7 @@ from fedmq.wire.tensors import (
 from fedmq.wire.transfer import (
     CHUNK_OVERHEAD,
     Chunk,
+    DeltaRef,
     Manifest,
     PayloadRef,
     decode_chunk,
@@ -60,6 +61,7 @@ __all__ = [
     "DeviceMetrics",
     "DeviceState",
     "MAX_MESSAGE_BYTES",
+    "DeltaRef",
     "Manifest",
     "PayloadRef",
     "ROUND_STATES",

@@ -21,6 +21,8 @@ DTYPES: dict[str, np.dtype] = {
     "float64": np.dtype("<f8"),
     "int8": np.dtype("i1"),
     "uint8": np.dtype("u1"),
+    "uint16": np.dtype("<u2"),
+    "uint32": np.dtype("<u4"),
     "int32": np.dtype("<i4"),
     "int64": np.dtype("<i8"),
 }

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from fedmq.errors import SchemaError
 from fedmq.wire.codec import (
     MAX_MESSAGE_BYTES,
@@ -15,7 +13,6 @@ from fedmq.wire.codec import (
     str_list,
     unpack_message,
 )
-from fedmq.wire.tensors import decode_tensors, encode_tensors
 
 # ---------------------------------------------------------------- round announcement
 
@@ -53,8 +50,8 @@ class RoundAnnouncement:
     target: int
     min_devices: int
     train: TrainConfig
-    codec: str = "float32"
-    max_update_bytes: int = 0  # 0: no budget
+    codec: str = "float32"  # the update pipeline devices use (fedmq.codecs)
+    max_update_bytes: int = 0  # byte budget of one update payload; 0: no budget
 
 
 ROUND_STATES = ("open", "closed", "abandoned")
@@ -123,7 +120,8 @@ def decode_round(payload: bytes, *, max_bytes: int = 1 << 20) -> RoundAnnounceme
 
 @dataclass(frozen=True)
 class Update:
-    """One device's contribution to one round: a delta from the version it trained on."""
+    """One device's contribution to one round: a delta from the version it trained on,
+    encoded by the codec pipeline it names (fedmq.codecs decodes body against the model)."""
 
     update_id: str
     device: str
@@ -131,7 +129,7 @@ class Update:
     base_version: int
     num_examples: int
     codec: str
-    tensors: dict[str, np.ndarray]
+    body: bytes
     metrics: dict[str, float] = field(default_factory=dict)
     fetched_bytes: int = 0  # downlink bytes this device received to take part
 
@@ -147,7 +145,7 @@ def encode_update(u: Update) -> bytes:
             "base_version": u.base_version,
             "num_examples": u.num_examples,
             "codec": u.codec,
-            "tensors": encode_tensors(u.tensors),
+            "body": u.body,
             "metrics": dict(u.metrics),
             "fetched_bytes": u.fetched_bytes,
         },
@@ -164,7 +162,7 @@ def decode_update(payload: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Upda
         base_version=get_field(obj, "base_version", "int"),
         num_examples=get_field(obj, "num_examples", "int"),
         codec=get_field(obj, "codec", "str"),
-        tensors=decode_tensors(obj),
+        body=get_field(obj, "body", "bytes"),
         metrics=num_map(obj, "metrics"),
         fetched_bytes=get_field(obj, "fetched_bytes", "int"),
     )

@@ -109,6 +109,38 @@ class PayloadRef:
 
 
 @dataclass(frozen=True)
+class DeltaRef:
+    """A global version as a delta from the version before it, for devices that hold it."""
+
+    base_version: int
+    base_sha256: str  # model_sha256 of the base version
+    codec: str
+    payload: PayloadRef
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "base_version": self.base_version,
+            "base_sha256": self.base_sha256,
+            "codec": self.codec,
+            "payload": self.payload.to_wire(),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> DeltaRef:
+        if not isinstance(obj, dict):
+            raise SchemaError("delta reference must be a map")
+        ref = cls(
+            base_version=get_field(obj, "base_version", "int"),
+            base_sha256=get_field(obj, "base_sha256", "str"),
+            codec=get_field(obj, "codec", "str"),
+            payload=PayloadRef.from_wire(get_field(obj, "payload", "map")),
+        )
+        if ref.base_version < 0 or len(ref.base_sha256) != 64:
+            raise SchemaError(f"bad delta reference {obj!r}")
+        return ref
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The current global model: which version, where its chunks are, how to check them."""
 
@@ -122,6 +154,8 @@ class Manifest:
     weights: PayloadRef
     onnx: PayloadRef | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    model_sha256: str = ""  # sha256 of the float32 weights blob devices rebuild
+    delta: DeltaRef | None = None
 
     @property
     def num_params(self) -> int:
@@ -144,6 +178,8 @@ def encode_manifest(m: Manifest) -> bytes:
             "weights": m.weights.to_wire(),
             "onnx": m.onnx.to_wire() if m.onnx else None,
             "metrics": dict(m.metrics),
+            "model_sha256": m.model_sha256,
+            "delta": m.delta.to_wire() if m.delta else None,
         },
     )
 
@@ -153,6 +189,7 @@ def decode_manifest(payload: bytes, *, max_bytes: int = 1 << 20) -> Manifest:
     obj = unpack_message(payload, "global", max_bytes)
     specs = tuple(TensorSpec.from_wire(s) for s in get_field(obj, "tensors", "list"))
     onnx = get_field(obj, "onnx", "map", optional=True)
+    delta = get_field(obj, "delta", "map", optional=True)
     m = Manifest(
         job=get_field(obj, "job", "str"),
         version=get_field(obj, "version", "int"),
@@ -164,7 +201,11 @@ def decode_manifest(payload: bytes, *, max_bytes: int = 1 << 20) -> Manifest:
         weights=PayloadRef.from_wire(get_field(obj, "weights", "map")),
         onnx=PayloadRef.from_wire(onnx) if onnx is not None else None,
         metrics=num_map(obj, "metrics"),
+        model_sha256=get_field(obj, "model_sha256", "str"),
+        delta=DeltaRef.from_wire(delta) if delta is not None else None,
     )
+    if len(m.model_sha256) != 64:
+        raise SchemaError("global: model_sha256 must be 64 hex digits")
     if m.version < 0 or m.round_id < 0:
         raise SchemaError("global: version and round must be non-negative")
     return m

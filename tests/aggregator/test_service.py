@@ -21,6 +21,7 @@ import pytest
 from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
 from fedmq.chunks import Reassembler, encode_chunks
+from fedmq.codecs import decode_tensors, encode_tensors, parse_pipeline, to_dense
 from fedmq.topics import Topics
 from fedmq.wire import (
     Ack,
@@ -109,11 +110,14 @@ class ScriptedDevice:
 
 
 @pytest.fixture
-def service(mosquitto: Any, tmp_path: Path, topic_prefix: str) -> Iterator[tuple[Any, Any]]:
+def service(
+    mosquitto: Any, tmp_path: Path, topic_prefix: str, request: pytest.FixtureRequest
+) -> Iterator[tuple[Any, Any]]:
+    extra = getattr(request, "param", {})
     settings = AggregatorSettings(
         job="svc", prefix=topic_prefix, port=mosquitto.port, task="digits-mlp",
         state_dir=tmp_path / "agg", rounds=2, devices_per_round=2, min_devices=2,
-        round_timeout_s=30, start_wait_s=30, publish_onnx=False,
+        round_timeout_s=30, start_wait_s=30, publish_onnx=False, **extra,
     )  # fmt: skip
     agg = Aggregator(settings=settings)
     stop = threading.Event()
@@ -129,8 +133,9 @@ def service(mosquitto: Any, tmp_path: Path, topic_prefix: str) -> Iterator[tuple
 
 
 def _update(uid: str, device: str, round_id: int, base: int, deltas: dict[str, np.ndarray],
-            n: int = 10) -> Update:  # fmt: skip
-    return Update(uid, device, round_id, base, n, "float32", deltas)
+            n: int = 10, codec: str = "float32") -> Update:  # fmt: skip
+    body = encode_tensors(deltas, parse_pipeline(codec), rng=np.random.default_rng(0))
+    return Update(uid, device, round_id, base, n, codec, body)
 
 
 def test_verdicts_and_fedavg_through_the_wire(service: tuple[Any, Any]) -> None:
@@ -189,3 +194,46 @@ def test_verdicts_and_fedavg_through_the_wire(service: tuple[Any, Any]) -> None:
     history = agg.store.history()
     assert history[0]["outcome"] == "complete" and history[0]["accepted"] == 2
     assert {p["device"] for p in history[0]["participants"]} == {"a", "b"}
+
+
+@pytest.mark.parametrize(
+    "service", [{"codec": "topk:0.05+int8+zstd", "update_budget_bytes": 4096}], indirect=True
+)
+def test_compressed_updates_are_decoded_scattered_and_budgeted(service: tuple[Any, Any]) -> None:
+    agg, dev = service
+    dev.online("a", "b")
+    r1 = dev.open_round(1)
+    assert (r1.codec, r1.max_update_bytes) == ("topk:0.05+int8+zstd", 4096)
+    m0 = dev.pump(lambda: next((m for m in dev.manifests if m.version == 0), None))
+    w0 = decode_weights(dev.pump(lambda: dev.payloads.get(m0.weights.payload_id)))
+    rng = np.random.default_rng(5)
+    deltas = {d: {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in w0.items()}
+              for d in "ab"}  # fmt: skip
+
+    refusals = {  # the whole float32 delta is over the 4096-byte budget; a bad codec name
+        "big": (_update("big", "a", 1, 0, deltas["a"]), "schema_error", "budget"),
+        "odd": (Update("odd", "a", 1, 0, 10, "topk:2+int8", b"x"), "schema_error", "top-k"),
+        "liar": (Update("liar", "a", 1, 0, 10, "topk:0.05+int8",
+                        _update("x", "a", 1, 0, deltas["a"], codec="topk:0.05+fp16").body),
+                 "schema_error", "float16"),
+    }  # fmt: skip
+    for uid, (u, code, words) in refusals.items():
+        dev.send("a", u)
+        ack = dev.ack_for(uid)
+        assert (ack.status, ack.reason.split(":")[0]) == ("rejected", code), (uid, ack)
+        assert words in ack.reason, ack.reason
+
+    sent = {}
+    for d, codec, n in (("a", "topk:0.05+int8+zstd", 10), ("b", "topk:0.02+fp16", 30)):
+        u = _update(f"u{d}", d, 1, 0, deltas[d], n=n, codec=codec)
+        dense = decode_tensors(u.body, codec, m0.tensors)
+        sent[d] = {k: to_dense(t) for k, t in dense.items()}
+        dev.send(d, u)
+        assert dev.ack_for(f"u{d}").status == "accepted"
+
+    m1 = dev.pump(lambda: next((m for m in dev.manifests if m.version == 1), None))
+    w1 = decode_weights(dev.pump(lambda: dev.payloads.get(m1.weights.payload_id)))
+    for k in w0:  # the example-weighted mean of exactly what was sent, scattered into the sum
+        want = w0[k] + (10 * sent["a"][k] + 30 * sent["b"][k]) / 40
+        np.testing.assert_allclose(w1[k], want, rtol=1e-5, atol=1e-6)
+    assert agg.status(time.time())["counters"]["rejected_schema_error"] == 3

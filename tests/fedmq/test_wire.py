@@ -15,6 +15,7 @@ from fedmq.errors import DecodeError, ProtocolError, SchemaError, ShapeMismatch
 from fedmq.wire import (
     DTYPES,
     Ack,
+    DeltaRef,
     DeviceMetrics,
     DeviceState,
     Manifest,
@@ -66,7 +67,7 @@ def test_weights_round_trip(tensors: dict[str, np.ndarray]) -> None:
 
 
 @given(
-    tensors=tensor_maps,
+    body=st.binary(max_size=256),
     uid=st.text(min_size=1, max_size=64),
     device=names,
     rnd=st.integers(0, 2**31),
@@ -74,10 +75,10 @@ def test_weights_round_trip(tensors: dict[str, np.ndarray]) -> None:
     n=st.integers(1, 2**31),
     metrics=st.dictionaries(names, finite, max_size=3),
 )
-def test_update_round_trip(tensors, uid, device, rnd, base, n, metrics) -> None:  # noqa: ANN001
-    u = Update(uid, device, rnd, base, n, "float32", tensors, metrics, fetched_bytes=7)
+def test_update_round_trip(body, uid, device, rnd, base, n, metrics) -> None:  # noqa: ANN001
+    u = Update(uid, device, rnd, base, n, "int8+zstd", body, metrics, fetched_bytes=7)
     back = decode_update(encode_update(u))
-    assert _same(back.tensors, tensors)
+    assert back == u
     assert (back.update_id, back.device, back.round_id, back.base_version, back.num_examples) == (
         uid, device, rnd, base, n,
     )  # fmt: skip
@@ -90,7 +91,9 @@ def _manifest(onnx: bool = True) -> Manifest:
         job="j", version=3, round_id=2, created=1.5, task="mnist-2nn", codec="float32",
         tensors=(TensorSpec("a", "float32", (2, 3)), TensorSpec("b", "float32", (3,))),
         weights=ref, onnx=PayloadRef("o3", 10, "cd" * 32, 1, 2) if onnx else None,
-        metrics={"accuracy": 0.9},
+        metrics={"accuracy": 0.9}, model_sha256="ef" * 32,
+        delta=DeltaRef(2, "12" * 32, "int8+zstd", PayloadRef("d3", 99, "34" * 32, 1, 3))
+        if onnx else None,
     )  # fmt: skip
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedmq.chunks import encode_chunks
-from fedmq.wire import Update, encode_update
+from fedmq.wire import Update, encode_update, encode_weights
 from tests.integration.fleet import Fleet, Watcher
 
 
@@ -76,8 +76,8 @@ def test_late_update_is_acknowledged_late(fleet: Fleet, mosquitto: Any) -> None:
 
 
 def _bad_update(device: str, round_id: int, shape: tuple[int, ...]) -> bytes:
-    return encode_update(Update("bad-shape-1", device, round_id, 0, 10, "float32",
-                                {"nonsense": np.zeros(shape, np.float32)}))  # fmt: skip
+    body = encode_weights({"nonsense": np.zeros(shape, np.float32)})
+    return encode_update(Update("bad-shape-1", device, round_id, 0, 10, "float32", body))
 
 
 def test_malformed_and_oversized_messages_are_rejected(fleet: Fleet, mosquitto: Any) -> None:
@@ -116,7 +116,9 @@ def test_malformed_and_oversized_messages_are_rejected(fleet: Fleet, mosquitto: 
 def test_payload_over_broker_limit_arrives_chunked(
     broker_factory: Any, tmp_path: Path, topic_prefix: str, advertised: bool
 ) -> None:
-    """128 KiB broker: learned from CONNACK Maximum Packet Size, or configured on both sides."""
+    """128 KiB broker: learned from CONNACK Maximum Packet Size, or configured on both sides.
+
+    Uncompressed (float32) updates, so each is several chunks."""
     limit = 131072
     if advertised:
         broker = broker_factory(message_size_limit=limit, max_packet_size=limit)
@@ -127,7 +129,7 @@ def test_payload_over_broker_limit_arrives_chunked(
     fleet = Fleet(broker=broker, root=tmp_path, prefix=topic_prefix, task="mnist-2nn")
     watcher = Watcher(broker, fleet.topics.updates_filter())
     try:
-        fleet.aggregator(rounds=1, devices_per_round=2, min_devices=2, **flags)
+        fleet.aggregator(rounds=1, devices_per_round=2, min_devices=2, codec="float32", **flags)
         fleet.agent(0, 2, **flags)
         fleet.agent(1, 2, **flags)
         (rnd,) = fleet.wait_rounds(1, timeout=120)
