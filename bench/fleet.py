@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1, help="local epochs E (default 1)")
     p.add_argument("--batch-size", type=int, default=10, help="local batch size B (default 10)")
     p.add_argument("--lr", type=float, default=0.05, help="local SGD learning rate (default 0.05)")
+    p.add_argument("--codec", default="float32",
+                   help="update pipeline (default float32: the uncompressed baseline; "
+                        "bench/bandwidth.py compares the codecs)")
     p.add_argument("--round-timeout-s", type=float, default=120.0,
                    help="round deadline in seconds (default 120)")
     p.add_argument("--out", type=Path, default=Path("bench/results/fleet.json"),
@@ -113,7 +116,7 @@ def run_partition(partition: str, args: argparse.Namespace, work: Path) -> dict[
              "--devices-per-round", n, "--min-devices", n,
              "--round-timeout-s", str(args.round_timeout_s), "--start-wait-s", "120",
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-             "--lr", str(args.lr)],
+             "--lr", str(args.lr), "--codec", args.codec],
             run_dir / "aggregator.log",
         ))  # fmt: skip
         for i in range(args.devices):
@@ -195,6 +198,7 @@ def workload(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "optimizer": "SGD, momentum 0",
+        "codec": args.codec,
         "rounds": args.rounds,
         "broker": "mosquitto",
         "units": "bytes in MB (1e6), RSS in MiB (VmHWM)",

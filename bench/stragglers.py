@@ -123,7 +123,7 @@ def run_mode(mode: str, args: argparse.Namespace, delays: list[float], work: Pat
               "--mqtt-version", broker.mqtt_version, "--task", TASK]  # fmt: skip
     procs = [spawn_fedmq(["aggregator", *common, "--state-dir", str(state_dir), "--rounds", "0",
                     "--start-wait-s", "120", "--epochs", "1", "--batch-size", "10",
-                    "--lr", "0.05", *mode_flags(mode, args)],
+                    "--lr", "0.05", "--codec", "float32", *mode_flags(mode, args)],
                    run_dir / "aggregator.log")]  # fmt: skip
     try:
         for i, delay in enumerate(delays):

@@ -51,21 +51,41 @@ def compress_update(
         x = {name: x[name] + residual[name].astype(np.float32) for name in x}
     p = pipeline
     body = encode_tensors(x, p, rng=rng)
-    for _ in range(BUDGET_ATTEMPTS):
-        if not max_body_bytes or len(body) <= max_body_bytes:
-            break
-        # three significant digits, so the name the update carries parses back exactly
-        fraction = float(f"{(p.topk or 1.0) * max_body_bytes / len(body) * 0.97:.3g}")
-        if (p.topk or 1.0) <= MIN_FRACTION:
-            break
-        p = p.with_topk(max(MIN_FRACTION, fraction))
-        body = encode_tensors(x, p, rng=rng)
     if max_body_bytes and len(body) > max_body_bytes:
-        raise ValueError(
-            f"an update of this model cannot fit {max_body_bytes} bytes: with "
-            f"{p.name} it still takes {len(body)}; raise max_update_bytes"
-        )
+        p, body = _fit_budget(x, p, body, max_body_bytes, rng)
     decoded = decode_tensors(body, p.name, specs_of(x))
     sent = {name: to_dense(t) for name, t in decoded.items()}
     kept = {name: x[name] - sent[name] for name in x} if p.sparse else None
     return Compressed(body=body, pipeline=p, residual=kept, sent=sent)
+
+
+def _fit_budget(
+    x: Mapping[str, np.ndarray],
+    p: Pipeline,
+    body: bytes,
+    budget: int,
+    rng: np.random.Generator,
+) -> tuple[Pipeline, bytes]:
+    """The largest top-k fraction (within a few tries) whose encoding fits the budget.
+
+    The size is about fixed + fraction x per-value bytes, so each try scales the variable
+    part, measured against the smallest encoding (one value per tensor).
+    """
+    smallest = p.with_topk(MIN_FRACTION)
+    floor_body = encode_tensors(x, smallest, rng=rng)
+    if len(floor_body) > budget:
+        raise ValueError(
+            f"an update of this model cannot fit {budget} bytes: even one value per tensor "
+            f"({smallest.name}) takes {len(floor_body)}; raise max_update_bytes"
+        )
+    fraction = p.topk or 1.0
+    for _ in range(BUDGET_ATTEMPTS):
+        variable = max(1, len(body) - len(floor_body))
+        scaled = fraction * (budget - len(floor_body)) / variable * 0.97
+        # three significant digits, so the name the update carries parses back exactly
+        fraction = max(MIN_FRACTION, float(f"{min(scaled, fraction * 0.97):.3g}"))
+        p = p.with_topk(fraction)
+        body = encode_tensors(x, p, rng=rng)
+        if len(body) <= budget:
+            return p, body
+    return smallest, floor_body

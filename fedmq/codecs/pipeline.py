@@ -62,6 +62,8 @@ class Pipeline:
             raise ValueError(f"int8 block must be in [0, {MAX_BLOCK}], got {self.block}")
         if not (self.topk == 0 or 0 < self.topk <= 1) or math.isnan(self.topk):
             raise ValueError(f"top-k fraction must be in (0, 1], got {self.topk}")
+        if self.values != "int8":  # a block only means something to int8: one name, one pipeline
+            object.__setattr__(self, "block", DEFAULT_BLOCK)
 
     @property
     def sparse(self) -> bool:
@@ -104,9 +106,9 @@ def parse_pipeline(text: str) -> Pipeline:
             try:
                 topk = float(arg)
             except ValueError:
-                raise ValueError(
-                    f"codec {text!r}: top-k needs a fraction, e.g. topk:0.01"
-                ) from None
+                topk = math.nan
+            if not 0 < topk <= 1:  # also NaN; 0 would silently mean "dense"
+                raise ValueError(f"codec {text!r}: top-k needs a fraction in (0, 1], e.g. topk:0.1")
             order = 1
         elif head in VALUE_CODECS and order <= 1 and not values:
             values = head
@@ -163,7 +165,12 @@ def encode_tensors(
             item = {"name": name, "shape": shape, "enc": "sparse", "nnz": int(idx.size),
                     "index_dtype": index_dtype, "index": index, "values": values}  # fmt: skip
         else:
-            item = {"name": name, "shape": shape, **_encode_values(flat, p, rng)}
+            values = _encode_values(flat, p, rng)
+            if "dtype" in values:  # the classic tensor map, key order and all (section 3.3)
+                item = {"name": name, "dtype": values["dtype"], "shape": shape,
+                        "data": values["data"]}  # fmt: skip
+            else:
+                item = {"name": name, "shape": shape, **values}
         items.append(item)
     body = pack_message("weights", {"tensors": items})
     if p.zstd:

@@ -55,5 +55,6 @@ def dequantize_int8(codes: np.ndarray, scales: np.ndarray, *, block: int) -> np.
     n = codes.size
     if block == 0 or n == 0:
         return codes.astype(np.float32) * scales[0]
-    per_value = np.repeat(scales, block)[:n]
+    # index, not np.repeat(scales, block): a huge block from the wire must cost O(n) only
+    per_value = scales[np.arange(n) // block]
     return codes.astype(np.float32) * per_value
