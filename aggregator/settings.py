@@ -47,7 +47,7 @@ class AggregatorSettings:
     buffer_size: int = 10  # async: updates per new version (K)
     staleness_exponent: float = 0.5  # async: weight (1 + staleness)^-a
     max_staleness: int = 20  # async: updates older than this many versions are rejected
-    codec: str = "topk:0.05+int8+zstd"  # the update pipeline announced to devices
+    codec: str = "topk:0.1+int8+zstd"  # the update pipeline announced to devices
     update_budget_bytes: int = 0  # byte budget of one update, announced; 0: none
     downlink: str = "float32"  # codec of each version's full payload
     downlink_delta: str = ""  # also publish a delta from the previous version in this codec

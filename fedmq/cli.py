@@ -50,6 +50,13 @@ AGGREGATOR_HELP = {
     "buffer_size": "async: updates folded into each new version (K)",
     "staleness_exponent": "async: an update s versions stale weighs (1 + s)^-a",
     "max_staleness": "async: reject updates more than this many versions stale",
+    "codec": "update pipeline devices encode with: [topk:F+](float32|fp16|int8[:B])[+zstd], "
+    "e.g. topk:0.1+int8+zstd (~24x fewer bytes), int8+zstd (~6x), float32 (none)",
+    "update_budget_bytes": "byte budget of one update; devices send fewer values to meet it "
+    "(0 = none)",
+    "downlink": "codec of each global version's full payload: float32, fp16 or int8[+zstd]",
+    "downlink_delta": "also publish each version as a delta from the previous one in this "
+    "codec, e.g. int8+zstd ('' = off)",
 }
 
 AGENT_HELP = {
