@@ -551,6 +551,14 @@ class Aggregator:
             "accuracy": self.model.metrics.get("accuracy"),
             "loss": self.model.metrics.get("loss"),
             "rounds_closed": self.counters["rounds_closed"],
+            "codec": {
+                "updates": self.s.update_pipeline.name,
+                "update_budget_bytes": self.s.update_budget_bytes,
+                "downlink": self.model.downlink.name,
+                "downlink_delta": self.model.downlink_delta.name
+                if self.model.downlink_delta
+                else "",
+            },
             "round": None
             if r is None
             else {
