@@ -3,7 +3,10 @@
 Each version is published as a full payload in the downlink codec (float32, fp16, int8,
 optionally zstd) and, when a delta codec is configured, also as a delta from the version
 before it. The weights a version *is* are what devices decode (fedmq.codecs.models), so
-the aggregator evaluates, exports and aggregates onto exactly what devices hold.
+the aggregator evaluates and exports exactly what devices hold. With a sparse (top-k)
+delta the aggregator also keeps its own weights, which the deltas chase: what one delta
+leaves out is still in (own weights - published) and goes out with later deltas (server
+side error feedback); rounds aggregate onto its own weights.
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ class GlobalModel:
         self.full_body = b""  # this version's full payload in the downlink codec
         self.delta_body = b""  # this version as a delta from the previous one, or b""
         self.model_sha = ""  # sha256 of encode_weights(self.weights)
+        # the aggregator's own weights when a sparse delta makes them differ from the
+        # published ones (None: the same)
+        self.server: dict[str, np.ndarray] | None = None
         self.base_sha = ""  # model_sha of the previous version (what the delta applies to)
 
     @property
@@ -98,6 +104,7 @@ class GlobalModel:
             self.weights, self.version, self.round_id = weights, manifest.version, manifest.round_id
             self.created, self.metrics, self.onnx = manifest.created, manifest.metrics, onnx
             self._load_payloads(manifest, blob)
+            self.server = self.store.load_server_weights(chosen) if self._keeps_server else None
             if manifest.job:  # it was published: its chunks may still be retained on the broker
                 onnx_chunks = manifest.onnx.chunks if manifest.onnx else 0
                 self._published = (manifest.version, manifest.weights.chunks + onnx_chunks)
@@ -130,10 +137,20 @@ class GlobalModel:
         self.delta_body = delta if usable and delta is not None else b""
         self.base_sha = manifest.delta.base_sha256 if usable and manifest.delta else ""
 
+    @property
+    def _keeps_server(self) -> bool:
+        return self.downlink_delta is not None and self.downlink_delta.sparse
+
+    @property
+    def base_weights(self) -> dict[str, np.ndarray]:
+        """What the next round's mean delta is applied to: the aggregator's own weights."""
+        return self.server if self.server is not None else self.weights
+
     def advance(self, weights: dict[str, np.ndarray], *, round_id: int) -> dict[str, float]:
         """Make weights the next version: encode for the downlink (the version is what
         devices decode), evaluate, export, store. Returns its metrics."""
         version = self.version + 1
+        self.server = weights if self._keeps_server else None
         if self.downlink_delta is not None:
             made = encode_model_delta(
                 weights, self.weights, full=self.downlink, delta=self.downlink_delta,
@@ -166,6 +183,7 @@ class GlobalModel:
         self.store.save_version(
             self.version, weights=blob, manifest=encode_manifest(manifest), onnx=self.onnx,
             full=self.full_body, delta=self.delta_body or None,
+            server=encode_weights(self.server) if self.server is not None else None,
         )  # fmt: skip
 
     def manifest(

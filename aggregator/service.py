@@ -456,7 +456,8 @@ class Aggregator:
             )  # fmt: skip
             self.counters["rounds_abandoned"] += 1
         else:
-            weights = apply_delta(self.model.weights, acc.mean(), server_lr=self.s.server_lr)
+            base = self.model.base_weights
+            weights = apply_delta(base, acc.mean(), server_lr=self.s.server_lr)
             metrics = self.model.advance(weights, round_id=r.round_id)
             self.model.publish(self.link, self.topics, publish_onnx=self.s.publish_onnx)
             record.update(version=self.model.version, **metrics)

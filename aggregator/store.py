@@ -7,6 +7,8 @@ a crash leaves either the old file or the new one, never half of one.
                                           rebuild from its payloads)
     <state_dir>/versions/000007.full      its full payload in the downlink codec, as published
     <state_dir>/versions/000007.delta     its delta from version 6, as published (if any)
+    <state_dir>/versions/000007.server    the aggregator's own weights at version 7, when a
+                                          sparse delta makes them differ from the published
     <state_dir>/versions/000007.onnx      ONNX export of that version
     <state_dir>/versions/000007.manifest  the manifest that announced it (its chunk layout)
     <state_dir>/history.json              one record per round (metrics, participants, bytes)
@@ -24,7 +26,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedmq.atomicfile import write_atomic
+from fedmq.wire import decode_weights
 
 
 class Store:
@@ -50,16 +55,17 @@ class Store:
         onnx: bytes | None = None,
         full: bytes | None = None,
         delta: bytes | None = None,
+        server: bytes | None = None,
     ) -> None:
         """Keep one global version; the manifest is written last, so it marks completeness."""
         write_atomic(self._version_path(version, "weights"), weights)
-        for ext, blob in (("onnx", onnx), ("full", full), ("delta", delta)):
+        for ext, blob in (("onnx", onnx), ("full", full), ("delta", delta), ("server", server)):
             if blob is not None:
                 write_atomic(self._version_path(version, ext), blob)
         write_atomic(self._version_path(version, "manifest"), manifest)
         if self.keep_versions:
             for old in self.versions()[: -self.keep_versions]:
-                for ext in ("weights", "onnx", "full", "delta", "manifest"):
+                for ext in ("weights", "onnx", "full", "delta", "server", "manifest"):
                     self._version_path(old, ext).unlink(missing_ok=True)
 
     def load_payloads(self, version: int) -> tuple[bytes | None, bytes | None]:
@@ -86,6 +92,11 @@ class Store:
             self._version_path(version, "manifest").read_bytes(),
             onnx.read_bytes() if onnx.exists() else None,
         )
+
+    def load_server_weights(self, version: int) -> dict[str, np.ndarray] | None:
+        """The aggregator's own weights at a stored version, if they were kept."""
+        path = self._version_path(version, "server")
+        return decode_weights(path.read_bytes()) if path.exists() else None
 
     def history(self) -> list[dict[str, Any]]:
         """Round records, oldest first."""

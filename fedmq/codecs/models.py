@@ -23,15 +23,13 @@ _DELTA_SEED = 0x64656C7461  # "delta"
 
 
 def check_downlink(full: Pipeline, delta: Pipeline | None) -> None:
-    """ValueError unless these pipelines can carry global models (no top-k: the aggregator
-    keeps no residual, so what a sparse delta leaves out would be lost)."""
+    """ValueError unless these pipelines can carry global models: a full model is dense.
+
+    A delta may be sparse: the aggregator then keeps its own weights, and what a delta
+    leaves out stays in (own weights - published weights) for the next delta."""
+    del delta  # any delta pipeline will do
     if full.sparse:
         raise ValueError(f"downlink codec {full.name} cannot be sparse: a full model is dense")
-    if delta is not None and delta.sparse:
-        raise ValueError(
-            f"downlink delta codec {delta.name} cannot be sparse: what top-k leaves out "
-            "would never reach the devices; use fp16, int8 and zstd"
-        )
 
 
 def encode_model(
@@ -68,7 +66,8 @@ def encode_model_delta(
 ) -> ModelDelta:
     """Encode new - previous with `delta`; version v is previous + decoded delta, rounded
     by the full codec, so devices that apply the delta and those that fetch the full
-    payload hold the same weights."""
+    payload hold the same weights. `new` is the aggregator's own weights: with a sparse
+    delta, new - version v is what is still to be sent (server-side error feedback)."""
     diff = {name: np.asarray(new[name], np.float32) - previous[name] for name in previous}
     rng = np.random.default_rng([_DELTA_SEED, version])
     delta_body = encode_tensors(diff, delta, rng=rng)

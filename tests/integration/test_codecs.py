@@ -44,11 +44,12 @@ PIPELINES = [
     ("int8+zstd", "int8", "", FLOAT32_UPDATE // 3.5),
     ("topk:0.05+int8+zstd", "fp16", "int8+zstd", FLOAT32_UPDATE // 20),
     ("topk:0.01+fp16+zstd", "float32", "fp16+zstd", FLOAT32_UPDATE // 60),
+    ("topk:0.1+int8+zstd", "fp16", "topk:0.1+int8+zstd", FLOAT32_UPDATE // 15),
 ]
 
 
 @pytest.mark.parametrize(("codec", "downlink", "delta", "most"), PIPELINES,
-                         ids=[p[0] for p in PIPELINES])  # fmt: skip
+                         ids=[f"{p[0]}-down-{p[2] or p[1]}" for p in PIPELINES])  # fmt: skip
 def test_fleet_trains_through_a_128k_broker(
     limited: Fleet, codec: str, downlink: str, delta: str, most: float
 ) -> None:
