@@ -52,13 +52,13 @@ THROUGHPUT_PARAMS = 1_000_000
 POLL_S = 0.5
 
 
-def downlink_of(pipeline: str) -> tuple[str, str]:
+def downlink_of(pipeline: str, delta: str = "int8+zstd") -> tuple[str, str]:
     """(full codec, delta codec) a run with this uplink pipeline publishes models with."""
     if pipeline == "float32":
         return "float32", ""
     if pipeline == "fp16":
         return "fp16", ""
-    return "fp16", "int8+zstd"
+    return "fp16", delta
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Mosquitto message_size_limit and fedmq chunk size (default 128 KiB)")
     p.add_argument("--round-timeout-s", type=float, default=300.0,
                    help="round deadline in seconds (default 300)")
+    p.add_argument("--downlink-delta", default="int8+zstd",
+                   help="delta codec of the compressed runs' downlink (default int8+zstd; "
+                        "e.g. topk:0.1+int8+zstd for sparse deltas)")
     p.add_argument("--skip-throughput", action="store_true", help="skip the codec timings")
     p.add_argument("--out", type=Path, default=Path("bench/results/bandwidth.json"),
                    help="JSON output; the PNG goes next to it")
@@ -118,7 +121,7 @@ def run_one(task: str, pipeline: str, args: argparse.Namespace, work: Path) -> d
         max_packet_size=args.max_message_bytes + 1024,
     ))  # fmt: skip
     broker.start()
-    full, delta = downlink_of(pipeline)
+    full, delta = downlink_of(pipeline, args.downlink_delta)
     common = ["--host", "127.0.0.1", "--port", str(broker.port), "--job", "bw",
               "--task", task, "--max-message-bytes", str(args.max_message_bytes)]  # fmt: skip
     n = str(args.devices)
@@ -296,7 +299,8 @@ def workload(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "broker": f"mosquitto, message_size_limit {args.max_message_bytes}",
         "bytes": "MQTT payload bytes of update chunks (up) and fetched model chunks (down)",
-        "downlink": "float32 run: float32; fp16 run: fp16; others: fp16 + int8+zstd deltas",
+        "downlink": f"float32 run: float32; fp16 run: fp16; others: fp16 + {args.downlink_delta} "
+        "deltas",
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
