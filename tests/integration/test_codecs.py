@@ -38,20 +38,21 @@ def updates_seen(watcher: Watcher) -> list[tuple[int, Any]]:
     return out
 
 
-# (uplink pipeline, full-model codec, delta codec, most bytes an update may take)
+# (uplink pipeline, full-model codec, delta codec, most bytes an update may take, the
+# accuracy 3 rounds of 3 IID devices must reach: top-k 1% sends 1% a round, so it is slower)
 PIPELINES = [
-    ("float32", "fp16", "", FLOAT32_UPDATE + 4096),
-    ("int8+zstd", "int8", "", FLOAT32_UPDATE // 3.5),
-    ("topk:0.05+int8+zstd", "fp16", "int8+zstd", FLOAT32_UPDATE // 20),
-    ("topk:0.01+fp16+zstd", "float32", "fp16+zstd", FLOAT32_UPDATE // 60),
-    ("topk:0.1+int8+zstd", "fp16", "topk:0.1+int8+zstd", FLOAT32_UPDATE // 15),
+    ("float32", "fp16", "", FLOAT32_UPDATE + 4096, 0.75),
+    ("int8+zstd", "int8", "", FLOAT32_UPDATE // 3.5, 0.75),
+    ("topk:0.05+int8+zstd", "fp16", "int8+zstd", FLOAT32_UPDATE // 20, 0.75),
+    ("topk:0.01+fp16+zstd", "float32", "fp16+zstd", FLOAT32_UPDATE // 60, 0.5),
+    ("topk:0.1+int8+zstd", "fp16", "topk:0.1+int8+zstd", FLOAT32_UPDATE // 15, 0.75),
 ]
 
 
-@pytest.mark.parametrize(("codec", "downlink", "delta", "most"), PIPELINES,
+@pytest.mark.parametrize(("codec", "downlink", "delta", "most", "accuracy"), PIPELINES,
                          ids=[f"{p[0]}-down-{p[2] or p[1]}" for p in PIPELINES])  # fmt: skip
 def test_fleet_trains_through_a_128k_broker(
-    limited: Fleet, codec: str, downlink: str, delta: str, most: float
+    limited: Fleet, codec: str, downlink: str, delta: str, most: float, accuracy: float
 ) -> None:
     fleet = limited
     watcher = Watcher(fleet.broker, fleet.topics.updates_filter())
@@ -64,7 +65,8 @@ def test_fleet_trains_through_a_128k_broker(
         rounds = fleet.wait_rounds(3, timeout=180)
         assert [r["outcome"] for r in rounds] == ["complete"] * 3, fleet.logs()
         assert all(r["accepted"] == 3 for r in rounds)
-        assert rounds[-1]["accuracy"] >= 0.75, rounds
+        accs = [r["accuracy"] for r in rounds]
+        assert accs[-1] >= accuracy and accs[-1] > accs[0], accs
         assert fleet.procs["aggregator"].wait(timeout=30) == 0
         # every MQTT message fit the broker; every update used the pipeline and its size
         assert max(len(p) for _, p in watcher.messages) <= LIMIT
@@ -75,8 +77,9 @@ def test_fleet_trains_through_a_128k_broker(
         log = fleet.log_text("aggregator")
         assert "rejected" not in log and f"({downlink})" in log
         agent_log = fleet.log_text("agent-0")
-        # round 1 needs the full version 0; rounds 2 and 3 take a delta when one is published
-        assert agent_log.count("(delta, ") == (2 if delta else 0), agent_log
+        # version 0 comes whole; every later version as a delta when one is published
+        held = agent_log.count("holding global version")
+        assert held >= 3 and agent_log.count("(delta, ") == (held - 1 if delta else 0), agent_log
         assert "does not rebuild" not in agent_log
     finally:
         watcher.close()
