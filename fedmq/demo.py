@@ -43,6 +43,17 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
         "--round-timeout-s", type=float, default=30.0, help="round deadline in seconds (default 30)"
     )
     p.add_argument(
+        "--codec",
+        default="topk:0.1+int8+zstd",
+        help="update pipeline (default topk:0.1+int8+zstd; float32 sends updates uncompressed)",
+    )
+    p.add_argument(
+        "--downlink",
+        default="fp16+int8+zstd",
+        help="global models: FULL or FULL+DELTA, e.g. float32 (uncompressed), fp16 (half), "
+        "fp16+int8+zstd (default: fp16 models, int8+zstd deltas from the previous version)",
+    )
+    p.add_argument(
         "--broker",
         default="auto",
         choices=["auto", "mosquitto", "embedded"],
@@ -57,6 +68,23 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)  # fmt: skip
 
 
+def check_codecs(args: argparse.Namespace) -> None:
+    """ValueError, before anything starts, for a --codec or --downlink that cannot work."""
+    from fedmq.codecs import check_downlink, parse_pipeline
+
+    parse_pipeline(args.codec)
+    _, full, _, delta = downlink_flags(args.downlink)
+    check_downlink(parse_pipeline(full), parse_pipeline(delta) if delta else None)
+
+
+def downlink_flags(text: str) -> list[str]:
+    """Aggregator flags for the demo's --downlink: 'FULL' or 'FULL+DELTA-PIPELINE'."""
+    full, _, delta = text.partition("+")
+    if full not in ("float32", "fp16", "int8"):
+        raise ValueError(f"--downlink must start with float32, fp16 or int8, got {text!r}")
+    return ["--downlink", full, "--downlink-delta", delta]
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo end to end; 0 when it reached the target accuracy, 3 when not."""
     from broker import start_broker
@@ -64,6 +92,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.devices < 1:
         raise ValueError("--devices must be at least 1")
+    check_codecs(args)
     run_dir = args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -85,7 +114,8 @@ def run_demo(args: argparse.Namespace) -> int:
              "--min-devices", str(max(1, args.devices // 2)),
              "--round-timeout-s", str(args.round_timeout_s), "--start-wait-s", "60",
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-             "--lr", str(args.lr), "--seed", str(args.seed)],
+             "--lr", str(args.lr), "--seed", str(args.seed), "--codec", args.codec,
+             *downlink_flags(args.downlink)],
             run_dir / "aggregator.log",
         ))  # fmt: skip
         for i in range(args.devices):
@@ -98,7 +128,8 @@ def run_demo(args: argparse.Namespace) -> int:
                 run_dir / f"agent-{i:02d}.log",
             ))  # fmt: skip
         print(f"started 1 aggregator and {args.devices} agents "
-              f"({args.task}, {args.partition} partition)")  # fmt: skip
+              f"({args.task}, {args.partition} partition; updates {args.codec}, "
+              f"models {args.downlink})")  # fmt: skip
         agg_code = _watch(broker, procs[0], args)
         history_path = run_dir / "aggregator" / "history.json"
         rounds = json.loads(history_path.read_text()) if history_path.exists() else []
