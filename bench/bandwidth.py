@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fleet import advance, first_round_at, read_history  # noqa: E402
 
-from fedmq.processes import spawn_fedmq, stop_all  # noqa: E402
+from fedmq.processes import spawn_agents, spawn_fedmq, stop_all  # noqa: E402
 
 PIPELINES = (
     "float32",
@@ -138,13 +138,8 @@ def run_one(task: str, pipeline: str, args: argparse.Namespace, work: Path) -> d
              "--downlink-delta", delta, "--no-publish-onnx"],
             run_dir / "aggregator.log",
         ))  # fmt: skip
-        for i in range(args.devices):
-            procs.append(spawn_fedmq(
-                ["agent", *common, "--device-id", f"device-{i:02d}", "--device-index", str(i),
-                 "--num-devices", n, "--partition", args.partition,
-                 "--state-dir", str(run_dir / "agents"), "--torch-threads", "1"],
-                run_dir / f"agent-{i:02d}.log",
-            ))  # fmt: skip
+        procs += spawn_agents(common, devices=args.devices, partition=args.partition,
+                              state_dir=run_dir / "agents", log_dir=run_dir)  # fmt: skip
         aggregator = procs[0]
         limit = start + 300 + args.rounds * (args.round_timeout_s + 60)
         while aggregator.poll() is None:

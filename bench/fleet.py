@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedmq.processes import spawn_fedmq, stop_all
+from fedmq.processes import spawn_agents, spawn_fedmq, stop_all
 
 TASK = "mnist-2nn"
 POLL_S = 0.5
@@ -119,13 +119,8 @@ def run_partition(partition: str, args: argparse.Namespace, work: Path) -> dict[
              "--lr", str(args.lr), "--codec", args.codec],
             run_dir / "aggregator.log",
         ))  # fmt: skip
-        for i in range(args.devices):
-            procs.append(spawn_fedmq(
-                ["agent", *common, "--device-id", f"device-{i:02d}", "--device-index", str(i),
-                 "--num-devices", n, "--partition", partition,
-                 "--state-dir", str(run_dir / "agents"), "--torch-threads", "1"],
-                run_dir / f"agent-{i:02d}.log",
-            ))  # fmt: skip
+        procs += spawn_agents(common, devices=args.devices, partition=partition,
+                              state_dir=run_dir / "agents", log_dir=run_dir)  # fmt: skip
         aggregator, agent0 = procs[0], procs[1]
         limit = start + 120 + args.rounds * (args.round_timeout_s + 60)
         while aggregator.poll() is None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedmq.processes import spawn_fedmq, stop_all
+from fedmq.processes import spawn_agents, spawn_fedmq, stop_all
 
 
 def add_demo_flags(p: argparse.ArgumentParser) -> None:
@@ -118,15 +118,10 @@ def run_demo(args: argparse.Namespace) -> int:
              *downlink_flags(args.downlink)],
             run_dir / "aggregator.log",
         ))  # fmt: skip
-        for i in range(args.devices):
-            procs.append(spawn_fedmq(
-                ["agent", *common, "--device-id", f"device-{i:02d}", "--device-index", str(i),
-                 "--num-devices", str(args.devices), "--partition", args.partition,
-                 "--data-seed", str(args.seed), "--state-dir", str(run_dir / "agents"),
-                 # many simulated devices share this machine's cores: one thread each
-                 "--torch-threads", "1"],
-                run_dir / f"agent-{i:02d}.log",
-            ))  # fmt: skip
+        procs += spawn_agents(
+            common, devices=args.devices, partition=args.partition,
+            state_dir=run_dir / "agents", log_dir=run_dir, extra=["--data-seed", str(args.seed)],
+        )  # fmt: skip
         print(f"started 1 aggregator and {args.devices} agents "
               f"({args.task}, {args.partition} partition; updates {args.codec}, "
               f"models {args.downlink})")  # fmt: skip

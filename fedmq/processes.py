@@ -20,6 +20,27 @@ def spawn_fedmq(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
         )
 
 
+def spawn_agents(
+    common: list[str],
+    *,
+    devices: int,
+    partition: str,
+    state_dir: Path,
+    log_dir: Path,
+    extra: Iterable[str] = (),
+) -> list[subprocess.Popen[bytes]]:
+    """Start agents device-00 .. device-<devices-1>, each with its share of the task's data."""
+    procs = []
+    for i in range(devices):
+        argv = ["agent", *common, "--device-id", f"device-{i:02d}", "--device-index", str(i),
+                "--num-devices", str(devices), "--partition", partition,
+                "--state-dir", str(state_dir), *extra,
+                # many simulated devices share this machine's cores: one thread each
+                "--torch-threads", "1"]  # fmt: skip
+        procs.append(spawn_fedmq(argv, log_dir / f"agent-{i:02d}.log"))
+    return procs
+
+
 def stop_all(procs: Iterable[subprocess.Popen[bytes]], *, grace_s: float = 10.0) -> None:
     """SIGTERM every process still running (services flush their state), then kill."""
     procs = list(procs)
