@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,9 +33,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fleet import advance, first_round_at, read_history  # noqa: E402
-
-from fedmq.processes import spawn_agents, spawn_fedmq, stop_all  # noqa: E402
+from fleet import first_round_at, read_history, run_fleet  # noqa: E402
 
 PIPELINES = (
     "float32",
@@ -49,7 +46,6 @@ PIPELINES = (
 )
 CNN_PIPELINES = ("float32", "fp16", "int8+zstd", "topk:0.05+int8+zstd", "topk:0.01+int8+zstd")
 THROUGHPUT_PARAMS = 1_000_000
-POLL_S = 0.5
 
 
 def downlink_of(pipeline: str, delta: str = "int8+zstd") -> tuple[str, str]:
@@ -107,8 +103,6 @@ def pipelines_for(task: str, args: argparse.Namespace) -> list[str]:
 
 def run_one(task: str, pipeline: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One fleet run with one pipeline in a fresh broker, job and state directory."""
-    from tqdm import tqdm
-
     from broker import BrokerSettings, MosquittoBroker
 
     name = f"{task}-{pipeline.replace(':', '').replace('+', '-')}"
@@ -124,38 +118,15 @@ def run_one(task: str, pipeline: str, args: argparse.Namespace, work: Path) -> d
     full, delta = downlink_of(pipeline, args.downlink_delta)
     common = ["--host", "127.0.0.1", "--port", str(broker.port), "--job", "bw",
               "--task", task, "--max-message-bytes", str(args.max_message_bytes)]  # fmt: skip
-    n = str(args.devices)
-    procs: list[subprocess.Popen[bytes]] = []
-    bar = tqdm(total=args.rounds, unit="round", desc=name, dynamic_ncols=True)
     try:
-        start = time.monotonic()
-        procs.append(spawn_fedmq(
-            ["aggregator", *common, "--state-dir", str(state_dir), "--rounds", str(args.rounds),
-             "--devices-per-round", n, "--min-devices", n,
-             "--round-timeout-s", str(args.round_timeout_s), "--start-wait-s", "180",
-             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-             "--lr", str(args.lr), "--codec", pipeline, "--downlink", full,
-             "--downlink-delta", delta, "--no-publish-onnx"],
-            run_dir / "aggregator.log",
-        ))  # fmt: skip
-        procs += spawn_agents(common, devices=args.devices, partition=args.partition,
-                              state_dir=run_dir / "agents", log_dir=run_dir)  # fmt: skip
-        aggregator = procs[0]
-        limit = start + 300 + args.rounds * (args.round_timeout_s + 60)
-        while aggregator.poll() is None:
-            advance(bar, read_history(state_dir))
-            if time.monotonic() > limit:
-                raise RuntimeError(f"{name}: no finish after {limit - start:.0f}s; see {run_dir}")
-            time.sleep(POLL_S)
-        total_wall = time.monotonic() - start
-        advance(bar, read_history(state_dir))
+        total_wall, _, _ = run_fleet(
+            name, args, common=common, partition=args.partition, run_dir=run_dir,
+            aggregator_flags=["--codec", pipeline, "--downlink", full, "--downlink-delta", delta,
+                              "--no-publish-onnx"],
+            start_wait_s=180, grace_s=300,
+        )  # fmt: skip
     finally:
-        bar.close()
-        stop_all(procs)
         broker.stop()
-    if aggregator.returncode != 0:
-        raise RuntimeError(f"{name}: aggregator exited {aggregator.returncode}; "
-                           f"see {run_dir / 'aggregator.log'}")  # fmt: skip
     history = read_history(state_dir)
     rounds = [{k: r.get(k) for k in ("round", "accuracy", "loss", "bytes_up", "bytes_down")}
               for r in history]  # fmt: skip

@@ -93,42 +93,49 @@ def advance(bar: Any, history: list[dict[str, Any]]) -> None:
     bar.update(len(history) - bar.n)
 
 
-def run_partition(partition: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """One full run in a fresh broker, job and state directory; its measurements."""
+def run_fleet(
+    name: str,
+    args: argparse.Namespace,
+    *,
+    common: list[str],
+    partition: str,
+    run_dir: Path,
+    aggregator_flags: list[str],
+    start_wait_s: float = 120,
+    grace_s: float = 120,
+) -> tuple[float, int, int]:
+    """Run an aggregator and args.devices agents until the aggregator exits, with a
+    progress bar; (total wall s, peak RSS KiB of the aggregator, of agent 0).
+
+    The aggregator waits for the whole fleet and runs args.rounds rounds of E, B, lr from
+    args; every process is stopped on the way out (the broker is the caller's)."""
     from tqdm import tqdm
 
-    from broker import start_broker
-
-    run_dir = work / partition
-    run_dir.mkdir(parents=True, exist_ok=True)
     state_dir = run_dir / "aggregator"
-    broker = start_broker(prefer="mosquitto", port=0, data_dir=run_dir / "broker")
-    common = ["--host", broker.host, "--port", str(broker.port), "--job", f"bench-{partition}",
-              "--mqtt-version", broker.mqtt_version, "--task", TASK]  # fmt: skip
     n = str(args.devices)
     procs: list[subprocess.Popen[bytes]] = []
     peak_agg = peak_agent = 0
-    bar = tqdm(total=args.rounds, unit="round", desc=partition, dynamic_ncols=True)
+    bar = tqdm(total=args.rounds, unit="round", desc=name, dynamic_ncols=True)
     try:
         start = time.monotonic()
         procs.append(spawn_fedmq(
             ["aggregator", *common, "--state-dir", str(state_dir), "--rounds", str(args.rounds),
              "--devices-per-round", n, "--min-devices", n,
-             "--round-timeout-s", str(args.round_timeout_s), "--start-wait-s", "120",
+             "--round-timeout-s", str(args.round_timeout_s), "--start-wait-s", str(start_wait_s),
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-             "--lr", str(args.lr), "--codec", args.codec],
+             "--lr", str(args.lr), *aggregator_flags],
             run_dir / "aggregator.log",
         ))  # fmt: skip
         procs += spawn_agents(common, devices=args.devices, partition=partition,
                               state_dir=run_dir / "agents", log_dir=run_dir)  # fmt: skip
         aggregator, agent0 = procs[0], procs[1]
-        limit = start + 120 + args.rounds * (args.round_timeout_s + 60)
+        limit = start + grace_s + args.rounds * (args.round_timeout_s + 60)
         while aggregator.poll() is None:
             peak_agg = max(peak_agg, peak_rss_kib(aggregator.pid))
             peak_agent = max(peak_agent, peak_rss_kib(agent0.pid))
             advance(bar, read_history(state_dir))
             if time.monotonic() > limit:
-                raise RuntimeError(f"{partition}: no finish after {limit - start:.0f}s; "
+                raise RuntimeError(f"{name}: no finish after {limit - start:.0f}s; "
                                    f"see {run_dir}")  # fmt: skip
             time.sleep(POLL_S)
         total_wall = time.monotonic() - start
@@ -137,12 +144,30 @@ def run_partition(partition: str, args: argparse.Namespace, work: Path) -> dict[
     finally:
         bar.close()
         stop_all(procs)
-        broker.stop()
     if aggregator.returncode != 0:
-        raise RuntimeError(f"{partition}: aggregator exited {aggregator.returncode}; "
+        raise RuntimeError(f"{name}: aggregator exited {aggregator.returncode}; "
                            f"see {run_dir / 'aggregator.log'}")  # fmt: skip
-    return summarize(partition, read_history(state_dir), total_wall, peak_agg, peak_agent,
-                     run_dir)  # fmt: skip
+    return total_wall, peak_agg, peak_agent
+
+
+def run_partition(partition: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One full run in a fresh broker, job and state directory; its measurements."""
+    from broker import start_broker
+
+    run_dir = work / partition
+    run_dir.mkdir(parents=True, exist_ok=True)
+    broker = start_broker(prefer="mosquitto", port=0, data_dir=run_dir / "broker")
+    common = ["--host", broker.host, "--port", str(broker.port), "--job", f"bench-{partition}",
+              "--mqtt-version", broker.mqtt_version, "--task", TASK]  # fmt: skip
+    try:
+        total_wall, peak_agg, peak_agent = run_fleet(
+            partition, args, common=common, partition=partition, run_dir=run_dir,
+            aggregator_flags=["--codec", args.codec],
+        )  # fmt: skip
+    finally:
+        broker.stop()
+    return summarize(partition, read_history(run_dir / "aggregator"), total_wall, peak_agg,
+                     peak_agent, run_dir)  # fmt: skip
 
 
 def first_round_at(rounds: list[dict[str, Any]], accuracy: float) -> int | None:
