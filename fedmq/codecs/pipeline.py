@@ -36,7 +36,7 @@ from fedmq.codecs.sparse import (
 )
 from fedmq.errors import DecodeError, SchemaError, ShapeMismatch
 from fedmq.wire import TensorSpec
-from fedmq.wire.codec import DTYPES, MAX_TENSORS, get_field, pack_message, unpack_message
+from fedmq.wire.framing import DTYPES, MAX_TENSORS, get_field, pack_message, unpack_message
 
 VALUE_CODECS = ("float32", "fp16", "int8")
 DEFAULT_BLOCK = 256

@@ -6,7 +6,7 @@ symmetric pairs; every decoder caps the size before unpacking and raises only th
 allow-list. Never pickle: loading pickled bytes runs code.
 """
 
-from fedmq.wire.codec import DTYPES, MAX_MESSAGE_BYTES, SCHEMA_VERSION
+from fedmq.wire.framing import DTYPES, MAX_MESSAGE_BYTES, SCHEMA_VERSION
 from fedmq.wire.presence import (
     DEVICE_STATUSES,
     DeviceMetrics,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedmq.errors import SchemaError
-from fedmq.wire.codec import get_field, num_map, pack_message, unpack_message
+from fedmq.wire.framing import get_field, num_map, pack_message, unpack_message
 
 # ---------------------------------------------------------------- device state
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fedmq.errors import SchemaError
-from fedmq.wire.codec import (
+from fedmq.wire.framing import (
     MAX_MESSAGE_BYTES,
     get_field,
     num_map,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from fedmq.errors import DecodeError, SchemaError, ShapeMismatch
-from fedmq.wire.codec import (
+from fedmq.wire.framing import (
     DTYPES,
     MAX_DIMS,
     MAX_MESSAGE_BYTES,
@@ -85,11 +85,13 @@ def decode_array(obj: Any) -> tuple[str, np.ndarray]:
     return spec.name, arr.astype(dtype.newbyteorder("="), copy=False)
 
 
-def encode_tensors(tensors: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+def pack_tensor_entries(tensors: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Named arrays as a list of wire maps (the `tensors` field of a message)."""
     return [encode_array(name, arr) for name, arr in tensors.items()]
 
 
-def decode_tensors(obj: Mapping[str, Any], key: str = "tensors") -> dict[str, np.ndarray]:
+def unpack_tensor_entries(obj: Mapping[str, Any], key: str = "tensors") -> dict[str, np.ndarray]:
+    """The list of wire maps under obj[key] back to named arrays; no name twice."""
     items = get_field(obj, key, "list")
     if len(items) > MAX_TENSORS:
         raise SchemaError(f"{len(items)} tensors exceeds the limit of {MAX_TENSORS}")
@@ -130,9 +132,9 @@ def check_tensors(
 
 def encode_weights(tensors: Mapping[str, np.ndarray]) -> bytes:
     """A full set of model weights (the payload behind a global manifest)."""
-    return pack_message("weights", {"tensors": encode_tensors(tensors)})
+    return pack_message("weights", {"tensors": pack_tensor_entries(tensors)})
 
 
 def decode_weights(payload: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, np.ndarray]:
     """Inverse of encode_weights."""
-    return decode_tensors(unpack_message(payload, "weights", max_bytes))
+    return unpack_tensor_entries(unpack_message(payload, "weights", max_bytes))

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedmq.errors import SchemaError
-from fedmq.wire.codec import (
+from fedmq.wire.framing import (
     MAX_MESSAGE_BYTES,
     get_field,
     num_map,

@@ -38,7 +38,7 @@ from fedmq.codecs import (
 from fedmq.codecs.sparse import topk_count
 from fedmq.errors import DecodeError, ProtocolError, SchemaError, ShapeMismatch
 from fedmq.wire import TensorSpec, encode_weights, specs_of
-from fedmq.wire.codec import pack_message
+from fedmq.wire.framing import pack_message
 
 VALUES = ("float32", "fp16", "int8")
 FAST = settings(max_examples=60, deadline=None)
