@@ -41,6 +41,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -101,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="smoke run: 200 updates or 6 s, 1 repeat, 0.5 s of fold timing")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="brokers, state dirs and logs (default: a new temp dir on disk)")
+    p.add_argument("--keep-state", action="store_true",
+                   help="keep each run's aggregator state dir (deleted after the run otherwise)")
     p.add_argument("--out", type=Path, default=Path("bench/results/aggregator.json"),
                    help="JSON output (default bench/results/aggregator.json)")
     # fmt: on
@@ -529,6 +532,8 @@ def run_cell(args: argparse.Namespace, task: str, pipeline: str, specs: Any,
         if agg is not None:
             stop_all([agg])
         broker.stop()
+        if not args.keep_state:
+            shutil.rmtree(run_dir / "state", ignore_errors=True)  # versions, checkpoints: MBs
     result = summarize(pub)
     accepted = max(result["accepted"], 1)
     return {
