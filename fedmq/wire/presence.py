@@ -11,6 +11,7 @@ from fedmq.wire.framing import get_field, num_map, pack_message, unpack_message
 
 
 DEVICE_STATUSES = ("online", "training", "offline")
+MAX_REASON_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class DeviceState:
     model_version: int = -1
     ts: float = 0.0
     trains: bool = True  # False: inference only, never selected for a round
+    reason: str = ""  # why the device last refused a global model; "" once it holds a newer one
 
 
 def encode_state(s: DeviceState) -> bytes:
@@ -42,6 +44,7 @@ def encode_state(s: DeviceState) -> bytes:
             "model_version": s.model_version,
             "ts": s.ts,
             "trains": s.trains,
+            "reason": s.reason[:MAX_REASON_CHARS],
         },
     )
 
@@ -59,9 +62,13 @@ def decode_state(payload: bytes, *, max_bytes: int = 64 * 1024) -> DeviceState:
         model_version=get_field(obj, "model_version", "int"),
         ts=float(get_field(obj, "ts", "num")),
         trains=get_field(obj, "trains", "bool"),
+        # optional: agents before this field was added do not send it
+        reason=get_field(obj, "reason", "str", optional=True) or "",
     )
     if s.status not in DEVICE_STATUSES:
         raise SchemaError(f"state: unknown status {s.status!r}")
+    if len(s.reason) > MAX_REASON_CHARS:
+        raise SchemaError(f"state: reason longer than {MAX_REASON_CHARS} characters")
     return s
 
 
