@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 
@@ -18,7 +20,7 @@ class Budget:
     """What one round of local training may spend (from the device's firmware profile)."""
 
     max_seconds: float = 300.0
-    max_memory_mb: int = 1024
+    max_memory_mb: int = 1024  # what training may add to the process's resident memory
     max_batch_size: int = 64
 
 
@@ -34,8 +36,19 @@ class TrainResult:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, in MiB; the peak where /proc is missing."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            resident_pages = int(fh.read().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE") / (1024.0 * 1024.0)
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
 
 
 def train_local(
@@ -50,6 +63,9 @@ def train_local(
     """Run SGD on (x, y) for config.epochs, stopping early when the budget is spent."""
     if len(x) == 0:
         raise ValueError("this device has no training examples")
+    # the memory budget is what training adds (resident now, against before training), not
+    # the process's lifetime peak: a round that once went over it must not cut every later one
+    baseline_mb = rss_mb()
     batch_size = min(config.batch_size, budget.max_batch_size)
     gen = torch.Generator().manual_seed(seed)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
@@ -73,7 +89,7 @@ def train_local(
             # the budget, checked after every batch so a slow device stops on time
             if time.monotonic() - start > budget.max_seconds:
                 stopped_by = "time"
-            elif peak_rss_mb() > budget.max_memory_mb:
+            elif rss_mb() - baseline_mb > budget.max_memory_mb:
                 stopped_by = "memory"
             if stopped_by:
                 break
