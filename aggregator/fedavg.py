@@ -8,6 +8,7 @@ scattered into the sum at its indices: no dense per-device copy is ever made.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 
@@ -74,3 +75,40 @@ def aggregate(
     for delta, weight in results:
         acc.add(delta, weight)
     return apply_delta(weights, acc.mean())
+
+
+class AggregationRule(Protocol):
+    """What the service folds admitted updates into (FedAvg's running sum today; robust
+    rules, clipping + noise or secure aggregation plug in here)."""
+
+    total_weight: float
+    count: int
+
+    def add(self, delta: Mapping[str, Decoded], weight: float, *, norm: float | None = None
+            ) -> None: ...  # fmt: skip
+
+    def mean(self) -> dict[str, np.ndarray]: ...
+
+
+class ServerOptimizer(Protocol):
+    """What turns the round's mean delta into the next global weights (plain server SGD
+    today; momentum, Adam, Yogi plug in here, their state kept in the state directory)."""
+
+    def step(
+        self, weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]: ...
+
+
+class ServerSGD:
+    """weights + lr * mean delta: FedAvg with a server learning rate."""
+
+    def __init__(self, *, lr: float = 1.0) -> None:
+        if not lr > 0:
+            raise ValueError(f"server learning rate must be positive, got {lr}")
+        self.lr = lr
+
+    def step(
+        self, weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """The next global weights."""
+        return apply_delta(weights, delta, server_lr=self.lr)

@@ -1,4 +1,4 @@
-"""The global model: its weights and version, evaluation, storage and retained publication.
+"""The global model: its weights and version, evaluation, storage, and what publishes it.
 
 Each version is published as a full payload in the downlink codec (float32, fp16, int8,
 optionally zstd) and, when a delta codec is configured, also as a delta from the version
@@ -12,9 +12,8 @@ side error feedback); rounds aggregate onto its own weights.
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,11 +33,6 @@ from fedmq.wire import (
     encode_weights,
     specs_of,
 )
-
-if TYPE_CHECKING:
-    from fedmq.link import Link
-
-log = logging.getLogger("fedmq.aggregator")
 
 
 class GlobalModel:
@@ -105,9 +99,10 @@ class GlobalModel:
             self.created, self.metrics, self.onnx = manifest.created, manifest.metrics, onnx
             self._load_payloads(manifest, blob)
             self.server = self.store.load_server_weights(chosen) if self._keeps_server else None
-            if manifest.job:  # it was published: its chunks may still be retained on the broker
-                onnx_chunks = manifest.onnx.chunks if manifest.onnx else 0
-                self._published = (manifest.version, manifest.weights.chunks + onnx_chunks)
+            # it was published: its chunks may still be retained on the broker
+            extra = sum(ref.chunks for ref in (manifest.onnx, manifest.delta and
+                                               manifest.delta.payload) if ref)  # fmt: skip
+            self._published = (manifest.version, manifest.weights.chunks + extra)
             return
         self.full_body, self.weights = encode_model(self.weights, self.downlink, version=0)
         self.delta_body, self.base_sha = b"", ""
@@ -177,12 +172,12 @@ class GlobalModel:
         return self._tw.evaluate(self._model, x, y)
 
     def _store(self) -> None:
+        """Keep this version's payloads; its manifest follows once it is published."""
         blob = encode_weights(self.weights)
         self.model_sha = hashlib.sha256(blob).hexdigest()
-        manifest = self.manifest(job="", weight_chunks=1, onnx_chunks=0, delta_chunks=1)
         self.store.save_version(
-            self.version, weights=blob, manifest=encode_manifest(manifest), onnx=self.onnx,
-            full=self.full_body, delta=self.delta_body or None,
+            self.version, weights=blob, onnx=self.onnx, full=self.full_body,
+            delta=self.delta_body or None,
             server=encode_weights(self.server) if self.server is not None else None,
         )  # fmt: skip
 
@@ -235,12 +230,9 @@ class GlobalModel:
             delta=delta_ref,
         )
 
-    def publish(self, link: Link, topics: Topics, *, publish_onnx: bool) -> int:
-        """Publish this version retained (chunks, then manifest), clear the old one's chunks.
-
-        Returns the bytes published.
-        """
-        limit = link.max_message_bytes
+    def publication(self, topics: Topics, *, limit: int, publish_onnx: bool) -> Publication:
+        """What to publish (retained) for this version: its chunks, then its manifest, then
+        empty payloads that clear what the broker still holds of the previous layout."""
         chunks = encode_chunks(self.full_body, f"w{self.version}", limit)
         onnx_chunks = (
             encode_chunks(self.onnx, f"o{self.version}", limit)
@@ -251,29 +243,34 @@ class GlobalModel:
             encode_chunks(self.delta_body, f"d{self.version}", limit) if self.delta_body else []
         )
         every = chunks + onnx_chunks + delta_chunks
-        for i, payload in enumerate(every):
-            link.publish(topics.global_chunk(self.version, i), payload, qos=1, retain=True)
+        messages = [(topics.global_chunk(self.version, i), p) for i, p in enumerate(every)]
         m = self.manifest(
             job=topics.job, weight_chunks=len(chunks), onnx_chunks=len(onnx_chunks),
             delta_chunks=len(delta_chunks),
         )  # fmt: skip
         manifest = encode_manifest(m)
-        link.publish(topics.global_manifest(), manifest, qos=1, retain=True)
-        count = len(every)
+        messages.append((topics.global_manifest(), manifest))
         if self._published:
-            # clear what the broker still retains of the previous layout (an empty
-            # retained payload deletes it): the old version, or extra chunks of this one
+            # an empty retained payload deletes what the broker keeps: the old version's
+            # chunks, or extra chunks of this one from an earlier layout
             old_version, old_count = self._published
-            first = count if old_version == self.version else 0
-            for i in range(first, old_count):
-                link.publish(topics.global_chunk(old_version, i), b"", qos=1, retain=True)
-        self._published = (self.version, count)
-        self.store.save_manifest(self.version, manifest)
-        total = sum(map(len, every)) + len(manifest)
-        log.info(
-            "published version %d (%s): %d weight chunks, %d onnx chunks, %d delta chunks, "
-            "%d bytes",
-            self.version, self.downlink.name, len(chunks), len(onnx_chunks), len(delta_chunks),
-            total,
-        )  # fmt: skip
-        return total
+            first = len(every) if old_version == self.version else 0
+            messages += [(topics.global_chunk(old_version, i), b"")
+                         for i in range(first, old_count)]  # fmt: skip
+        self._published = (self.version, len(every))
+        return Publication(version=self.version, messages=messages, manifest=manifest,
+                           chunks=(len(chunks), len(onnx_chunks), len(delta_chunks)))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Publication:
+    """The retained messages that publish one version, in order."""
+
+    version: int
+    messages: list[tuple[str, bytes]]
+    manifest: bytes
+    chunks: tuple[int, int, int]  # weight, onnx and delta chunks
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) for _, p in self.messages)

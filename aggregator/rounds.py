@@ -1,19 +1,17 @@
-"""Synchronous round policy as pure code: selection, judging updates, deciding to close.
+"""Rounds as pure data: how they are sized, who is selected, what an open one holds.
 
-No sockets, no clock: the service passes `now`. Failures are data: dropouts and late
-arrivals come in as inputs and the policy decides (complete, quorum at the deadline,
-abandon).
+No sockets, no clock: the service passes `now`. The rules for judging updates and ending
+a round are each mode's own (aggregator.modes).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-
-from fedmq.errors import DuplicateUpdate, StaleUpdate, Unauthorized
 
 
 @dataclass(frozen=True)
@@ -43,6 +41,14 @@ class RoundPolicy:
         """Enough devices are online to open a round at full size."""
         return online >= max(self.min_devices, self.target)
 
+    def should_open(self, online: int, *, waited: bool) -> bool:
+        """Open a round now? At full size at once; smaller once the start wait is over.
+
+        waited: the first round's start_wait_s is over (or this is not the first round);
+        with target = 0 ("all online") that wait is the only way to know all are online."""
+        full = self.ready(online) and (self.target > 0 or waited)
+        return full or (waited and online >= self.min_devices)
+
     def round_target(self, online: int) -> int:
         """Updates that complete a round opened with this many devices online."""
         return max(self.min_devices, min(self.target or online, online))
@@ -59,7 +65,7 @@ def select_devices(
 
 @dataclass
 class OpenRound:
-    """One synchronous round while it is open."""
+    """One open round (sync) or buffer (async): who may contribute, who did, its deadline."""
 
     round_id: int
     model_version: int
@@ -68,45 +74,18 @@ class OpenRound:
     deadline: float
     target: int
     min_devices: int
-    accepted: dict[str, str] = field(default_factory=dict)  # device -> update id
+    accepted: dict[str, str] = field(default_factory=dict)  # update id -> device, in order
     dropped: set[str] = field(default_factory=set)
+    contributors: set[str] = field(default_factory=set)  # devices in accepted (derived)
 
-    def judge(self, *, update_id: str, device: str, round_id: int, base_version: int,
-              now: float, counted_ids: Container[str]) -> str:  # fmt: skip
-        """'accept' or 'late' for an update; raises a ProtocolError saying why it is refused."""
-        if update_id in counted_ids or update_id in self.accepted.values():
-            raise DuplicateUpdate(f"update {update_id} was already counted", device=device)
-        if round_id < self.round_id:
-            return "late"
-        if round_id > self.round_id:
-            raise StaleUpdate(
-                f"update is for round {round_id}, but round {self.round_id} is open",
-                device=device,
-            )
-        if device not in self.selected:
-            raise Unauthorized(f"device was not selected for round {round_id}", device=device)
-        if device in self.accepted:
-            raise DuplicateUpdate(
-                f"device already contributed {self.accepted[device]} to round {round_id}",
-                device=device,
-            )
-        if base_version != self.model_version:
-            raise StaleUpdate(
-                f"update trained on version {base_version}, round {round_id} uses "
-                f"version {self.model_version}",
-                device=device,
-            )
-        if now > self.deadline:
-            return "late"
-        return "accept"
-
-    def record(self, device: str, update_id: str) -> None:
+    def record(self, update_id: str, device: str) -> None:
         """Count an accepted update."""
-        self.accepted[device] = update_id
+        self.accepted[update_id] = device
+        self.contributors.add(device)
 
     def drop(self, device: str) -> None:
         """A selected device went offline (its Last Will): stop waiting for it."""
-        if device in self.selected and device not in self.accepted:
+        if device in self.selected and device not in self.contributors:
             self.dropped.add(device)
 
     def rejoin(self, device: str) -> None:
@@ -115,13 +94,21 @@ class OpenRound:
 
     @property
     def waiting_for(self) -> frozenset[str]:
-        return self.selected - set(self.accepted) - self.dropped
+        return self.selected - self.contributors - self.dropped
 
-    def outcome(self, now: float) -> str | None:
-        """'complete', 'quorum' or 'abandoned' once the round must end; None while open."""
-        got = len(self.accepted)
-        if got >= self.target:
-            return "complete"
-        if now >= self.deadline or not self.waiting_for:
-            return "quorum" if got >= self.min_devices else "abandoned"
-        return None
+    def meta(self) -> dict[str, object]:
+        """What the journal keeps of the round as announced."""
+        return {"round": self.round_id, "model_version": self.model_version,
+                "selected": sorted(self.selected), "opened_at": self.opened_at,
+                "deadline": self.deadline, "target": self.target,
+                "min_devices": self.min_devices}  # fmt: skip
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> OpenRound:
+        """The round as announced, back from the journal."""
+        return cls(
+            round_id=int(meta["round"]), model_version=int(meta["model_version"]),
+            selected=frozenset(meta["selected"]), opened_at=float(meta["opened_at"]),
+            deadline=float(meta["deadline"]), target=int(meta["target"]),
+            min_devices=int(meta["min_devices"]),
+        )  # fmt: skip

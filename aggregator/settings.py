@@ -51,6 +51,8 @@ class AggregatorSettings:
     update_budget_bytes: int = 0  # byte budget of one update, announced; 0: none
     downlink: str = "float32"  # codec of each version's full payload
     downlink_delta: str = ""  # also publish a delta from the previous version in this codec
+    keep_versions: int = 10  # global versions kept in the state directory; 0 keeps all
+    snapshot_every: int = 500  # accepted updates between snapshots of the open round's sum
 
     def __post_init__(self) -> None:
         self.topics  # noqa: B018 - validates job and prefix
@@ -74,6 +76,8 @@ class AggregatorSettings:
             raise ValueError(
                 "update_budget_bytes must be 0 (none) or between 1024 and max_update_bytes"
             )
+        if self.keep_versions < 0 or self.snapshot_every < 1:
+            raise ValueError("keep_versions must be >= 0 (0 keeps all), snapshot_every >= 1")
         try:
             self.update_pipeline  # noqa: B018
             check_downlink(self.downlink_pipeline, self.downlink_delta_pipeline)

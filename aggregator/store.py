@@ -3,39 +3,45 @@
 Every file is written atomically (temp file, fsync, rename, fsync of the directory), so
 a crash leaves either the old file or the new one, never half of one.
 
-    <state_dir>/versions/000007.weights   float32 weights blob of the version (what devices
-                                          rebuild from its payloads)
     <state_dir>/versions/000007.full      its full payload in the downlink codec, as published
+    <state_dir>/versions/000007.weights   float32 weights blob of the version (what devices
+                                          rebuild from its payloads), only where it differs
+                                          from .full (under float32 they are the same bytes)
     <state_dir>/versions/000007.delta     its delta from version 6, as published (if any)
     <state_dir>/versions/000007.server    the aggregator's own weights at version 7, when a
                                           sparse delta makes them differ from the published
     <state_dir>/versions/000007.onnx      ONNX export of that version
-    <state_dir>/versions/000007.manifest  the manifest that announced it (its chunk layout)
-    <state_dir>/history.json              one record per round (metrics, participants, bytes)
-    <state_dir>/open_round.msgpack        the open round: its devices, accepted update ids
-                                          and the running sum, rewritten on every accept
-    <state_dir>/state.json                current version, next round id, counted update ids
+    <state_dir>/versions/000007.manifest  the manifest that announced it (its chunk layout),
+                                          written once it was published: it marks the
+                                          version complete
+    <state_dir>/history.jsonl             one JSON line per closed round (metrics,
+                                          participants, bytes), appended
+    <state_dir>/state.json                current version, next round id, counters
+    <state_dir>/journal.sqlite, journal/  accepted updates and verdicts (aggregator.journal)
 
 state.json is the commit point: a restart trusts the version and round it names, and a
-version file or open round that is newer than it is the trace of an unfinished step.
+version file, history line or journal round that is newer than it is the trace of an
+unfinished step. Only the newest `keep_versions` versions are kept (0 keeps all).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedmq.atomicfile import write_atomic
+from fedmq.report import read_history
 from fedmq.wire import decode_weights
 
 
 class Store:
     """Reads and writes one job's state directory."""
 
-    def __init__(self, *, root: Path, keep_versions: int = 0) -> None:
+    def __init__(self, *, root: Path, keep_versions: int = 10) -> None:
         if keep_versions < 0:
             raise ValueError(f"keep_versions must be >= 0 (0 keeps all), got {keep_versions}")
         self.root = Path(root)
@@ -51,21 +57,27 @@ class Store:
         version: int,
         *,
         weights: bytes,
-        manifest: bytes,
+        full: bytes,
         onnx: bytes | None = None,
-        full: bytes | None = None,
         delta: bytes | None = None,
         server: bytes | None = None,
     ) -> None:
-        """Keep one global version; the manifest is written last, so it marks completeness."""
-        write_atomic(self._version_path(version, "weights"), weights)
-        for ext, blob in (("onnx", onnx), ("full", full), ("delta", delta), ("server", server)):
-            if blob is not None:
-                write_atomic(self._version_path(version, ext), blob)
-        write_atomic(self._version_path(version, "manifest"), manifest)
+        """Keep one global version's payloads (save_manifest completes it)."""
+        self._version_path(version, "manifest").unlink(missing_ok=True)  # not complete yet
+        kept = {"full": full, "weights": None if weights == full else weights, "onnx": onnx,
+                "delta": delta, "server": server}  # fmt: skip
+        for ext, blob in kept.items():
+            path = self._version_path(version, ext)
+            if blob is None:
+                path.unlink(missing_ok=True)  # a leftover of an earlier try at this version
+            else:
+                write_atomic(path, blob)
+
+    def _prune(self) -> None:
         if self.keep_versions:
             for old in self.versions()[: -self.keep_versions]:
-                for ext in ("weights", "onnx", "full", "delta", "server", "manifest"):
+                self._version_path(old, "manifest").unlink(missing_ok=True)  # first: incomplete
+                for ext in ("weights", "onnx", "full", "delta", "server"):
                     self._version_path(old, ext).unlink(missing_ok=True)
 
     def load_payloads(self, version: int) -> tuple[bytes | None, bytes | None]:
@@ -77,8 +89,13 @@ class Store:
         )
 
     def save_manifest(self, version: int, manifest: bytes) -> None:
-        """Replace a stored version's manifest with the one actually published."""
-        write_atomic(self._version_path(version, "manifest"), manifest)
+        """Keep the manifest a version was published with (once per layout); this marks the
+        version complete and lets the oldest versions go."""
+        path = self._version_path(version, "manifest")
+        if path.exists() and path.read_bytes() == manifest:
+            return
+        write_atomic(path, manifest)
+        self._prune()
 
     def versions(self) -> list[int]:
         """Complete versions on disk, oldest first."""
@@ -86,9 +103,9 @@ class Store:
 
     def load_version(self, version: int) -> tuple[bytes, bytes, bytes | None]:
         """(weights blob, manifest blob, onnx bytes or None) of a stored version."""
-        onnx = self._version_path(version, "onnx")
+        onnx, weights = self._version_path(version, "onnx"), self._version_path(version, "weights")
         return (
-            self._version_path(version, "weights").read_bytes(),
+            (weights if weights.exists() else self._version_path(version, "full")).read_bytes(),
             self._version_path(version, "manifest").read_bytes(),
             onnx.read_bytes() if onnx.exists() else None,
         )
@@ -100,27 +117,19 @@ class Store:
 
     def history(self) -> list[dict[str, Any]]:
         """Round records, oldest first."""
-        path = self.root / "history.json"
-        return json.loads(path.read_text()) if path.exists() else []
+        return read_history(self.root)
 
     def append_round(self, record: dict[str, Any]) -> None:
-        """Add one round's record to the history, replacing an earlier record of that round."""
-        rounds = [r for r in self.history() if r.get("round") != record.get("round")]
-        rounds.append(record)
-        write_atomic(self.root / "history.json", json.dumps(rounds, indent=1).encode())
-
-    def save_open_round(self, blob: bytes) -> None:
-        """Keep the open round (encoded by the service) so a restart resumes it."""
-        write_atomic(self.root / "open_round.msgpack", blob)
-
-    def load_open_round(self) -> bytes | None:
-        """The open round saved last, or None."""
-        path = self.root / "open_round.msgpack"
-        return path.read_bytes() if path.exists() else None
-
-    def clear_open_round(self) -> None:
-        """Forget the open round once it is closed and committed."""
-        (self.root / "open_round.msgpack").unlink(missing_ok=True)
+        """Append one round's record to the history (a later record of a round wins)."""
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        with open(self.root / "history.jsonl", "ab+") as fh:
+            if fh.tell():  # a line a crash cut short must not swallow this one
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    line = b"\n" + line
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def load_state(self) -> dict[str, Any] | None:
         """The service state saved last, or None for a fresh directory."""
@@ -130,3 +139,4 @@ class Store:
     def save_state(self, state: dict[str, Any]) -> None:
         """Save the service state."""
         write_atomic(self.root / "state.json", json.dumps(state, indent=1).encode())
+

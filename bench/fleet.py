@@ -5,7 +5,7 @@ first 400 samples train and the last 100 test), 20 devices, all of them every ro
 E=1, B=10, SGD lr 0.05, 30 rounds, once with an IID split and once with label shards
 (40 shards of 100, 2 per device). Each partition gets its own Mosquitto, job and state
 directory. Per round it reports test accuracy and loss, wall time and payload bytes up and
-down (from the aggregator's history.json); per run the total wall time (spawning the
+down (from the aggregator's history.jsonl); per run the total wall time (spawning the
 processes to the aggregator's exit) and the peak RSS (VmHWM) of the aggregator and agent 0.
 
     .venv/bin/python bench/fleet.py                       # the issue's workload, ~minutes
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmq.processes import spawn_agents, spawn_fedmq, stop_all
+from fedmq.report import read_history
 
 TASK = "mnist-2nn"
 POLL_S = 0.5
@@ -76,14 +77,6 @@ def peak_rss_kib(pid: int) -> int:
     except (OSError, ValueError):
         pass
     return 0
-
-
-def read_history(state_dir: Path) -> list[dict[str, Any]]:
-    """The aggregator's round records so far (written atomically, so never half a file)."""
-    try:
-        return json.loads((state_dir / "history.json").read_text())
-    except (OSError, ValueError):
-        return []
 
 
 def advance(bar: Any, history: list[dict[str, Any]]) -> None:

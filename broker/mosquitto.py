@@ -20,6 +20,7 @@ MQTT_MAX_PACKET = 268_435_460
 # Mosquitto refuses max_packet_size below 20 bytes: CONNECT alone would not fit.
 MOSQUITTO_MIN_PACKET = 20
 # QoS 1 updates arrive as many chunks; Mosquitto's default of 1000 queued per client is too few.
+MAX_INFLIGHT_MESSAGES = 512
 MAX_QUEUED_MESSAGES = 10_000
 
 LOG_NAME = "mosquitto.log"
@@ -112,6 +113,10 @@ def render_config(settings: BrokerSettings, *, port: int) -> str:
         "connection_messages true",
         "log_timestamp true",
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+        # QoS 1 messages in flight to one client before it acknowledges them: the aggregator
+        # acknowledges a whole batch after one group commit, so the default 20 would cap
+        # a batch at 20 chunks (an MQTT 5 client's Receive Maximum lowers it per client)
+        f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
     ]
     if settings.message_size_limit:
         lines.append(f"message_size_limit {settings.message_size_limit}")

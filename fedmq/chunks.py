@@ -58,6 +58,7 @@ class _Partial:
     first_seen: float
     parts: dict[int, bytes] = field(default_factory=dict)
     held: int = 0
+    wire_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Completed:
     key: tuple[str, str]  # (source, payload_id)
     payload: bytes
     chunks: int
+    wire_bytes: int = 0  # what its chunks weighed on the wire, as the caller reported them
 
 
 class Reassembler:
@@ -96,7 +98,9 @@ class Reassembler:
     def open_payloads(self) -> int:
         return len(self._open)
 
-    def add(self, chunk: Chunk, *, source: str, now: float) -> Completed | None:
+    def add(
+        self, chunk: Chunk, *, source: str, now: float, wire_bytes: int = 0
+    ) -> Completed | None:
         """Take one chunk; return the payload once whole, None while waiting (or a duplicate).
 
         A payload sent again after it completed reassembles again: deduplicating whole
@@ -158,6 +162,7 @@ class Reassembler:
             )
         part.parts[chunk.index] = chunk.data
         part.held += len(chunk.data)
+        part.wire_bytes += wire_bytes
         self.held_bytes += len(chunk.data)
         if len(part.parts) < part.count:
             return None
@@ -168,10 +173,10 @@ class Reassembler:
                 f"payload {chunk.payload_id}: reassembled bytes fail the sha256 check",
                 device=source,
             )
-        return Completed(key=key, payload=payload, chunks=part.count)
+        return Completed(key=key, payload=payload, chunks=part.count, wire_bytes=part.wire_bytes)
 
     def expire(self, now: float) -> list[tuple[str, str]]:
-        """Drop payloads older than max_age_s; return their keys."""
+        """Drop payloads older than max_age_s (counted in `expired`); return their keys."""
         old = [k for k, p in self._open.items() if now - p.first_seen > self.max_age_s]
         for k in old:
             self._drop(k)

@@ -88,7 +88,7 @@ def downlink_flags(text: str) -> list[str]:
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo end to end; 0 when it reached the target accuracy, 3 when not."""
     from broker import start_broker
-    from fedmq.report import format_table, write_report
+    from fedmq.report import format_table, read_history, write_report
 
     if args.devices < 1:
         raise ValueError("--devices must be at least 1")
@@ -126,8 +126,7 @@ def run_demo(args: argparse.Namespace) -> int:
               f"({args.task}, {args.partition} partition; updates {args.codec}, "
               f"models {args.downlink})")  # fmt: skip
         agg_code = _watch(broker, procs[0], args)
-        history_path = run_dir / "aggregator" / "history.json"
-        rounds = json.loads(history_path.read_text()) if history_path.exists() else []
+        rounds = read_history(run_dir / "aggregator")
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         config["broker"] = broker.kind
         summary = write_report(rounds, run_dir, config=config,

@@ -114,17 +114,19 @@ class Link:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         inbox_size: int = 10000,
         manual_ack: bool = False,
+        receive_maximum: int = 512,
     ) -> None:
         if max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
         self.client_id = client_id
         self.address = address
-        self.inbox: queue.Queue[Event] = queue.Queue(maxsize=inbox_size)
+        self.inbox: Inbox = Inbox(maxsize=inbox_size)
         self.configured_max_message_bytes = max_message_bytes
         self.broker_max_packet_size: int | None = None
         self.dropped_events = 0
         self._in_flight: list[mqtt.MQTTMessageInfo] = []
         self._manual_ack = manual_ack
+        self.receive_maximum = receive_maximum
         self._subs: dict[str, int] = dict(subscriptions)
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -161,6 +163,8 @@ class Link:
         clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
         if self._v5:
             props = Properties(PacketTypes.CONNECT)
+            if self._manual_ack:  # unacknowledged messages the broker may have in flight
+                props.ReceiveMaximum = self.receive_maximum
             if self._persistent:
                 props.SessionExpiryInterval = self._session_expiry_s
                 clean_start = False
@@ -248,11 +252,32 @@ class Link:
         except queue.Empty:
             return None
 
+    def next_events(self, timeout: float, *, max_events: int = 256) -> list[Event]:
+        """Every event waiting (up to max_events), waiting up to timeout for the first."""
+        first = self.next_event(timeout)
+        if first is None:
+            return []
+        events = [first]
+        while len(events) < max_events:
+            try:
+                events.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        return events
+
     # ------------------------------------------------------------ paho callbacks
 
     def _put(self, event: Event) -> None:
+        # never block paho's network thread. With manual_ack, a QoS 1 message is not lost
+        # by queueing it: the broker sends at most `receive_maximum` unacknowledged ones
+        # (MQTT 5 Receive Maximum; Mosquitto's max_inflight_messages under 3.1.1), which
+        # bounds the inbox, and holds back the rest until we acknowledge: back-pressure
+        # that keeps its redelivery guarantee. Anything else is dropped when full, counted.
+        if isinstance(event, Message) and event.qos > 0 and self._manual_ack:
+            self.inbox.queue_unbounded(event)
+            return
         try:
-            self.inbox.put(event, timeout=5.0)
+            self.inbox.put_nowait(event)
         except queue.Full:
             self.dropped_events += 1
             log.error("%s: inbox full, dropped %s", self.client_id, type(event).__name__)
@@ -276,6 +301,18 @@ class Link:
 
     def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
         self._put(Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos))
+
+
+class Inbox(queue.Queue["Event"]):
+    """A bounded queue that can also take an item past its bound (for flow-controlled
+    messages, which the broker already bounds)."""
+
+    def queue_unbounded(self, item: Event) -> None:
+        """Add item without blocking, whatever the bound."""
+        with self.mutex:
+            self._put(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
 
 
 def _settled(info: mqtt.MQTTMessageInfo) -> bool:

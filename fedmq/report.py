@@ -1,4 +1,5 @@
-"""Turn a run's round history into a table, a metrics JSON and a PNG plot."""
+"""Read a run's round history (the aggregator's history.jsonl); turn it into a table, a
+metrics JSON and a PNG plot."""
 
 from __future__ import annotations
 
@@ -6,6 +7,25 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+def read_history(state_dir: Path) -> list[dict[str, Any]]:
+    """The round records of a state directory, oldest first, one per round.
+
+    A round closed again after a crash (between its history line and the commit of
+    state.json) has two lines: the later one wins. A torn last line is skipped."""
+    path = Path(state_dir) / "history.jsonl"
+    if not path.exists():
+        return []
+    rounds: dict[int, dict[str, Any]] = {}
+    for line in path.read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line a crash cut short
+        rounds.pop(record["round"], None)
+        rounds[record["round"]] = record
+    return list(rounds.values())
 
 
 def format_table(rounds: Sequence[dict[str, Any]]) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from aggregator.journal import read_ledger
+from fedmq.report import read_history
 from fedmq.topics import Topics
 from fedmq.wire import Ack, decode_ack
 
@@ -62,8 +64,16 @@ class Fleet:
         return self._spawn(f"agent-{index}", ["agent", *self._common(), *_flags(opts)])
 
     def history(self) -> list[dict[str, Any]]:
-        path = self.state_dir / "history.json"
-        return json.loads(path.read_text()) if path.exists() else []
+        """The aggregator's round records so far."""
+        return read_history(self.state_dir)
+
+    def ledger(self) -> list[dict[str, Any]]:
+        """Every verdict the aggregator committed (update id, device, round, verdict, reason)."""
+        return read_ledger(self.state_dir)
+
+    def counted(self) -> list[str]:
+        """Ids of the updates the aggregator accepted into a sum, in order."""
+        return [v["update_id"] for v in self.ledger() if v["verdict"] == "accepted"]
 
     def state(self) -> dict[str, Any]:
         return json.loads((self.state_dir / "state.json").read_text())

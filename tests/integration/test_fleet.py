@@ -26,7 +26,7 @@ def test_fleet_trains_to_accuracy(fleet: Fleet) -> None:
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
     assert fleet.procs["aggregator"].wait(timeout=30) == 0
     state = fleet.state()
-    assert state["version"] == 4 and len(state["counted_ids"]) == 16
+    assert state["version"] == 4 and len(set(fleet.counted())) == len(fleet.counted()) == 16
 
 
 def test_killed_device_does_not_block_the_round(fleet: Fleet) -> None:

@@ -1,0 +1,62 @@
+"""Admission: from a reassembled payload to an update fit to fold in, or a refusal.
+
+Pure: no sockets, no clock, no files. `decode` checks what the payload claims (its
+device and id match the topic it came on and the chunks it came in, its size the round's
+byte budget); `validate` decodes its tensors against the model and runs every check.
+More checks (a signature, a norm bound) plug in as `checks`: functions that raise a
+ProtocolError to refuse an update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from fedmq.codecs import Decoded, decode_tensors
+from fedmq.errors import SchemaError, Unauthorized
+from fedmq.wire import TensorSpec, Update, decode_update
+
+MAX_EXAMPLES_PER_UPDATE = 10_000_000
+
+# A check refuses an update by raising a ProtocolError with the reason.
+Check = Callable[[Update, Mapping[str, Decoded]], None]
+
+
+def check_examples(u: Update, tensors: Mapping[str, Decoded]) -> None:
+    """Refuse an implausible example count (it is the update's FedAvg weight)."""
+    del tensors
+    if not 0 < u.num_examples <= MAX_EXAMPLES_PER_UPDATE:
+        raise SchemaError(f"num_examples {u.num_examples} is implausible")
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The rules every update passes before it touches the sum."""
+
+    specs: tuple[TensorSpec, ...]
+    max_update_bytes: int
+    budget_bytes: int = 0  # the byte budget announced to devices; 0: none
+    checks: Sequence[Check] = (check_examples,)
+
+    def decode(self, payload: bytes, *, device: str, payload_id: str) -> Update:
+        """Decode and authorise an update; ProtocolError if it lies about where it is from."""
+        u = decode_update(payload, max_bytes=self.max_update_bytes)
+        if u.device != device or u.update_id != payload_id:
+            raise Unauthorized(f"update claims device {u.device!r} / id {u.update_id}")
+        if self.budget_bytes and len(payload) > self.budget_bytes:
+            raise SchemaError(
+                f"update of {len(payload)} bytes is over the round's "
+                f"{self.budget_bytes}-byte budget"
+            )
+        return u
+
+    def validate(self, u: Update) -> dict[str, Decoded]:
+        """The update's tensors, decoded against the model and checked; ProtocolError if not.
+
+        Any pipeline fedmq can decode is accepted (a device's budget may have made it
+        sparser than announced); a sparse tensor stays sparse and is scattered into the sum.
+        """
+        tensors = decode_tensors(u.body, u.codec, self.specs)
+        for check in self.checks:
+            check(u, tensors)
+        return tensors

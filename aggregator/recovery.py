@@ -1,0 +1,42 @@
+"""Recovery: the open round as it was before a stop or a crash, from the journal.
+
+The round comes back as it was announced; its accepted updates are folded in again, in
+the order they were first folded, onto the newest snapshot of its sum: the same float64
+sum bit for bit, and the same ids and stats in the ledger.
+"""
+
+from __future__ import annotations
+
+from aggregator.fedavg import RunningSum
+from aggregator.journal import Journal
+from aggregator.ledger import Ledger
+from aggregator.rounds import OpenRound
+from fedmq.codecs import decode_tensors
+from fedmq.wire import TensorSpec, decode_weights
+
+
+def recover_round(
+    *, journal: Journal, ledger: Ledger, round_id: int, version: int,
+    specs: tuple[TensorSpec, ...],
+) -> tuple[OpenRound, RunningSum] | None:  # fmt: skip
+    """The open round `round_id` on `version` and its sum, or None if there is none.
+
+    A journalled round opened on another version (one never committed) is dropped."""
+    meta = journal.round_meta(round_id)
+    if meta is None:
+        return None
+    if int(meta["model_version"]) != version:
+        journal.close_round(round_id)
+        return None
+    r = OpenRound.from_meta(meta)
+    acc = RunningSum(specs=specs)
+    snap = journal.snapshot(round_id)
+    if snap is not None:
+        acc.sums = {k: v.copy() for k, v in decode_weights(snap.sums).items()}
+        acc.total_weight, acc.count = snap.total_weight, snap.count
+    for a in journal.accepted_in(round_id):
+        r.record(a.update_id, a.device)
+        ledger.accept(a, replayed=True)
+    for _seq, a in journal.replay(round_id, after_seq=snap.seq if snap else 0):
+        acc.add(decode_tensors(a.body, a.codec, specs), a.weight, norm=a.norm)
+    return r, acc

@@ -1,0 +1,66 @@
+"""The retained status: one JSON document a person or an MQTT monitoring tool can read."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from aggregator.presence import Presence
+from aggregator.rounds import OpenRound
+from fedmq import __version__
+
+
+def status_of(
+    *,
+    job: str,
+    task: str,
+    mode: str,
+    done_reason: str,
+    version: int,
+    metrics: Mapping[str, float],
+    round_: OpenRound | None,
+    presence: Presence,
+    counters: Mapping[str, int],
+    codec: Mapping[str, Any],
+    now: float,
+) -> dict[str, Any]:
+    """The status document for this moment."""
+    if done_reason:
+        phase = "done"
+    elif round_ is not None:
+        phase = "training"
+    else:
+        phase = "waiting for devices"
+    r = round_
+    return {
+        "job": job,
+        "task": task,
+        "mode": mode,
+        "phase": phase,
+        "done_reason": done_reason,
+        "model_version": version,
+        "accuracy": metrics.get("accuracy"),
+        "loss": metrics.get("loss"),
+        "rounds_closed": counters.get("rounds_closed", 0),
+        "codec": dict(codec),
+        "round": None
+        if r is None
+        else {
+            "id": r.round_id,
+            "selected": len(r.selected),
+            "received": len(r.accepted),
+            "target": r.target,
+            "dropped": sorted(r.dropped),
+            "deadline_in_s": round(max(0.0, r.deadline - now), 1),
+        },
+        "devices": {
+            "online": len(presence.online()),
+            "trainers_online": len(presence.trainers_online()),
+            "known": len(presence.devices),
+        },
+        "counters": dict(sorted(counters.items())),
+        "aggregator_version": __version__,
+        "updated_at": round(now, 3),
+        "updated": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+    }
