@@ -3,15 +3,29 @@ outbox and its error-feedback residual."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edge_agent.fetch import same_specs
 from edge_agent.outbox import Outbox
 from fedmq.atomicfile import write_atomic
-from fedmq.wire import decode_weights, encode_weights
+from fedmq.errors import ProtocolError
+from fedmq.wire import TensorSpec, decode_weights, encode_weights, specs_of
+
+
+@dataclass(frozen=True, eq=False)
+class HeldModel:
+    """The global version a device kept on disk."""
+
+    version: int
+    sha256: str
+    weights: dict[str, np.ndarray]
 
 
 class DeviceStore:
@@ -35,6 +49,23 @@ class DeviceStore:
         """The weights blob of the held global version, if any."""
         path = self.root / "model.weights"
         return path.read_bytes() if path.exists() else None
+
+    def load_held(self, specs: Sequence[TensorSpec] | None) -> HeldModel | None:
+        """The held version, if it is whole and has these specs; ValueError says why not."""
+        progress = self.load()
+        version, sha = int(progress.get("version", -1)), str(progress.get("model_sha", ""))
+        blob = self.load_model()
+        if blob is None or version < 0:
+            return None
+        if hashlib.sha256(blob).hexdigest() != sha:
+            raise ValueError(f"the saved global version {version} does not match its sha256")
+        try:
+            weights = decode_weights(blob)
+        except ProtocolError as err:
+            raise ValueError(f"the saved global version {version}: {err.reason}") from err
+        if specs is not None and not same_specs(specs_of(weights), specs):
+            raise ValueError(f"the saved global version {version} does not fit this model")
+        return HeldModel(version=version, sha256=sha, weights=weights)
 
     def save_model(self, blob: bytes) -> None:
         """Keep the held global version's weights blob."""

@@ -1,0 +1,27 @@
+"""The hold_dir hook on its own: what it writes, when it releases, what a restart keeps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edge_agent.hold import UpdateHold
+
+
+def test_held_until_the_release_file_exists_then_all_at_once(tmp_path: Path) -> None:
+    hold = UpdateHold(hold_dir=tmp_path / "h", device="d1")
+    hold.hold("u1", 1)
+    hold.hold("u2", 2)
+    assert json.loads((tmp_path / "h" / "d1.held").read_text()) == {"update_id": "u2",
+                                                                    "round_id": 2}  # fmt: skip
+    assert hold.release() == set() and hold.held == {"u1", "u2"}
+    (tmp_path / "h" / "d1.release").touch()
+    assert hold.release() == {"u1", "u2"} and hold.release() == set()
+
+
+def test_a_restart_keeps_holding_the_update_still_in_the_outbox(tmp_path: Path) -> None:
+    UpdateHold(hold_dir=tmp_path, device="d1").hold("u1", 4)
+    assert UpdateHold(hold_dir=tmp_path, device="d1", outbox_ids=["u1", "u0"]).held == {"u1"}
+    assert UpdateHold(hold_dir=tmp_path, device="d1", outbox_ids=["u0"]).held == set()  # acked
+    (tmp_path / "d1.held").write_text("not json")
+    assert UpdateHold(hold_dir=tmp_path, device="d1", outbox_ids=["u1"]).held == set()
