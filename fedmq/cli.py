@@ -83,6 +83,9 @@ AGENT_HELP = {
     "torch_threads": "CPU threads for local training (0 = the profile's)",
     "infer_only": "never train: fetch each version's ONNX export and evaluate it locally",
     "extra_delay_s": "simulated slowness in seconds after training (tests, benchmarks)",
+    "hold_dir": "test/benchmark hook, not for production: after training, keep each update "
+    "in the outbox, write HOLD_DIR/<device>.held (JSON: update_id, round_id) and send it only "
+    "once HOLD_DIR/<device>.release exists",
 }
 
 
