@@ -83,6 +83,11 @@ class OpenRound:
         self.accepted[update_id] = device
         self.contributors.add(device)
 
+    def forget(self, update_id: str) -> None:
+        """Take back an update recorded before its validation failed."""
+        if self.accepted.pop(update_id, None) is not None:
+            self.contributors = set(self.accepted.values())
+
     def drop(self, device: str) -> None:
         """A selected device went offline (its Last Will): stop waiting for it."""
         if device in self.selected and device not in self.contributors:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from aggregator.admission import Admission
@@ -26,7 +28,7 @@ from aggregator.fedavg import RunningSum, ServerSGD
 from aggregator.globals import GlobalModel
 from aggregator.journal import Accepted, Journal, Snapshot
 from aggregator.ledger import Ledger
-from aggregator.modes import BufferedRounds, Mode, SyncRounds
+from aggregator.modes import BufferedRounds, Contribution, Mode, SyncRounds
 from aggregator.presence import Presence
 from aggregator.recovery import recover_round
 from aggregator.rounds import OpenRound
@@ -34,6 +36,7 @@ from aggregator.settings import AggregatorSettings
 from aggregator.status import status_of
 from aggregator.store import Store
 from fedmq.chunks import Reassembler
+from fedmq.codecs import Decoded
 from fedmq.errors import ProtocolError, SchemaError, Unauthorized
 from fedmq.link import Connected, Disconnected, Link, Message
 from fedmq.tasks import Task, get_task
@@ -53,6 +56,11 @@ log = logging.getLogger("fedmq.aggregator")
 
 TICK_S = 0.2
 STATUS_EVERY_S = 1.0
+DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
+MAX_PENDING = 4 * DECODE_THREADS  # decoded updates held before they are folded in
+
+# an admitted update waiting for its tensors: (decoding, update, contribution, wire bytes)
+Pending = tuple["Future[dict[str, Decoded]]", Update, Contribution, int]
 
 
 class Aggregator:
@@ -90,6 +98,9 @@ class Aggregator:
         self.next_round_id = 1
         self.waiting_since = 0.0
         self.done_reason = ""
+        # updates being decoded on worker threads (zstd and numpy let go of the GIL)
+        self._pool = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
+        self._pending: list[Pending] = []
         self._acks: list[tuple[str, Ack]] = []  # sent once the journal commits
         self._handled: list[Message] = []  # acknowledged to the broker after that
         self._since_snapshot = 0
@@ -133,11 +144,15 @@ class Aggregator:
             self._publish_status(time.time(), force=True)
             self.link.stop()
             self.journal.close()
+            self._pool.shutdown()
         log.info("stopped: %s", self.done_reason or "asked to stop")
         return 0
 
     def _flush(self) -> None:
-        """Group commit: make every staged verdict durable, then ack what it covers."""
+        """Fold in what was decoded meanwhile, then group commit: make every staged verdict
+        durable, then ack what it covers."""
+        while self._pending:
+            self._fold_next()
         self.journal.commit()
         for device, ack in self._acks:
             self.link.publish(self.topics.ack(device), encode_ack(ack), qos=1)
@@ -227,18 +242,22 @@ class Aggregator:
             u = self.admission.decode(done.payload, device=device, payload_id=chunk.payload_id)
             self._take_update(u, done.wire_bytes, now)
         except ProtocolError as err:
-            err.at(device=device, topic=self.topics.update(device))
-            round_id = u.round_id if u is not None else -1
-            self.ledger.verdict(update_id=chunk.payload_id, device=device, round_id=round_id,
-                                verdict="rejected", reason=f"{err.reason_code}: {err.reason}",
-                                counter=f"rejected_{err.reason_code}")  # fmt: skip
-            log.warning("rejected update %s from %s: %s", chunk.payload_id, device, err.reason)
-            self._ack(device, Ack(chunk.payload_id, round_id, "rejected",
-                                  f"{err.reason_code}: {err.reason}"))  # fmt: skip
+            self._refuse(device, chunk.payload_id, u.round_id if u is not None else -1, err)
         self._status_dirty = True
+
+    def _refuse(self, device: str, update_id: str, round_id: int, err: ProtocolError) -> None:
+        err.at(device=device, topic=self.topics.update(device))
+        reason = f"{err.reason_code}: {err.reason}"
+        self.ledger.verdict(update_id=update_id, device=device, round_id=round_id,
+                            verdict="rejected", reason=reason,
+                            counter=f"rejected_{err.reason_code}")  # fmt: skip
+        log.warning("rejected update %s from %s: %s", update_id, device, err.reason)
+        self._ack(device, Ack(update_id, round_id, "rejected", reason))
 
     def _take_update(self, u: Update, wire_bytes: int, now: float) -> None:
         counted = self.ledger.counted_in(u.update_id)
+        if counted is None and self.round is not None and u.update_id in self.round.accepted:
+            counted = self.round.round_id  # a copy of one still being folded in
         if counted is not None:
             # a redelivery, or a resend after a restart: counted once, acknowledged again so
             # the device can forget it
@@ -264,9 +283,36 @@ class Aggregator:
             log.info("late update %s from %s for round %d", u.update_id, u.device, u.round_id)
             self._ack(u.device, Ack(u.update_id, u.round_id, "late", "round already closed"))
             return
-        tensors = self.admission.validate(u)
-        acc.add(tensors, given.weight, norm=given.norm)
+        # counted now, so the mode's rules see it; its tensors are decoded on a worker thread
+        # meanwhile and it is folded in, in arrival order, by the next _flush
         r.record(u.update_id, u.device)
+        self._pending.append((self._pool.submit(self.admission.validate, u), u, given,
+                              wire_bytes))  # fmt: skip
+        while len(self._pending) > MAX_PENDING:  # memory: a few decoded updates at a time
+            self._fold_next()
+
+    def _fold_next(self) -> None:
+        job = self._pending.pop(0)
+        try:
+            self._fold(job)
+        except Exception:  # a bug of ours must not take the service down: log it, go on
+            self.ledger.counters["internal_errors"] += 1
+            log.exception("failed to fold in update %s from %s", job[1].update_id, job[1].device)
+
+    def _fold(self, job: Pending) -> None:
+        """Fold in an update whose tensors were decoded, or refuse it; stage its verdict."""
+        future, u, given, wire_bytes = job
+        r, acc = self.round, self.sum
+        assert r is not None and acc is not None
+        try:
+            tensors = future.result()
+        except Exception as err:
+            r.forget(u.update_id)
+            if not isinstance(err, ProtocolError):
+                raise
+            self._refuse(u.device, u.update_id, u.round_id, err)
+            return
+        acc.add(tensors, given.weight, norm=given.norm)
         record = {"device": u.device, "examples": u.num_examples, **given.record, **u.metrics}
         self.ledger.accept(Accepted(
             update_id=u.update_id, round_id=r.round_id, device=u.device, codec=u.codec,
@@ -313,10 +359,12 @@ class Aggregator:
         self.link.publish(self.topics.round(), encode_round(msg), qos=1, retain=True)
 
     def _close_if_due(self, now: float) -> None:
-        if self.round is not None:
-            outcome = self.mode.outcome(self.round, now)
-            if outcome is not None:
-                self._close_round(outcome, now)
+        if self.round is None or self.mode.outcome(self.round, now) is None:
+            return
+        self._flush()  # updates still being decoded count only once folded in
+        outcome = self.mode.outcome(self.round, now)
+        if outcome is not None:
+            self._close_round(outcome, now)
 
     def _close_round(self, outcome: str, now: float) -> None:
         r, acc = self.round, self.sum
