@@ -1,4 +1,4 @@
-"""Benchmark stragglers: synchronous FedAvg versus asynchronous FedBuff, 20% slow devices.
+"""Benchmark stragglers: sync FedAvg, sync with a quorum, and async FedBuff; 20% slow devices.
 
 The foundation's workload (`mnist-2nn` on MNIST 5k, 20 devices, IID split, E=1, B=10, SGD
 lr 0.05) through a real Mosquitto, once per mode, with device speeds drawn so that 20% of
@@ -9,19 +9,27 @@ a device's turn; on real hardware it would be the training.
 
 - sync: every device in every round, the round closes when all 20 updates arrived (the
   plain baseline: each round waits for the slowest device);
+- sync-quorum: fedmq's own remedy for sync rounds. A round needs T = 15 updates (the
+  largest T whose over-selection fits the fleet) and selects 30% more devices
+  (--over-select 0.3: all 20); it completes when the first T arrive, or at a deadline of
+  5 x the fast devices' compute time (--quorum-timeout-s, 5 s: about three times a fast
+  device's whole round here, half a slow device's) with a quorum of 80% of T (12). Updates
+  that come after their round closed are acknowledged `late` and not counted. Round 1
+  opens once T devices are online; while they are cold, rounds end at the deadline
+  without a quorum (abandoned, counted in the wall time) until updates come in time;
 - async: FedBuff, a new version every K updates, each weighted by n * (1 + s)^-a.
   K = 10, half the fleet (the default): below the 16 fast devices, so no version waits for a
   straggler, yet each version still averages 2,000 examples. (An agent trains once per
   announced version, so with K above the fast devices a version would wait for a slow one.)
 
-Both modes are measured from the moment round 1 opened (history[0]["opened_at"]), so
+All modes are measured from the moment round 1 opened (history[0]["opened_at"]), so
 process start-up and the wait for the fleet are excluded (round 1 itself, where 20 cold
-processes train for the first time at once, takes 20-30 s in both modes and is included),
-and both stop after the same wall budget. Reported: time to 85% test accuracy (closed_at
+processes train for the first time at once, takes 20-30 s and is included), and all stop
+after the same wall budget. Reported: time to 85% test accuracy (closed_at
 of the first version at or above it) and the accuracy of the last version closed within
 the budget.
 
-    .venv/bin/python bench/stragglers.py                  # the issue's workload, ~11 minutes
+    .venv/bin/python bench/stragglers.py                  # the issue's workload, ~16 minutes
     .venv/bin/python bench/stragglers.py --budget-s 60 --devices 10
 
 Writes bench/results/stragglers.json and stragglers.png and prints a table. Logs stay in
@@ -33,6 +41,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import random
@@ -47,7 +56,12 @@ from fedmq.processes import spawn_fedmq, stop_all
 TASK = "mnist-2nn"
 POLL_S = 0.5
 SLOW_FRACTION = 0.2
-MODES = ("sync", "async")
+MODES = ("sync", "sync-quorum", "async")
+LABELS = {
+    "sync": "sync, waits for all",
+    "sync-quorum": "sync, over-selection + quorum + deadline",
+    "async": "async (FedBuff)",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="simulated compute seconds of a fast device (default 1)")
     p.add_argument("--slow-factor", type=float, default=10.0,
                    help="how many times slower the slow 20%% are (default 10)")
+    p.add_argument("--over-select", type=float, default=0.3,
+                   help="sync-quorum: select this fraction more devices than a round needs "
+                        "(default 0.3)")
+    p.add_argument("--quorum", type=float, default=0.8,
+                   help="sync-quorum: fraction of a round's target that closes it at the "
+                        "deadline (default 0.8)")
+    p.add_argument("--quorum-timeout-s", type=float, default=0.0,
+                   help="sync-quorum: round deadline (default 0: 5 x --fast-s)")
     p.add_argument("--buffer-size", type=int, default=0,
                    help="async K (default 0: half the devices, 10 of 20)")
     p.add_argument("--staleness-exponent", type=float, default=0.5,
@@ -70,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", type=float, default=0.85,
                    help="test accuracy to reach (default 0.85)")
     p.add_argument("--seed", type=int, default=0, help="picks the slow devices (default 0)")
-    p.add_argument("--modes", default="sync,async", help="comma-separated (default sync,async)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated (default {','.join(MODES)})")
     p.add_argument("--out", type=Path, default=Path("bench/results/stragglers.json"),
                    help="JSON output; the PNG goes next to it")
     p.add_argument("--work-dir", type=Path, default=None,
@@ -79,11 +102,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.modes or set(args.modes) - set(MODES):
-        p.error("--modes takes sync and/or async, comma-separated")
+        p.error(f"--modes takes {', '.join(MODES)}, comma-separated")
     args.buffer_size = args.buffer_size or max(1, args.devices // 2)
     if args.devices < 2 or args.budget_s <= 0 or args.fast_s < 0 or args.slow_factor < 1:
         p.error("need --devices >= 2, --budget-s > 0, --fast-s >= 0, --slow-factor >= 1")
+    if not 0 <= args.over_select <= 1 or not 0 < args.quorum <= 1:
+        p.error("need 0 <= --over-select <= 1 and 0 < --quorum <= 1")
+    args.quorum_timeout_s = args.quorum_timeout_s or max(1.0, 5 * args.fast_s)
     return args
+
+
+def quorum_sizes(devices: int, over_select: float, quorum: float) -> tuple[int, int]:
+    """sync-quorum's (target, min_devices): the largest target whose over-selection
+    ceil(target * (1 + over_select)) fits the fleet, and its quorum share."""
+    target = max(1, math.floor(devices / (1 + over_select) + 1e-9))
+    return target, max(1, round(quorum * target))
 
 
 def device_delays(n: int, fast_s: float, slow_factor: float, seed: int) -> list[float]:
@@ -101,11 +134,17 @@ def read_json(path: Path, default: Any) -> Any:
 
 
 def mode_flags(mode: str, args: argparse.Namespace) -> list[str]:
-    """Aggregator flags of one mode; both wait for the whole fleet before round 1."""
+    """Aggregator flags of one mode; sync and async wait for the whole fleet before round 1,
+    sync-quorum for its target."""
     n = str(args.devices)
     if mode == "sync":
         return ["--mode", "sync", "--devices-per-round", n, "--min-devices", n,
                 "--round-timeout-s", "120"]  # fmt: skip
+    if mode == "sync-quorum":
+        target, quorum = quorum_sizes(args.devices, args.over_select, args.quorum)
+        return ["--mode", "sync", "--devices-per-round", str(target),
+                "--over-select", str(args.over_select), "--min-devices", str(quorum),
+                "--round-timeout-s", str(args.quorum_timeout_s)]  # fmt: skip
     return ["--mode", "async", "--devices-per-round", n, "--buffer-size", str(args.buffer_size),
             "--max-staleness", str(args.max_staleness),
             "--staleness-exponent", str(args.staleness_exponent)]  # fmt: skip
@@ -211,6 +250,12 @@ def workload(args: argparse.Namespace, delays: list[float]) -> dict[str, Any]:
         "device_delay_s": delays,
         "slow_devices": [f"device-{i:02d}" for i, d in enumerate(delays) if d > min(delays)],
         "sync": "all devices every round, closes when all arrived (deadline 120 s)",
+        "sync_quorum": {
+            "devices_per_round": quorum_sizes(args.devices, args.over_select, args.quorum)[0],
+            "over_select": args.over_select,
+            "min_devices": quorum_sizes(args.devices, args.over_select, args.quorum)[1],
+            "round_timeout_s": args.quorum_timeout_s,
+        },
         "async": {
             "buffer_size": args.buffer_size,
             "staleness_exponent": args.staleness_exponent,
@@ -226,23 +271,24 @@ def workload(args: argparse.Namespace, delays: list[float]) -> dict[str, Any]:
     }
 
 
-def speedup(runs: list[dict[str, Any]], key: str) -> float | None:
-    """Sync's time to the target over async's, when both reached it."""
+def speedup(runs: list[dict[str, Any]], key: str, mode: str = "async") -> float | None:
+    """Sync's time to the target over mode's, when both reached it."""
     t = {r["mode"]: r[key] for r in runs}
-    return round(t["sync"] / t["async"], 2) if t.get("sync") and t.get("async") else None
+    return round(t["sync"] / t[mode], 2) if t.get("sync") and t.get(mode) else None
 
 
-def format_report(runs: list[dict[str, Any]], key: str, up: float | None) -> str:
-    """One row per mode."""
+def format_report(runs: list[dict[str, Any]], key: str) -> str:
+    """One row per mode; speed-up is sync's time to the target over the mode's."""
     target = key.removeprefix("time_to_").removesuffix("_s")
-    head = (f"{'mode':<6} {'time to ' + target + '% s':>14} {'final acc':>9} {'budget s':>8} "
+    head = (f"{'mode':<11} {'time to ' + target + '% s':>14} {'final acc':>9} {'budget s':>8} "
             f"{'versions':>8} {'speed-up':>8}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in runs:
         t = "-" if r[key] is None else f"{r[key]:.1f}"
         acc = "-" if r["final_accuracy"] is None else f"{r['final_accuracy']:.4f}"
-        x = "1.00x" if r["mode"] == "sync" else "-" if up is None else f"{up:.2f}x"
-        lines.append(f"{r['mode']:<6} {t:>14} {acc:>9} {r['wall_budget_s']:>8.0f} "
+        up = speedup(runs, key, r["mode"])
+        x = "-" if up is None else f"{up:.2f}x"
+        lines.append(f"{r['mode']:<11} {t:>14} {acc:>9} {r['wall_budget_s']:>8.0f} "
                      f"{r['versions']:>8} {x:>8}")  # fmt: skip
     return "\n".join(lines)
 
@@ -258,7 +304,12 @@ def plot(runs: list[dict[str, Any]], target: float, path: Path) -> None:
     for r in runs:
         if r["series"]:
             ts = [s["t"] for s in r["series"]]
-            ax.plot(ts, [s["accuracy"] for s in r["series"]], marker=".", label=r["mode"])
+            ax.plot(
+                ts,
+                [s["accuracy"] for s in r["series"]],
+                marker=".",
+                label=LABELS.get(r["mode"], r["mode"]),
+            )
     ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
     ax.set(xlabel="seconds since round 1 opened", ylabel="test accuracy",
            title=f"fedmq stragglers: {TASK}, IID, 20% of devices 10x slower")  # fmt: skip
@@ -280,12 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; every process was stopped", file=sys.stderr)
         return 130
     key = f"time_to_{round(args.target * 100)}_s"
-    up = speedup(runs, key)
+    up = speedup(runs, key, "async")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     body = {"workload": workload(args, delays), "speedup_to_target": up, "runs": runs}
     args.out.write_text(json.dumps(body, indent=1))
     plot(runs, args.target, args.out.with_suffix(".png"))
-    print(format_report(runs, key, up))
+    print(format_report(runs, key))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}; logs in {work}")
     return 0
 
