@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import importlib.util
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 from broker.mosquitto import file_tail, free_port
+from fedmq import processes
 
 CONSOLE_NAME = "embedded.log"
 READY_NAME = "embedded.ready"
@@ -90,8 +89,7 @@ class EmbeddedBroker:
         self.data_dir = Path(data_dir)
         self._host = host
         self._port = port
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._console: IO[bytes] | None = None
+        self._proc: processes.Child | None = None
 
     @property
     def host(self) -> str:
@@ -137,28 +135,25 @@ class EmbeddedBroker:
             self._port = free_port(self._host)
         ready = self.data_dir / READY_NAME
         ready.unlink(missing_ok=True)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p
+        # importable from a source checkout too, not only when fedmq is installed
+        pythonpath = os.pathsep.join(
+            p for p in (str(_PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p
         )
-        self._console = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
-        self._proc = subprocess.Popen(
+        self._proc = processes.spawn(
             [sys.executable, "-c", _CHILD_ENTRY, "--host", self._host]
             + ["--port", str(self._port), "--ready-file", str(ready)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._console,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
+            log_path=self.log_path,
+            env={"PYTHONPATH": pythonpath},
+            own_group=True,  # a Ctrl-C to the tests does not hit it
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code = self._proc.poll()
             if code is not None:
-                self._reap(1.0)
+                self._proc = None
                 raise RuntimeError(
-                    f"the embedded broker exited with status {code} while starting on "
-                    f"{self._host}:{self._port}; log tail:\n{self.log_tail()}"
+                    f"the embedded broker exited with {processes.describe_exit(code)} while "
+                    f"starting on {self._host}:{self._port}; log tail:\n{self.log_tail()}"
                 )
             if ready.exists():
                 return self
@@ -171,45 +166,20 @@ class EmbeddedBroker:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop with SIGTERM, SIGKILL after timeout."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-        self._reap(timeout)
+        if self._proc is not None:
+            processes.stop(self._proc, grace_s=timeout)
+            self._proc = None
 
     def kill(self) -> None:
         """SIGKILL the broker, as a crash would."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._signal(signal.SIGKILL)
-        self._reap(5.0)
+        if self._proc is not None:
+            processes.kill(self._proc)
+            self._proc = None
 
     def restart(self, timeout: float = 15.0) -> EmbeddedBroker:
         """Stop if running, then start on the same port (retained state is not kept)."""
         self.stop()
         return self.start(timeout=timeout)
-
-    def _signal(self, sig: signal.Signals) -> None:
-        assert self._proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._proc.pid, sig)
-
-    def _reap(self, timeout: float) -> None:
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=timeout)
-        self._proc = None
-        if self._console is not None:
-            self._console.close()
-            self._console = None
 
     def __enter__(self) -> EmbeddedBroker:
         if not self.running:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+
+from fedmq import processes
 
 # MQTT's remaining-length field caps a payload at 256 MiB - 1 and a whole packet a few bytes more.
 MQTT_MAX_PAYLOAD = 268_435_455
@@ -179,8 +177,7 @@ class MosquittoBroker:
             raise ValueError(f"settings must be a BrokerSettings, got {type(settings).__name__}")
         self.settings = settings
         self._port = settings.port
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._console: IO[bytes] | None = None
+        self._proc: processes.Child | None = None
 
     @property
     def host(self) -> str:
@@ -258,29 +255,23 @@ class MosquittoBroker:
 
     def _launch(self, executable: str, timeout: float) -> None:
         self.config_path.write_text(render_config(self.settings, port=self._port), "utf-8")
-        self._close_console()
-        self._console = open(self._console_path, "ab")  # noqa: SIM115 - lives as long as the child
-        self._proc = subprocess.Popen(
-            [executable, "-c", str(self.config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._console,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: a Ctrl-C to the tests does not hit it
+        # own process group: a Ctrl-C to the tests does not hit it
+        self._proc = processes.spawn(
+            [executable, "-c", str(self.config_path)], log_path=self._console_path, own_group=True
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code = self._proc.poll()
             if code is not None:
-                self._reap(1.0)
+                self._proc = None
                 raise RuntimeError(
-                    f"mosquitto exited with status {code} while starting on "
+                    f"mosquitto exited with {processes.describe_exit(code)} while starting on "
                     f"{self.host}:{self._port}; log tail:\n{self.log_tail()}"
                 )
             if port_accepts(self.host, self._port):
                 return
             time.sleep(0.02)
-        self._signal(signal.SIGKILL)
-        self._reap(1.0)
+        self.kill()
         raise RuntimeError(
             f"mosquitto did not accept connections on {self.host}:{self._port} within "
             f"{timeout:g}s; log tail:\n{self.log_tail()}"
@@ -288,48 +279,20 @@ class MosquittoBroker:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop gracefully with SIGTERM (saving persistence), SIGKILL after timeout."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-        self._reap(timeout)
+        if self._proc is not None:
+            processes.stop(self._proc, grace_s=timeout)
+            self._proc = None
 
     def kill(self) -> None:
         """SIGKILL the broker, as a crash would; unsaved state since the last autosave is lost."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._signal(signal.SIGKILL)
-        self._reap(5.0)
+        if self._proc is not None:
+            processes.kill(self._proc)
+            self._proc = None
 
     def restart(self, timeout: float = 10.0) -> MosquittoBroker:
         """Stop if running, then start again on the same port with the same data dir."""
         self.stop()
         return self.start(timeout=timeout)
-
-    def _signal(self, sig: signal.Signals) -> None:
-        assert self._proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._proc.pid, sig)
-
-    def _reap(self, timeout: float) -> None:
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=timeout)
-        self._proc = None
-        self._close_console()
-
-    def _close_console(self) -> None:
-        if self._console is not None:
-            self._console.close()
-            self._console = None
 
     def __enter__(self) -> MosquittoBroker:
         if not self.running:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +12,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from aggregator.journal import read_ledger
+from fedmq import processes
 from fedmq.report import read_history
 from fedmq.topics import Topics
 from fedmq.wire import Ack, decode_ack
@@ -32,7 +29,7 @@ class Fleet:
         self.job = job
         self.task = task
         self.topics = Topics(job=job, prefix=prefix)
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.procs: dict[str, processes.Child] = {}
         self.killed: set[str] = set()  # killed on purpose, not yet restarted
         self.state_dir = root / "aggregator"
 
@@ -41,23 +38,20 @@ class Fleet:
                 "--mqtt-version", self.broker.mqtt_version, "--job", self.job,
                 "--prefix", self.prefix, "--task", self.task]  # fmt: skip
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - child owns it
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "fedmq", *argv], stdout=log,
-                                stderr=subprocess.STDOUT, env=env)  # fmt: skip
-        log.close()
+    def _spawn(self, name: str, argv: list[str]) -> processes.Child:
+        # a restarted process appends to the log of the one it replaces
+        proc = processes.spawn_fedmq(argv, self.root / f"{name}.log")
         self.procs[name] = proc
         self.killed.discard(name)
         return proc
 
-    def aggregator(self, **flags: Any) -> subprocess.Popen[bytes]:
+    def aggregator(self, **flags: Any) -> processes.Child:
         """Start the aggregator with --flag value pairs from keyword arguments."""
         opts = {"state_dir": self.state_dir, "rounds": 3, "round_timeout_s": 30,
                 "start_wait_s": 30, "epochs": 1, "batch_size": 10, "lr": 0.05, **flags}  # fmt: skip
         return self._spawn("aggregator", ["aggregator", *self._common(), *_flags(opts)])
 
-    def agent(self, index: int, num_devices: int, **flags: Any) -> subprocess.Popen[bytes]:
+    def agent(self, index: int, num_devices: int, **flags: Any) -> processes.Child:
         """Start agent number index of num_devices (device id d<index>)."""
         opts = {"device_id": f"d{index}", "device_index": index, "num_devices": num_devices,
                 "partition": "iid", "state_dir": self.root / "agents", **flags}  # fmt: skip
@@ -123,19 +117,11 @@ class Fleet:
     def kill(self, name: str) -> None:
         """SIGKILL one process (no clean shutdown, no offline message: its Will fires)."""
         self.killed.add(name)
-        self.procs[name].send_signal(signal.SIGKILL)
-        self.procs[name].wait(timeout=10)
+        processes.kill(self.procs[name])
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """SIGTERM every process still running, SIGKILL those still running 10 s later."""
+        processes.stop_all(self.procs.values(), grace_s=10)
 
 
 def _flags(opts: dict[str, Any]) -> list[str]:

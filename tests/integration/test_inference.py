@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from fedmq.processes import spawn
 from fedmq.wire import decode_metrics
 from tests.integration.fleet import Fleet, Watcher, _flags
 
@@ -24,7 +24,6 @@ raise SystemExit(main(sys.argv[1:]))
 
 def test_infer_only_agent_without_torch(fleet: Fleet, mosquitto: Any, tmp_path: Path) -> None:
     watcher = Watcher(mosquitto, fleet.topics.metrics("sensor"))
-    log = open(tmp_path / "sensor.log", "wb")  # noqa: SIM115
     try:
         fleet.aggregator(rounds=3, devices_per_round=2, min_devices=2, epochs=3, lr=0.1)
         fleet.agent(0, 3)
@@ -33,8 +32,7 @@ def test_infer_only_agent_without_torch(fleet: Fleet, mosquitto: Any, tmp_path: 
                 "--job", fleet.job, "--prefix", fleet.prefix, "--task", fleet.task,
                 *_flags({"device_id": "sensor", "device_index": 2, "num_devices": 3,
                          "profile": "sensor-infer", "state_dir": tmp_path / "sensor"})]  # fmt: skip
-        sensor = subprocess.Popen([sys.executable, "-c", NO_TORCH, *argv], stdout=log,
-                                  stderr=subprocess.STDOUT)  # fmt: skip
+        sensor = spawn([sys.executable, "-c", NO_TORCH, *argv], log_path=tmp_path / "sensor.log")
         fleet.procs["sensor"] = sensor
 
         def final_metrics() -> Any:
@@ -50,4 +48,3 @@ def test_infer_only_agent_without_torch(fleet: Fleet, mosquitto: Any, tmp_path: 
         assert "inference only" in text and "Traceback" not in text
     finally:
         watcher.close()
-        log.close()
