@@ -95,11 +95,14 @@ class Snapshot:
 class Journal:
     """The journal and ledger of one state directory."""
 
-    def __init__(self, *, root: Path, keep_ids: int = 100_000) -> None:
+    def __init__(
+        self, *, root: Path, keep_ids: int = 100_000, keep_verdicts: int = 1_000_000
+    ) -> None:
         self.root = Path(root)
         self.dir = self.root / "journal"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.keep_ids = keep_ids
+        self.keep_verdicts = keep_verdicts  # the ledger keeps the newest this many verdicts
         # isolation_level=None: transactions are begun and committed here, explicitly;
         # the service may be built in one thread and run in another (never both at once)
         self.db = sqlite3.connect(self.root / "journal.sqlite", isolation_level=None,
@@ -182,7 +185,8 @@ class Journal:
         write_atomic(self.dir / f"{round_id:06d}.snapshot", blob)
 
     def close_round(self, round_id: int) -> None:
-        """Forget a committed round's bodies and snapshot (its ids stay, for dedupe)."""
+        """Forget a committed round's bodies and snapshot (its ids stay, for dedupe); prune
+        the ids and the ledger to their bounds."""
         fh = self._bodies.pop(round_id, None)
         if fh is not None:
             fh.close()
@@ -196,6 +200,10 @@ class Journal:
             (self.keep_ids,),
         )
         self.db.execute("DELETE FROM rounds WHERE round_id <= ?", (round_id,))
+        self.db.execute(
+            "DELETE FROM verdicts WHERE seq <= (SELECT MAX(seq) FROM verdicts) - ?",
+            (self.keep_verdicts,),
+        )
         self.commit()
 
     def close(self) -> None:

@@ -430,12 +430,14 @@ class Aggregator:
         found = recover_round(journal=self.journal, ledger=self.ledger,
                               round_id=self.next_round_id, version=self.model.version,
                               specs=self.model.specs)  # fmt: skip
+        self._save_state()
         if found is not None:
             self.round, self.sum = found
-            self.ledger.counters["accepted"] += len(self.round.accepted)  # since state.json
+            # accepted since state.json was saved (not saved again: a second crash in this
+            # round would count them twice)
+            self.ledger.counters["accepted"] += len(self.round.accepted)
             log.info("resumed open round %d: %d of %d updates already counted",
                      self.round.round_id, len(self.round.accepted), self.round.target)  # fmt: skip
-        self._save_state()
 
     def _save_state(self) -> None:
         self.store.save_state({"job": self.s.job, "task": self.task.name,

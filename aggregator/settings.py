@@ -76,8 +76,11 @@ class AggregatorSettings:
             raise ValueError(
                 "update_budget_bytes must be 0 (none) or between 1024 and max_update_bytes"
             )
-        if self.keep_versions < 0 or self.snapshot_every < 1:
-            raise ValueError("keep_versions must be >= 0 (0 keeps all), snapshot_every >= 1")
+        if self.keep_versions < 0 or self.keep_versions == 1 or self.snapshot_every < 1:
+            # the committed version must outlive the publication of the next one
+            raise ValueError(
+                "keep_versions must be 0 (keep all) or at least 2, snapshot_every at least 1"
+            )
         try:
             self.update_pipeline  # noqa: B018
             check_downlink(self.downlink_pipeline, self.downlink_delta_pipeline)

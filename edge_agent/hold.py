@@ -2,7 +2,9 @@
 
 A straggler made deterministic: with `hold_dir` set, the agent keeps each trained update in
 its outbox, writes `<hold_dir>/<device>.held` (JSON: update_id, round_id) and sends nothing
-it holds until `<hold_dir>/<device>.release` exists. Not for production fleets.
+it holds until `<hold_dir>/<device>.release` exists. A release is used up: the agent sends
+what it holds then, deletes the release file, and holds its next update again. Not for
+production fleets.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ class UpdateHold:
         self.held.add(update_id)
 
     def release(self) -> set[str]:
-        """The held updates that may be sent now (forgotten here): all once released."""
+        """The held updates that may be sent now (forgotten here): all of them once the
+        release file exists, which this uses up."""
         if not self.held or not self.release_path.exists():
             return set()
+        self.release_path.unlink(missing_ok=True)
         released, self.held = self.held, set()
         return released

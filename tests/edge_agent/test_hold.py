@@ -8,7 +8,7 @@ from pathlib import Path
 from edge_agent.hold import UpdateHold
 
 
-def test_held_until_the_release_file_exists_then_all_at_once(tmp_path: Path) -> None:
+def test_held_until_the_release_file_exists_then_all_at_once_and_held_again(tmp_path: Path) -> None:
     hold = UpdateHold(hold_dir=tmp_path / "h", device="d1")
     hold.hold("u1", 1)
     hold.hold("u2", 2)
@@ -17,6 +17,9 @@ def test_held_until_the_release_file_exists_then_all_at_once(tmp_path: Path) -> 
     assert hold.release() == set() and hold.held == {"u1", "u2"}
     (tmp_path / "h" / "d1.release").touch()
     assert hold.release() == {"u1", "u2"} and hold.release() == set()
+    assert not (tmp_path / "h" / "d1.release").exists()  # used up: the next one is held
+    hold.hold("u3", 3)
+    assert hold.release() == set() and hold.held == {"u3"}
 
 
 def test_a_restart_keeps_holding_the_update_still_in_the_outbox(tmp_path: Path) -> None:
