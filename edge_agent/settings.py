@@ -33,7 +33,8 @@ class AgentSettings:
     torch_threads: int = 0  # 0: take the profile's
     infer_only: bool = False  # never train: fetch the ONNX export and evaluate it
     extra_delay_s: float = 0.0  # simulated slowness after training (tests, benchmarks)
-    # a test/benchmark hook: hold each trained update until <hold_dir>/<device>.release exists
+    # a test/benchmark hook: hold each trained update until <hold_dir>/<device>.release
+    # exists (edge_agent/hold.py)
     hold_dir: Path | None = None
 
     def __post_init__(self) -> None:

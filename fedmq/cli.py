@@ -85,7 +85,8 @@ AGENT_HELP = {
     "extra_delay_s": "simulated slowness in seconds after training (tests, benchmarks)",
     "hold_dir": "test/benchmark hook, not for production: after training, keep each update "
     "in the outbox, write HOLD_DIR/<device>.held (JSON: update_id, round_id) and send it only "
-    "once HOLD_DIR/<device>.release exists",
+    "once HOLD_DIR/<device>.release exists (which it then deletes: the next update is held "
+    "again)",
 }
 
 
