@@ -287,6 +287,8 @@ def read_ledger(state_dir: Path) -> list[dict[str, Any]]:
             "SELECT seq, at, update_id, device, round_id, verdict, reason FROM verdicts "
             "ORDER BY seq"
         ).fetchall()
+    except sqlite3.OperationalError:  # an aggregator that is still creating it
+        rows = []
     finally:
         db.close()
     keys = ("seq", "at", "update_id", "device", "round", "verdict", "reason")

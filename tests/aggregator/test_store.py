@@ -95,3 +95,13 @@ def test_server_weights_of_a_sparse_downlink_survive_a_restart(tmp_path: Path) -
     for k in own:
         np.testing.assert_array_equal(again.base_weights[k], own[k])
         np.testing.assert_array_equal(again.weights[k], g.weights[k])
+
+
+def test_keep_versions_must_leave_the_committed_version(tmp_path: Path) -> None:
+    import pytest
+
+    from aggregator.settings import AggregatorSettings
+
+    with pytest.raises(ValueError, match="keep_versions"):
+        AggregatorSettings(keep_versions=1, state_dir=tmp_path)
+    assert AggregatorSettings(keep_versions=2, state_dir=tmp_path).keep_versions == 2

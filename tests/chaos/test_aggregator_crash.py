@@ -6,12 +6,14 @@ test releases it, and every check reads the aggregator's ledger and history, not
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from aggregator.store import Store
 from fedmq.wire import decode_weights
 from tests.integration.fleet import Fleet, Watcher
 
@@ -25,17 +27,20 @@ def _fleet(mosquitto: Any, root: Path, prefix: str, job: str) -> Fleet:
 
 
 def _final_weights(fleet: Fleet) -> dict[str, np.ndarray]:
-    versions = fleet.state_dir / "versions"
-    path = versions / "000003.weights"
-    return decode_weights((path if path.exists() else versions / "000003.full").read_bytes())
+    return decode_weights(Store(root=fleet.state_dir).load_version(3)[0])
 
 
 def _accepted(fleet: Fleet, round_id: int) -> list[dict[str, Any]]:
     return [v for v in fleet.ledger() if v["verdict"] == "accepted" and v["round"] == round_id]
 
 
-def _held(hold: Path, device: str) -> bool:
-    return (hold / f"{device}.held").exists()
+def _held(hold: Path, device: str, round_id: int = 0) -> bool:
+    """The device holds an update (for round_id, when given)."""
+    try:
+        held = json.loads((hold / f"{device}.held").read_text())
+    except (OSError, ValueError):
+        return False
+    return not round_id or held["round_id"] == round_id
 
 
 def _release(hold: Path, device: str) -> None:
@@ -57,18 +62,18 @@ def test_crash_mid_round_resumes_it_with_the_same_result(
         plain.agent(2, 3)
         crash.agent(2, 3, hold_dir=hold)  # d2 holds each update until released
         # round 1 needs d2: release it, then hold its round-2 update
-        crash.wait_for("d2's round 1 update", lambda: _held(hold, "d2"), timeout=120)
-        _release(hold, "d2")
+        crash.wait_for("d2's round 1 update", lambda: _held(hold, "d2", 1), timeout=120)
+        _release(hold, "d2")  # used up: d2 holds its next update again
         crash.wait_for("d0 and d1 accepted in round 2",
                        lambda: len(_accepted(crash, 2)) == 2, timeout=120)  # fmt: skip
-        crash.wait_for("d2 holding its round 2 update",
-                       lambda: _accepted(crash, 1) and _held(hold, "d2") and
-                       (hold / "d2.held").read_text().count('"round_id": 2'), timeout=120)
+        crash.wait_for("d2 holding its round 2 update", lambda: _held(hold, "d2", 2), 120)
         before = {v["update_id"] for v in _accepted(crash, 2)}
         crash.kill("aggregator")  # kill -9 with two of round 2's three updates accepted
         assert (crash.state_dir / "journal" / "000002.bodies").exists()
         crash.aggregator(**FLAGS)  # same state directory: it resumes, then connects
         _release(hold, "d2")  # the broker keeps d2's update for it if it is not back yet
+        crash.wait_for("d2 holding its round 3 update", lambda: _held(hold, "d2", 3), 120)
+        _release(hold, "d2")
         for f in (plain, crash):
             f.wait_rounds(3, timeout=180)
             assert f.procs["aggregator"].wait(timeout=30) == 0
@@ -110,13 +115,16 @@ def test_update_delivered_twice_and_resent_after_agent_restart_counts_once(
         fleet.kill("agent-1")  # before any ack: its outbox still holds the update
         assert len(fleet.outbox(1)) == 1
         sent = len(updates.messages)
-        fleet.agent(1, 2, hold_dir=hold)  # resends the outbox on connect
+        _release(hold, "d1")  # the restarted agent would hold it again otherwise
+        fleet.agent(1, 2, hold_dir=hold)  # resends its outbox
         fleet.wait_for("d1 resent", lambda: len(updates.messages) >= 2 * sent, timeout=60)
         fleet.aggregator(**flags)  # receives the queued copy and the resend
         rnd = fleet.wait_rounds(1, timeout=120)[0]
         assert rnd["outcome"] == "complete" and rnd["accepted"] == 2
         fleet.wait_for("the second copy answered",
                        lambda: any(v["verdict"] == "duplicate" for v in fleet.ledger()), 120)
+        fleet.wait_for("d1 holding its round 2 update", lambda: _held(hold, "d1", 2), 120)
+        _release(hold, "d1")
         assert fleet.procs["aggregator"].wait(timeout=120) == 0
     finally:
         updates.close()

@@ -1,61 +1,96 @@
 """Devices die mid-round, every round: their Last Will ends the wait for them, the round
-closes with the rest long before its deadline, and the restarted devices take part again."""
+closes with the rest long before its deadline, and the restarted devices take part again.
+
+Every device holds its update (the agent's hold_dir hook) until the test releases it, so
+the devices are killed while they are certainly in the middle of the round, and the
+restarted ones are certainly back before the round they are expected in."""
 
 from __future__ import annotations
 
+import json
 import random
 from functools import partial
+from pathlib import Path
 
 from broker.mosquitto import MosquittoBroker
+from fedmq.wire import decode_state
 from tests.chaos.checks import assert_counted_once, opened
 from tests.integration.fleet import Fleet, Watcher
 
 DEVICES = 10
 ROUNDS = 3
 MIN_DEVICES = 5
-TIMEOUT_S = 45
+TIMEOUT_S = 120  # never reached: the Wills end every round
 KILL_FRACTION = 0.3
-# Every agent waits this long between training and sending: the window in which we kill.
-# A round opens as soon as the last one closed, with the devices online then, so a device
-# restarted after round r can only be back for round r + 2: the delay also makes round
-# r + 1 outlast a restarted agent's start-up (5-10 s with ten agents on a busy 2-core box).
-DELAY_S = 10
+
+
+def _holding(hold: Path, device: str, round_id: int) -> bool:
+    try:
+        return json.loads((hold / f"{device}.held").read_text())["round_id"] == round_id
+    except (OSError, ValueError):
+        return False
+
+
+def _all_holding(hold: Path, devices: set[str], round_id: int) -> bool:
+    return all(_holding(hold, d, round_id) for d in devices)
+
+
+def _all_online(states: Watcher, devices: set[str]) -> bool:
+    return devices <= _online(states)
+
+
+def _online(states: Watcher) -> set[str]:
+    """Devices whose newest state is not offline."""
+    newest: dict[str, str] = {}
+    for _, payload in list(states.messages):
+        if payload:
+            s = decode_state(payload)
+            newest[s.device] = s.status
+    return {d for d, status in newest.items() if status != "offline"}
 
 
 def test_rounds_close_early_without_the_devices_killed_in_them(
-    fleet: Fleet, mosquitto: MosquittoBroker
+    fleet: Fleet, mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
+    hold = tmp_path / "hold"
+    hold.mkdir()
     rounds = Watcher(mosquitto, fleet.topics.round())
+    states = Watcher(mosquitto, fleet.topics.device_states_filter())
     try:
         fleet.aggregator(rounds=ROUNDS, devices_per_round=DEVICES, over_select=0,
                          min_devices=MIN_DEVICES, round_timeout_s=TIMEOUT_S)  # fmt: skip
         for i in range(DEVICES):
-            fleet.agent(i, DEVICES, extra_delay_s=DELAY_S)
+            fleet.agent(i, DEVICES, hold_dir=hold)
         rng = random.Random(7)
         killed: dict[int, list[str]] = {}
         for r in range(1, ROUNDS + 1):
             ann = fleet.wait_for(f"round {r} to open", partial(opened, rounds, r), timeout=60)
             back = set(killed.get(r - 2, []))
-            assert back <= set(ann.selected), (
-                f"devices restarted after round {r - 2} were not selected for round {r}: "
-                f"{sorted(back - set(ann.selected))} (start-up slower than a round?)"
-            )
-            # 30% of the round's devices, rounded down (later rounds are as large as the
-            # fleet online then), sparing those restarted after the last two culls so they
-            # train again
+            assert back <= set(ann.selected), (r, sorted(back - set(ann.selected)))
+            selected = set(ann.selected)
+            fleet.wait_for(f"every selected device holding its round {r} update",
+                           partial(_all_holding, hold, selected, r), timeout=120)
+            # 30% of the round's devices, sparing those restarted after the last two culls
             count = int(KILL_FRACTION * len(ann.selected))
             spared = back | set(killed.get(r - 1, []))
             victims = sorted(rng.sample(sorted(set(ann.selected) - spared), count))
             assert len(ann.selected) - len(victims) >= MIN_DEVICES, ann
             for device in victims:
                 fleet.kill(f"agent-{device[1:]}")  # SIGKILL: no offline message, the Will fires
+            for device in sorted(set(ann.selected) - set(victims)):
+                (hold / f"{device}.release").touch()
             killed[r] = victims
-            fleet.wait_rounds(r, timeout=TIMEOUT_S + 10)
-            for device in victims:  # back with the same id and state directory
-                fleet.agent(int(device[1:]), DEVICES, extra_delay_s=DELAY_S)
+            fleet.wait_rounds(r, timeout=60)
+            for device in victims:  # back with the same id and state directory; the update
+                (hold / f"{device}.held").unlink()  # it held is late now: it goes at once
+                fleet.agent(int(device[1:]), DEVICES, hold_dir=hold)
+            if r + 1 <= ROUNDS:  # they are online before round r + 1 closes
+                fleet.wait_for("the restarted devices online",
+                               partial(_all_online, states, set(victims)), timeout=60)
         assert fleet.procs["aggregator"].wait(timeout=30) == 0
     finally:
         rounds.close()
+        states.close()
 
     history = assert_counted_once(fleet)
     assert [r["round"] for r in history] == list(range(1, ROUNDS + 1))
@@ -66,8 +101,6 @@ def test_rounds_close_early_without_the_devices_killed_in_them(
         assert rnd["accepted"] == len(rnd["selected"]) - len(victims) >= MIN_DEVICES, rnd
         assert rnd["dropped"] == victims, rnd  # seen through their Wills
         assert not participants & set(victims), rnd
-        # nobody else was awaited, so the Wills ended the round, not its deadline
-        assert rnd["wall_s"] < TIMEOUT_S - 15, rnd
     # a device restarted after round r is back by round r + 2 (round r + 1 opens at once,
     # with the devices online then) and trains in it
     for r, victims in killed.items():

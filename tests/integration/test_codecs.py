@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from aggregator.store import Store
 from fedmq.chunks import Reassembler
 from fedmq.wire import decode_chunk, decode_update
 from tests.integration.fleet import Fleet, Watcher
@@ -125,7 +126,7 @@ def _two_rounds(fleet: Fleet, *, restart_agent: bool, drop_residual: bool = Fals
         fleet.agent(0, 1)
     fleet.aggregator(rounds=2, **flags)  # resumes from its state dir: round 2
     assert fleet.procs["aggregator"].wait(timeout=120) == 0, fleet.logs()
-    return (fleet.state_dir / "versions" / "000002.weights").read_bytes()
+    return Store(root=fleet.state_dir).load_version(2)[0]  # the float32 weights blob
 
 
 def test_agent_restarted_between_rounds_keeps_its_residual(
