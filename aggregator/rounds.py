@@ -101,6 +101,13 @@ class OpenRound:
     def waiting_for(self) -> frozenset[str]:
         return self.selected - self.contributors - self.dropped
 
+    def history_record(self, outcome: str, now: float) -> dict[str, Any]:
+        """The round's line in the history, as it closes (stats and metrics are added)."""
+        return {"round": self.round_id, "outcome": outcome, "base_version": self.model_version,
+                "selected": sorted(self.selected), "dropped": sorted(self.dropped),
+                "accepted": len(self.accepted), "opened_at": self.opened_at, "closed_at": now,
+                "wall_s": round(now - self.opened_at, 3)}  # fmt: skip
+
     def meta(self) -> dict[str, object]:
         """What the journal keeps of the round as announced."""
         return {"round": self.round_id, "model_version": self.model_version,

@@ -18,33 +18,27 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from aggregator.admission import Admission
 from aggregator.fedavg import RunningSum, ServerSGD
 from aggregator.globals import GlobalModel
-from aggregator.journal import Accepted, Journal, Snapshot
+from aggregator.intake import Intake
+from aggregator.journal import Journal, Snapshot
 from aggregator.ledger import Ledger
-from aggregator.modes import BufferedRounds, Contribution, Mode, SyncRounds
+from aggregator.modes import BufferedRounds, Mode, SyncRounds
 from aggregator.presence import Presence
 from aggregator.recovery import recover_round
 from aggregator.rounds import OpenRound
 from aggregator.settings import AggregatorSettings
 from aggregator.status import status_of
 from aggregator.store import Store
-from fedmq.chunks import Reassembler
-from fedmq.codecs import Decoded
-from fedmq.errors import ProtocolError, SchemaError, Unauthorized
+from fedmq.errors import ProtocolError, Unauthorized
 from fedmq.link import Connected, Disconnected, Link, Message
 from fedmq.tasks import Task, get_task
 from fedmq.wire import (
-    Ack,
     RoundAnnouncement,
-    Update,
-    decode_chunk,
     decode_metrics,
     decode_state,
     encode_ack,
@@ -56,11 +50,6 @@ log = logging.getLogger("fedmq.aggregator")
 
 TICK_S = 0.2
 STATUS_EVERY_S = 1.0
-DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
-MAX_PENDING = 4 * DECODE_THREADS  # decoded updates held before they are folded in
-
-# an admitted update waiting for its tensors: (decoding, update, contribution, wire bytes)
-Pending = tuple["Future[dict[str, Decoded]]", Update, Contribution, int]
 
 
 class Aggregator:
@@ -89,23 +78,26 @@ class Aggregator:
         self.admission = Admission(specs=self.model.specs, max_update_bytes=s.max_update_bytes,
                                    budget_bytes=s.update_budget_bytes)  # fmt: skip
         self.optimizer = ServerSGD(lr=s.server_lr)
-        self.reassembler = Reassembler(max_payload_bytes=s.max_update_bytes)
         self.presence = Presence(job=s.job)
         self.ledger = Ledger(journal=self.journal)
+        self.intake = Intake(admission=self.admission, mode=self.mode, ledger=self.ledger,
+                             max_message_bytes=s.max_message_bytes)  # fmt: skip
         self.device_metrics: dict[str, dict[str, float]] = {}
-        self.round: OpenRound | None = None
-        self.sum: RunningSum | None = None
         self.next_round_id = 1
         self.waiting_since = 0.0
         self.done_reason = ""
-        # updates being decoded on worker threads (zstd and numpy let go of the GIL)
-        self._pool = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
-        self._pending: list[Pending] = []
-        self._acks: list[tuple[str, Ack]] = []  # sent once the journal commits
-        self._handled: list[Message] = []  # acknowledged to the broker after that
-        self._since_snapshot = 0
+        self._handled: list[Message] = []  # acknowledged to the broker after the commit
         self._status_at, self._status_dirty = 0.0, True
         self._connections, self._connected_at = 0, 0.0
+
+    @property
+    def round(self) -> OpenRound | None:
+        """The round (or buffer) being filled, if one is open."""
+        return self.intake.round
+
+    @property
+    def sum(self) -> RunningSum | None:
+        return self.intake.sum
 
     # ------------------------------------------------------------ the loop
 
@@ -144,28 +136,31 @@ class Aggregator:
             self._publish_status(time.time(), force=True)
             self.link.stop()
             self.journal.close()
-            self._pool.shutdown()
+            self.intake.close()
         log.info("stopped: %s", self.done_reason or "asked to stop")
         return 0
 
     def _flush(self) -> None:
-        """Fold in what was decoded meanwhile, then group commit: make every staged verdict
-        durable, then ack what it covers."""
-        while self._pending:
-            self._fold_next()
+        """Group commit: fold in what was decoded meanwhile, make every staged verdict
+        durable with one commit, then send the acks and the PUBACKs it covers."""
+        self.intake.drain()
         self.journal.commit()
-        for device, ack in self._acks:
-            self.link.publish(self.topics.ack(device), encode_ack(ack), qos=1)
+        acks, self.intake.acks = self.intake.acks, []
+        for device, ack in acks:
+            try:
+                topic = self.topics.ack(device)
+            except ValueError:
+                continue  # not a device id we could answer on
+            self.link.publish(topic, encode_ack(ack), qos=1)
         for msg in self._handled:
             self.link.ack(msg)
-        self._acks, self._handled = [], []
-        acc = self.sum
-        if self._since_snapshot >= self.s.snapshot_every and self.round and acc:
-            snap = Snapshot(seq=self.journal.last_seq(), count=acc.count,
-                            total_weight=acc.total_weight,
-                            sums=encode_weights(acc.sums))  # fmt: skip
-            self.journal.save_snapshot(self.round.round_id, snap)
-            self._since_snapshot = 0
+        self._handled = []
+        r, acc = self.round, self.sum
+        if r is not None and acc is not None and self.intake.folded >= self.s.snapshot_every:
+            self.journal.save_snapshot(r.round_id, Snapshot(
+                seq=self.journal.last_seq(), count=acc.count, total_weight=acc.total_weight,
+                sums=encode_weights(acc.sums)))  # fmt: skip
+            self.intake.folded = 0
 
     def _on_reconnected(self, event: Connected) -> None:
         log.info("broker connection up (session present: %s)", event.session_present)
@@ -186,10 +181,7 @@ class Aggregator:
         else:
             for device in self.presence.due_drops(now, connected_at=self._connected_at):
                 self.round.drop(device)
-        self.reassembler.expire(now)
-        if self.reassembler.expired:  # here or inside add()
-            self.ledger.counters["expired_partial_updates"] += self.reassembler.expired
-            self.reassembler.expired = 0
+        self.ledger.counters["expired_partial_updates"] += self.intake.expire(now)
         self._close_if_due(now)
         # the next round opens in the same tick: no gap in which updates find none open
         if self.round is None and not self.done_reason:
@@ -209,7 +201,10 @@ class Aggregator:
         device = self.topics.device_of(msg.topic) or "?"
         try:
             if kind == "update":
-                self._on_update_chunk(device, msg.payload, now)
+                self.intake.on_chunk(device, msg.payload, now=now, version=self.model.version,
+                                     next_round=self.next_round_id,
+                                     trains=self.presence.trains)  # fmt: skip
+                self._status_dirty = True
             elif kind == "state" and msg.payload:
                 state = decode_state(msg.payload)
                 if self.presence.observe(device, state, now):
@@ -232,113 +227,14 @@ class Aggregator:
             self.ledger.counters["internal_errors"] += 1
             log.exception("failed to handle a message from %s on %s", device, msg.topic)
 
-    def _on_update_chunk(self, device: str, payload: bytes, now: float) -> None:
-        chunk = decode_chunk(payload, max_bytes=self.s.max_message_bytes + 4096)
-        u: Update | None = None
-        try:
-            done = self.reassembler.add(chunk, source=device, now=now, wire_bytes=len(payload))
-            if done is None:
-                return
-            u = self.admission.decode(done.payload, device=device, payload_id=chunk.payload_id)
-            self._take_update(u, done.wire_bytes, now)
-        except ProtocolError as err:
-            self._refuse(device, chunk.payload_id, u.round_id if u is not None else -1, err)
-        self._status_dirty = True
-
-    def _refuse(self, device: str, update_id: str, round_id: int, err: ProtocolError) -> None:
-        err.at(device=device, topic=self.topics.update(device))
-        reason = f"{err.reason_code}: {err.reason}"
-        self.ledger.verdict(update_id=update_id, device=device, round_id=round_id,
-                            verdict="rejected", reason=reason,
-                            counter=f"rejected_{err.reason_code}")  # fmt: skip
-        log.warning("rejected update %s from %s: %s", update_id, device, err.reason)
-        self._ack(device, Ack(update_id, round_id, "rejected", reason))
-
-    def _take_update(self, u: Update, wire_bytes: int, now: float) -> None:
-        counted = self.ledger.counted_in(u.update_id)
-        if counted is None and self.round is not None and u.update_id in self.round.accepted:
-            counted = self.round.round_id  # a copy of one still being folded in
-        if counted is not None:
-            # a redelivery, or a resend after a restart: counted once, acknowledged again so
-            # the device can forget it
-            self.ledger.verdict(update_id=u.update_id, device=u.device, round_id=u.round_id,
-                                verdict="duplicate", reason=f"counted in round {counted}",
-                                counter="duplicates")  # fmt: skip
-            log.info("update %s from %s was already counted; acknowledged again",
-                     u.update_id, u.device)  # fmt: skip
-            reason = f"duplicate: already counted in round {counted}"
-            self._ack(u.device, Ack(u.update_id, u.round_id, "accepted", reason))
-            return
-        r, acc = self.round, self.sum
-        if r is None or acc is None:
-            if u.round_id >= self.next_round_id:
-                raise SchemaError(f"no round is open (update for round {u.round_id})")
-            given = None
-        else:
-            given = self.mode.judge(r, u, version=self.model.version,
-                                    trains=self.presence.trains(u.device), now=now)  # fmt: skip
-        if r is None or acc is None or given is None:
-            self.ledger.verdict(update_id=u.update_id, device=u.device, round_id=u.round_id,
-                                verdict="late", reason="round already closed")  # fmt: skip
-            log.info("late update %s from %s for round %d", u.update_id, u.device, u.round_id)
-            self._ack(u.device, Ack(u.update_id, u.round_id, "late", "round already closed"))
-            return
-        # counted now, so the mode's rules see it; its tensors are decoded on a worker thread
-        # meanwhile and it is folded in, in arrival order, by the next _flush
-        r.record(u.update_id, u.device)
-        self._pending.append((self._pool.submit(self.admission.validate, u), u, given,
-                              wire_bytes))  # fmt: skip
-        while len(self._pending) > MAX_PENDING:  # memory: a few decoded updates at a time
-            self._fold_next()
-
-    def _fold_next(self) -> None:
-        job = self._pending.pop(0)
-        try:
-            self._fold(job)
-        except Exception:  # a bug of ours must not take the service down: log it, go on
-            self.ledger.counters["internal_errors"] += 1
-            log.exception("failed to fold in update %s from %s", job[1].update_id, job[1].device)
-
-    def _fold(self, job: Pending) -> None:
-        """Fold in an update whose tensors were decoded, or refuse it; stage its verdict."""
-        future, u, given, wire_bytes = job
-        r, acc = self.round, self.sum
-        assert r is not None and acc is not None
-        try:
-            tensors = future.result()
-        except Exception as err:
-            r.forget(u.update_id)
-            if not isinstance(err, ProtocolError):
-                raise
-            self._refuse(u.device, u.update_id, u.round_id, err)
-            return
-        acc.add(tensors, given.weight, norm=given.norm)
-        record = {"device": u.device, "examples": u.num_examples, **given.record, **u.metrics}
-        self.ledger.accept(Accepted(
-            update_id=u.update_id, round_id=r.round_id, device=u.device, codec=u.codec,
-            body=u.body, weight=given.weight, norm=given.norm, wire_bytes=wire_bytes,
-            fetched_bytes=u.fetched_bytes, record=record))  # fmt: skip
-        self._since_snapshot += 1
-        log.info("accepted update %s from %s for round %d (%d examples, %d bytes) [%d/%d]",
-                 u.update_id, u.device, r.round_id, u.num_examples, wire_bytes,
-                 len(r.accepted), r.target)  # fmt: skip
-        self._ack(u.device, Ack(u.update_id, u.round_id, "accepted"))
-
-    def _ack(self, device: str, ack: Ack) -> None:
-        try:
-            self.topics.ack(device)
-        except ValueError:
-            return  # not a device id we could answer on
-        self._acks.append((device, ack))
-
     # ------------------------------------------------------------ rounds
 
     def _open_round(self, online: list[str], now: float) -> None:
-        self.round = r = self.mode.open(round_id=self.next_round_id, version=self.model.version,
-                                        online=online, seed=self.s.seed, now=now)  # fmt: skip
-        self.sum = RunningSum(specs=self.model.specs)
+        r = self.mode.open(round_id=self.next_round_id, version=self.model.version,
+                           online=online, seed=self.s.seed, now=now)  # fmt: skip
+        self.intake.begin(r, RunningSum(specs=self.model.specs))
         self.ledger.begin_round()
-        self._since_snapshot = 0
+        self.intake.folded = 0
         self.journal.open_round(r.round_id, r.meta())
         self._flush()  # durable before devices hear of it
         self._announce("open")
@@ -347,8 +243,8 @@ class Aggregator:
                  len(r.selected), len(online), r.target, r.deadline - now)  # fmt: skip
         self._status_dirty = True
 
-    def _announce(self, state: str) -> None:
-        r = self.round
+    def _announce(self, state: str, r: OpenRound | None = None) -> None:
+        r = r or self.round
         assert r is not None
         msg = RoundAnnouncement(
             job=self.s.job, round_id=r.round_id, model_version=r.model_version, state=state,
@@ -367,15 +263,9 @@ class Aggregator:
             self._close_round(outcome, now)
 
     def _close_round(self, outcome: str, now: float) -> None:
-        r, acc = self.round, self.sum
-        assert r is not None and acc is not None
         self._flush()  # every update of the round durable and acknowledged first
-        record: dict[str, Any] = {
-            "round": r.round_id, "outcome": outcome, "base_version": r.model_version,
-            "selected": sorted(r.selected), "dropped": sorted(r.dropped),
-            "accepted": len(r.accepted), "opened_at": r.opened_at, "closed_at": now,
-            "wall_s": round(now - r.opened_at, 3), **self.ledger.round_stats(),
-        }  # fmt: skip
+        r, acc = self.intake.end()
+        record = {**r.history_record(outcome, now), **self.ledger.round_stats()}
         counters = self.ledger.counters
         if outcome == "abandoned":
             log.warning("round %d abandoned: %d of %d needed updates arrived; keeping version %d",
@@ -390,10 +280,9 @@ class Aggregator:
             log.info("round %d %s with %d updates: version %d, accuracy %.4f, loss %.4f",
                      r.round_id, outcome, len(r.accepted), self.model.version,
                      metrics["accuracy"], metrics["loss"])  # fmt: skip
-        self._announce("closed" if outcome != "abandoned" else "abandoned")
+        self._announce("closed" if outcome != "abandoned" else "abandoned", r)
         self.store.append_round(record)
         self.next_round_id = r.round_id + 1
-        self.round, self.sum = None, None
         self._save_state()  # the commit point: a restart now starts the next round
         self.journal.close_round(r.round_id)
         self.waiting_since = now
@@ -432,12 +321,13 @@ class Aggregator:
                               specs=self.model.specs)  # fmt: skip
         self._save_state()
         if found is not None:
-            self.round, self.sum = found
+            r, acc = found
+            self.intake.begin(r, acc)
             # accepted since state.json was saved (not saved again: a second crash in this
             # round would count them twice)
-            self.ledger.counters["accepted"] += len(self.round.accepted)
+            self.ledger.counters["accepted"] += len(r.accepted)
             log.info("resumed open round %d: %d of %d updates already counted",
-                     self.round.round_id, len(self.round.accepted), self.round.target)  # fmt: skip
+                     r.round_id, len(r.accepted), r.target)  # fmt: skip
 
     def _save_state(self) -> None:
         self.store.save_state({"job": self.s.job, "task": self.task.name,
@@ -446,15 +336,10 @@ class Aggregator:
 
     def status(self, now: float) -> dict[str, Any]:
         """What the retained status topic says: readable by people and monitoring tools."""
-        downlink_delta = self.model.downlink_delta
-        codec = {"updates": self.s.update_pipeline.name,
-                 "update_budget_bytes": self.s.update_budget_bytes,
-                 "downlink": self.model.downlink.name,
-                 "downlink_delta": downlink_delta.name if downlink_delta else ""}  # fmt: skip
-        return status_of(job=self.s.job, task=self.task.name, mode=self.mode.name,
-                         done_reason=self.done_reason, version=self.model.version,
-                         metrics=self.model.metrics, round_=self.round, presence=self.presence,
-                         counters=self.ledger.counters, codec=codec, now=now)  # fmt: skip
+        return status_of(settings=self.s, task=self.task.name, done_reason=self.done_reason,
+                         version=self.model.version, metrics=self.model.metrics,
+                         round_=self.round, presence=self.presence,
+                         counters=self.ledger.counters, now=now)  # fmt: skip
 
     def _publish_status(self, now: float, *, force: bool = False) -> None:
         if not force and (not self._status_dirty or now - self._status_at < STATUS_EVERY_S):

@@ -8,24 +8,25 @@ from typing import Any
 
 from aggregator.presence import Presence
 from aggregator.rounds import OpenRound
+from aggregator.settings import AggregatorSettings
 from fedmq import __version__
 
 
 def status_of(
     *,
-    job: str,
+    settings: AggregatorSettings,
     task: str,
-    mode: str,
     done_reason: str,
     version: int,
     metrics: Mapping[str, float],
     round_: OpenRound | None,
     presence: Presence,
     counters: Mapping[str, int],
-    codec: Mapping[str, Any],
     now: float,
 ) -> dict[str, Any]:
     """The status document for this moment."""
+    s = settings
+    delta = s.downlink_delta_pipeline
     if done_reason:
         phase = "done"
     elif round_ is not None:
@@ -34,16 +35,21 @@ def status_of(
         phase = "waiting for devices"
     r = round_
     return {
-        "job": job,
+        "job": s.job,
         "task": task,
-        "mode": mode,
+        "mode": s.mode,
         "phase": phase,
         "done_reason": done_reason,
         "model_version": version,
         "accuracy": metrics.get("accuracy"),
         "loss": metrics.get("loss"),
         "rounds_closed": counters.get("rounds_closed", 0),
-        "codec": dict(codec),
+        "codec": {
+            "updates": s.update_pipeline.name,
+            "update_budget_bytes": s.update_budget_bytes,
+            "downlink": s.downlink_pipeline.name,
+            "downlink_delta": delta.name if delta else "",
+        },
         "round": None
         if r is None
         else {

@@ -1,0 +1,179 @@
+"""Intake: update chunks in, verdicts out, for the round (or buffer) being filled.
+
+    chunk -> Reassembler -> Admission.decode -> dedupe (Ledger) -> Mode.judge
+          -> Admission.validate on a worker thread -> fold into the sum, in arrival order
+          -> a verdict in the ledger and an ack waiting for the next commit
+
+No sockets and no clock: the service passes `now` and sends the acks once the journal
+has committed what they answer. Tensors are decoded on worker threads (zstd and numpy
+let go of the GIL) while the caller goes on; they are folded in, in the order the
+updates arrived, by `drain()`, or as soon as more than `max_pending` wait, so at most
+that many decoded updates are held in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from aggregator.admission import Admission
+from aggregator.fedavg import RunningSum
+from aggregator.journal import Accepted
+from aggregator.ledger import Ledger
+from aggregator.modes import Contribution, Mode
+from aggregator.rounds import OpenRound
+from fedmq.chunks import Reassembler
+from fedmq.codecs import Decoded
+from fedmq.errors import ProtocolError, SchemaError
+from fedmq.wire import Ack, Update, decode_chunk
+
+log = logging.getLogger("fedmq.aggregator")
+
+DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+# an admitted update waiting for its tensors: (decoding, update, contribution, wire bytes)
+Pending = tuple["Future[dict[str, Decoded]]", Update, Contribution, int]
+
+
+class Intake:
+    """Turns update chunks into verdicts for the open round (or buffer), if any."""
+
+    def __init__(self, *, admission: Admission, mode: Mode, ledger: Ledger,
+                 max_message_bytes: int, threads: int = DECODE_THREADS) -> None:  # fmt: skip
+        self.admission = admission
+        self.mode = mode
+        self.ledger = ledger
+        self.max_chunk_bytes = max_message_bytes + 4096
+        self.reassembler = Reassembler(max_payload_bytes=admission.max_update_bytes)
+        self.round: OpenRound | None = None
+        self.sum: RunningSum | None = None
+        self.acks: list[tuple[str, Ack]] = []  # answers waiting for the journal commit
+        self.folded = 0  # updates folded into the sum since the counter was last reset
+        self.max_pending = 4 * threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        self._pending: list[Pending] = []
+
+    def begin(self, r: OpenRound, acc: RunningSum) -> None:
+        """Fill this round (or buffer) from now on."""
+        self.round, self.sum = r, acc
+
+    def end(self) -> tuple[OpenRound, RunningSum]:
+        """Stop filling the round; every update it counted is folded in."""
+        self.drain()
+        r, acc = self.round, self.sum
+        assert r is not None and acc is not None
+        self.round, self.sum = None, None
+        return r, acc
+
+    def on_chunk(self, device: str, payload: bytes, *, now: float, version: int,
+                 next_round: int, trains: Callable[[str], bool | None]) -> None:  # fmt: skip
+        """Take one chunk of an update from device's topic; ProtocolError for a chunk that
+        cannot be read at all (there is no update id to answer)."""
+        chunk = decode_chunk(payload, max_bytes=self.max_chunk_bytes)
+        u: Update | None = None
+        try:
+            done = self.reassembler.add(chunk, source=device, now=now, wire_bytes=len(payload))
+            if done is None:
+                return
+            u = self.admission.decode(done.payload, device=device, payload_id=chunk.payload_id)
+            self._take(u, done.wire_bytes, now=now, version=version, next_round=next_round,
+                       trains=trains(u.device))  # fmt: skip
+        except ProtocolError as err:
+            self._refuse(device, chunk.payload_id, u.round_id if u is not None else -1, err)
+
+    def drain(self) -> None:
+        """Fold in every update decoded meanwhile, in the order they arrived."""
+        while self._pending:
+            self._fold_next()
+
+    def expire(self, now: float) -> int:
+        """Drop partial payloads past their age; how many were dropped since last asked."""
+        self.reassembler.expire(now)
+        n, self.reassembler.expired = self.reassembler.expired, 0
+        return n
+
+    def close(self) -> None:
+        """Stop the decoding threads."""
+        self._pool.shutdown()
+
+    # ------------------------------------------------------------ the verdicts
+
+    def _take(self, u: Update, wire_bytes: int, *, now: float, version: int, next_round: int,
+              trains: bool | None) -> None:  # fmt: skip
+        r = self.round
+        counted = self.ledger.counted_in(u.update_id)
+        if counted is None and r is not None and u.update_id in r.accepted:
+            counted = r.round_id  # a copy of one still being folded in
+        if counted is not None:
+            # a redelivery, or a resend after a restart: counted once, acknowledged again so
+            # the device can forget it
+            self.ledger.verdict(update_id=u.update_id, device=u.device, round_id=u.round_id,
+                                verdict="duplicate", reason=f"counted in round {counted}",
+                                counter="duplicates")  # fmt: skip
+            log.info("update %s from %s was already counted; acknowledged again",
+                     u.update_id, u.device)  # fmt: skip
+            self._ack(u.device, Ack(u.update_id, u.round_id, "accepted",
+                                    f"duplicate: already counted in round {counted}"))  # fmt: skip
+            return
+        if r is None and u.round_id >= next_round:
+            raise SchemaError(f"no round is open (update for round {u.round_id})")
+        given = None if r is None else self.mode.judge(r, u, version=version, trains=trains,
+                                                       now=now)  # fmt: skip
+        if r is None or given is None:
+            self.ledger.verdict(update_id=u.update_id, device=u.device, round_id=u.round_id,
+                                verdict="late", reason="round already closed")  # fmt: skip
+            log.info("late update %s from %s for round %d", u.update_id, u.device, u.round_id)
+            self._ack(u.device, Ack(u.update_id, u.round_id, "late", "round already closed"))
+            return
+        # counted now, so the mode's rules see it; folded in once its tensors are decoded
+        r.record(u.update_id, u.device)
+        future = self._pool.submit(self.admission.validate, u)
+        self._pending.append((future, u, given, wire_bytes))
+        while len(self._pending) > self.max_pending:
+            self._fold_next()
+
+    def _fold_next(self) -> None:
+        job = self._pending.pop(0)
+        try:
+            self._fold(job)
+        except Exception:  # a bug of ours must not take the service down: log it, go on
+            self.ledger.counters["internal_errors"] += 1
+            log.exception("failed to fold in update %s from %s", job[1].update_id, job[1].device)
+
+    def _fold(self, job: Pending) -> None:
+        future, u, given, wire_bytes = job
+        r, acc = self.round, self.sum
+        assert r is not None and acc is not None
+        try:
+            tensors = future.result()
+        except Exception as err:
+            r.forget(u.update_id)
+            if not isinstance(err, ProtocolError):
+                raise
+            self._refuse(u.device, u.update_id, u.round_id, err)
+            return
+        acc.add(tensors, given.weight, norm=given.norm)
+        record = {"device": u.device, "examples": u.num_examples, **given.record, **u.metrics}
+        self.ledger.accept(Accepted(
+            update_id=u.update_id, round_id=r.round_id, device=u.device, codec=u.codec,
+            body=u.body, weight=given.weight, norm=given.norm, wire_bytes=wire_bytes,
+            fetched_bytes=u.fetched_bytes, record=record))  # fmt: skip
+        self.folded += 1
+        log.info("accepted update %s from %s for round %d (%d examples, %d bytes) [%d/%d]",
+                 u.update_id, u.device, r.round_id, u.num_examples, wire_bytes,
+                 len(r.accepted), r.target)  # fmt: skip
+        self._ack(u.device, Ack(u.update_id, u.round_id, "accepted"))
+
+    def _refuse(self, device: str, update_id: str, round_id: int, err: ProtocolError) -> None:
+        err.at(device=device)
+        reason = f"{err.reason_code}: {err.reason}"
+        self.ledger.verdict(update_id=update_id, device=device, round_id=round_id,
+                            verdict="rejected", reason=reason,
+                            counter=f"rejected_{err.reason_code}")  # fmt: skip
+        log.warning("rejected update %s from %s: %s", update_id, device, err.reason)
+        self._ack(device, Ack(update_id, round_id, "rejected", reason))
+
+    def _ack(self, device: str, ack: Ack) -> None:
+        self.acks.append((device, ack))
