@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmq.processes import spawn_fedmq, stop_all
+from fedmq.report import read_history
 
 TASK = "mnist-2nn"
 POLL_S = 0.5
@@ -179,7 +180,7 @@ def run_mode(mode: str, args: argparse.Namespace, delays: list[float], work: Pat
             if procs[0].poll() is not None:
                 raise RuntimeError(f"{mode}: aggregator exited {procs[0].returncode}; "
                                    f"see {run_dir / 'aggregator.log'}")  # fmt: skip
-            history = read_json(state_dir / "history.json", [])
+            history = read_history(state_dir)
             if start is None and history:
                 start = float(history[0]["opened_at"])
                 print(f"{mode}: round 1 opened; measuring for {args.budget_s:.0f}s", flush=True)
@@ -189,7 +190,7 @@ def run_mode(mode: str, args: argparse.Namespace, delays: list[float], work: Pat
     finally:
         stop_all(procs)
         broker.stop()
-    history = read_json(state_dir / "history.json", [])
+    history = read_history(state_dir)
     state = read_json(state_dir / "state.json", {})
     return summarize(mode, history, state, start, args, delays, run_dir)
 
