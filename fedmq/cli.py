@@ -86,7 +86,8 @@ AGENT_HELP = {
     "hold_dir": "test/benchmark hook, not for production: after training, keep each update "
     "in the outbox, write HOLD_DIR/<device>.held (JSON: update_id, round_id) and send it only "
     "once HOLD_DIR/<device>.release exists (which it then deletes: the next update is held "
-    "again)",
+    "again); a release file with JSON {\"up_to_round\": N} lets go only of updates for rounds "
+    "up to N",
 }
 
 
