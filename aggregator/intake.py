@@ -8,7 +8,8 @@ No sockets and no clock: the service passes `now` and sends the acks once the jo
 has committed what they answer. Tensors are decoded on worker threads (zstd and numpy
 let go of the GIL) while the caller goes on; they are folded in, in the order the
 updates arrived, by `drain()`, or as soon as more than `max_pending` wait, so at most
-that many decoded updates are held in memory.
+that many decoded updates are held in memory (the ledger records every verdict; the log
+says only what went wrong, so it does not grow by a line per update).
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from aggregator.admission import Admission
-from aggregator.fedavg import RunningSum
+from aggregator.fedavg import Prepared, RunningSum
 from aggregator.journal import Accepted
 from aggregator.ledger import Ledger
 from aggregator.modes import Contribution, Mode
 from aggregator.rounds import OpenRound
 from fedmq.chunks import Reassembler
-from fedmq.codecs import Decoded
 from fedmq.errors import ProtocolError, SchemaError
 from fedmq.wire import Ack, Update, decode_chunk
 
@@ -34,7 +34,7 @@ log = logging.getLogger("fedmq.aggregator")
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 # an admitted update waiting for its tensors: (decoding, update, contribution, wire bytes)
-Pending = tuple["Future[dict[str, Decoded]]", Update, Contribution, int]
+Pending = tuple["Future[Prepared]", Update, Contribution, int]
 
 
 class Intake:
@@ -51,7 +51,7 @@ class Intake:
         self.sum: RunningSum | None = None
         self.acks: list[tuple[str, Ack]] = []  # answers waiting for the journal commit
         self.folded = 0  # updates folded into the sum since the counter was last reset
-        self.max_pending = 4 * threads
+        self.max_pending = 2 * threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self._pending: list[Pending] = []
 
@@ -129,10 +129,15 @@ class Intake:
             return
         # counted now, so the mode's rules see it; folded in once its tensors are decoded
         r.record(u.update_id, u.device)
-        future = self._pool.submit(self.admission.validate, u)
+        future = self._pool.submit(self._decode, u, given)
         self._pending.append((future, u, given, wire_bytes))
         while len(self._pending) > self.max_pending:
             self._fold_next()
+
+    def _decode(self, u: Update, given: Contribution) -> Prepared:
+        """On a worker thread: the update's tensors, checked and weighted."""
+        assert self.sum is not None
+        return self.sum.prepare(self.admission.validate(u), given.weight, norm=given.norm)
 
     def _fold_next(self) -> None:
         job = self._pending.pop(0)
@@ -147,23 +152,23 @@ class Intake:
         r, acc = self.round, self.sum
         assert r is not None and acc is not None
         try:
-            tensors = future.result()
+            prepared = future.result()
         except Exception as err:
             r.forget(u.update_id)
             if not isinstance(err, ProtocolError):
                 raise
             self._refuse(u.device, u.update_id, u.round_id, err)
             return
-        acc.add(tensors, given.weight, norm=given.norm)
+        acc.add_prepared(prepared)
         record = {"device": u.device, "examples": u.num_examples, **given.record, **u.metrics}
         self.ledger.accept(Accepted(
             update_id=u.update_id, round_id=r.round_id, device=u.device, codec=u.codec,
             body=u.body, weight=given.weight, norm=given.norm, wire_bytes=wire_bytes,
             fetched_bytes=u.fetched_bytes, record=record))  # fmt: skip
         self.folded += 1
-        log.info("accepted update %s from %s for round %d (%d examples, %d bytes) [%d/%d]",
-                 u.update_id, u.device, r.round_id, u.num_examples, wire_bytes,
-                 len(r.accepted), r.target)  # fmt: skip
+        log.debug("accepted update %s from %s for round %d (%d examples, %d bytes) [%d/%d]",
+                  u.update_id, u.device, r.round_id, u.num_examples, wire_bytes,
+                  len(r.accepted), r.target)  # fmt: skip
         self._ack(u.device, Ack(u.update_id, u.round_id, "accepted"))
 
     def _refuse(self, device: str, update_id: str, round_id: int, err: ProtocolError) -> None:

@@ -114,7 +114,7 @@ class Link:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         inbox_size: int = 10000,
         manual_ack: bool = False,
-        receive_maximum: int = 512,
+        receive_maximum: int = 128,
     ) -> None:
         if max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
