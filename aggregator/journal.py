@@ -34,6 +34,9 @@ import msgpack
 
 from fedmq.atomicfile import write_atomic
 
+# No secondary index and no AUTOINCREMENT: every commit appends each page it changed to
+# the WAL, so each index would add a 4 KiB page per commit (ids are deduplicated in memory;
+# a round's rows are found by a scan of at most keep_ids rows, once, at a restart).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
     round_id INTEGER PRIMARY KEY,
@@ -41,7 +44,7 @@ CREATE TABLE IF NOT EXISTS rounds (
 );
 CREATE TABLE IF NOT EXISTS accepted (
     seq INTEGER PRIMARY KEY,
-    update_id TEXT NOT NULL UNIQUE,
+    update_id TEXT NOT NULL,
     round_id INTEGER NOT NULL,
     device TEXT NOT NULL,
     codec TEXT NOT NULL,
@@ -53,9 +56,8 @@ CREATE TABLE IF NOT EXISTS accepted (
     fetched_bytes INTEGER NOT NULL,
     record TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS accepted_round ON accepted(round_id, seq);
 CREATE TABLE IF NOT EXISTS verdicts (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     at REAL NOT NULL,
     update_id TEXT NOT NULL,
     device TEXT NOT NULL,
