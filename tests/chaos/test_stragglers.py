@@ -19,7 +19,7 @@ from tests.integration.fleet import Fleet, Watcher
 DEVICES = 5
 SLOW = 4  # device d4: one device in five
 SYNC_ROUNDS = 4
-ASYNC_ROUNDS = 8
+ASYNC_ROUNDS = 6
 BUFFER_SIZE = 4  # as many as there are fast devices
 
 
@@ -73,8 +73,10 @@ def test_sync_rounds_complete_without_the_straggler_and_it_is_acknowledged_late(
 
 
 def test_async_folds_the_straggler_in_with_its_staleness(fleet: Fleet, tmp_path: Path) -> None:
+    # the first buffer opens once all five are online (not after start_wait_s)
     _start(fleet, tmp_path, mode="async", rounds=ASYNC_ROUNDS, buffer_size=BUFFER_SIZE,
-           max_staleness=20, staleness_exponent=0.5, round_timeout_s=120)  # fmt: skip
+           devices_per_round=DEVICES, max_staleness=20, staleness_exponent=0.5,
+           round_timeout_s=120)  # fmt: skip
     fleet.wait_for("the aggregator to finish",
                    partial(_release_when_its_round_closed, fleet, tmp_path),
                    timeout=180)
