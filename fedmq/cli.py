@@ -160,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     agg = sub.add_parser(
         "aggregator",
         help="run the aggregator service for one job",
-        description="Run synchronous FedAvg rounds for one job against an MQTT broker.",
+        description=(
+            "Run one job's rounds against an MQTT broker: synchronous FedAvg rounds, or "
+            "FedBuff buffers with --mode async. Every accepted update is journalled in "
+            "--state-dir before it is acknowledged; a restart resumes where it stopped."
+        ),
     )
     agg.add_argument("--config", type=Path, help="TOML config file")
     _add_settings_flags(agg, AggregatorSettings, AGGREGATOR_HELP)
