@@ -78,7 +78,7 @@ class Aggregator:
         self.admission = Admission(specs=self.model.specs, max_update_bytes=s.max_update_bytes,
                                    budget_bytes=s.update_budget_bytes)  # fmt: skip
         self.optimizer = ServerSGD(lr=s.server_lr)
-        self.presence = Presence(job=s.job)
+        self.presence = Presence(job=s.job, grace_s=s.drop_grace_s)
         self.ledger = Ledger(journal=self.journal)
         self.intake = Intake(admission=self.admission, mode=self.mode, ledger=self.ledger,
                              max_message_bytes=s.max_message_bytes)  # fmt: skip

@@ -51,6 +51,7 @@ class AggregatorSettings:
     update_budget_bytes: int = 0  # byte budget of one update, announced; 0: none
     downlink: str = "float32"  # codec of each version's full payload
     downlink_delta: str = ""  # also publish a delta from the previous version in this codec
+    drop_grace_s: float = 8.0  # a Will counts as a dropout after this long (see presence.py)
     keep_versions: int = 10  # global versions kept in the state directory; 0 keeps all
     snapshot_every: int = 500  # accepted updates between snapshots of the open round's sum
 
@@ -76,6 +77,8 @@ class AggregatorSettings:
             raise ValueError(
                 "update_budget_bytes must be 0 (none) or between 1024 and max_update_bytes"
             )
+        if not 0 <= self.drop_grace_s <= 3600:
+            raise ValueError(f"drop_grace_s must be in [0, 3600], got {self.drop_grace_s}")
         if self.keep_versions < 0 or self.keep_versions == 1 or self.snapshot_every < 1:
             # the committed version must outlive the publication of the next one
             raise ValueError(

@@ -57,6 +57,9 @@ AGGREGATOR_HELP = {
     "downlink": "codec of each global version's full payload: float32, fp16 or int8[+zstd]",
     "downlink_delta": "also publish each version as a delta from the previous one in this "
     "codec, e.g. int8+zstd ('' = off)",
+    "drop_grace_s": "seconds a device's Will (offline) must stand before it counts as a "
+    "dropout: longer than a device takes to reconnect after a broker restart, since Mosquitto "
+    "publishes every client's Will when it shuts down",
     "keep_versions": "global versions kept in the state directory, newest first (0 = all)",
     "snapshot_every": "accepted updates between snapshots of the open round's sum (a restart "
     "replays the journal from the last one)",

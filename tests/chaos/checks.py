@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from fedmq.wire import RoundAnnouncement, decode_round
+from fedmq.wire import RoundAnnouncement, decode_round, decode_state
 from tests.integration.fleet import Fleet, Watcher
 
 
@@ -18,6 +18,17 @@ def opened(watcher: Watcher, round_id: int) -> RoundAnnouncement | None:
             if r.round_id == round_id and r.state == "open":
                 return r
     return None
+
+
+def online(states: Watcher) -> set[str]:
+    """Devices whose newest state, among what a Watcher of the state topics saw, is not
+    offline (online or training)."""
+    newest: dict[str, str] = {}
+    for _, payload in list(states.messages):
+        if payload:
+            s = decode_state(payload)
+            newest[s.device] = s.status
+    return {d for d, status in newest.items() if status != "offline"}
 
 
 def assert_counted_once(fleet: Fleet, *, sync: bool = True) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from broker.mosquitto import MosquittoBroker
-from tests.chaos.checks import assert_counted_once
+from tests.chaos.checks import assert_counted_once, online
 from tests.integration.fleet import Fleet, Watcher
 
 DEVICES = 5
@@ -36,9 +36,21 @@ def _release_when_its_round_closed(fleet: Fleet, hold: Path) -> bool:
 
 
 def _start(fleet: Fleet, hold: Path, **flags: object) -> None:
+    """The agents first, then the aggregator once all five are online: round 1 opens
+    with every device (a round opened with four, the straggler among them, could not
+    complete without it)."""
+    states = Watcher(fleet.broker, fleet.topics.device_states_filter())
+    try:
+        for i in range(DEVICES):
+            fleet.agent(i, DEVICES, **({"hold_dir": hold} if i == SLOW else {}))
+        fleet.wait_for("every device online", partial(_all_online, states), timeout=120)
+    finally:
+        states.close()
     fleet.aggregator(**flags)
-    for i in range(DEVICES):
-        fleet.agent(i, DEVICES, **({"hold_dir": hold} if i == SLOW else {}))
+
+
+def _all_online(states: Watcher) -> bool:
+    return len(online(states)) == DEVICES
 
 
 def test_sync_rounds_complete_without_the_straggler_and_it_is_acknowledged_late(
