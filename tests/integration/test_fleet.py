@@ -8,7 +8,6 @@ from typing import Any
 
 import msgpack
 import numpy as np
-import pytest
 
 from aggregator.journal import read_ledger
 from fedmq.chunks import encode_chunks
@@ -110,20 +109,17 @@ def test_malformed_and_oversized_messages_are_rejected(fleet: Fleet, mosquitto: 
         watcher.close()
 
 
-@pytest.mark.parametrize("advertised", [True, False], ids=["connack-limit", "configured-limit"])
 def test_payload_over_broker_limit_arrives_chunked(
-    broker_factory: Any, tmp_path: Path, topic_prefix: str, advertised: bool
+    broker_factory: Any, tmp_path: Path, topic_prefix: str
 ) -> None:
-    """128 KiB broker: learned from CONNACK Maximum Packet Size, or configured on both sides.
+    """A 128 KiB broker that does not say so (no CONNACK Maximum Packet Size): the limit is
+    configured on both sides. (A broker that advertises it: tests/integration/test_codecs.py,
+    whose float32 fleet learns it from CONNACK.)
 
     Uncompressed (float32) updates, so each is several chunks."""
     limit = 131072
-    if advertised:
-        broker = broker_factory(message_size_limit=limit, max_packet_size=limit)
-        flags: dict[str, Any] = {}
-    else:
-        broker = broker_factory(message_size_limit=limit)
-        flags = {"max_message_bytes": limit}
+    broker = broker_factory(message_size_limit=limit)
+    flags: dict[str, Any] = {"max_message_bytes": limit}
     fleet = Fleet(broker=broker, root=tmp_path, prefix=topic_prefix, task="mnist-2nn")
     watcher = Watcher(broker, fleet.topics.updates_filter())
     try:
