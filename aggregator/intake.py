@@ -129,15 +129,16 @@ class Intake:
             return
         # counted now, so the mode's rules see it; folded in once its tensors are decoded
         r.record(u.update_id, u.device)
-        future = self._pool.submit(self._decode, u, given)
+        assert self.sum is not None
+        future = self._pool.submit(self._decode, self.sum, u, given)
         self._pending.append((future, u, given, wire_bytes))
         while len(self._pending) > self.max_pending:
             self._fold_next()
 
-    def _decode(self, u: Update, given: Contribution) -> Prepared:
-        """On a worker thread: the update's tensors, checked and weighted."""
-        assert self.sum is not None
-        return self.sum.prepare(self.admission.validate(u), given.weight, norm=given.norm)
+    def _decode(self, acc: RunningSum, u: Update, given: Contribution) -> Prepared:
+        """On a worker thread: the update's tensors, checked and weighted (prepare reads no
+        state of the sum, so the loop may go on adding to it meanwhile)."""
+        return acc.prepare(self.admission.validate(u), given.weight, norm=given.norm)
 
     def _fold_next(self) -> None:
         job = self._pending.pop(0)

@@ -97,6 +97,7 @@ class Aggregator:
 
     @property
     def sum(self) -> RunningSum | None:
+        """The running sum of the open round (or buffer), if one is open."""
         return self.intake.sum
 
     # ------------------------------------------------------------ the loop
