@@ -55,6 +55,15 @@ class AggregatorSettings:
     keep_versions: int = 10  # global versions kept in the state directory; 0 keeps all
     snapshot_every: int = 500  # accepted updates between snapshots of the open round's sum
 
+    # trust (docs/security.md): TLS files, the Ed25519 key that signs the downlink, the fleet
+    # file of enrolled devices; insecure = plain MQTT, no credentials, unsigned downlink
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    signing_key: Path | None = None
+    fleet_file: Path | None = None
+    insecure: bool = False
+
     def __post_init__(self) -> None:
         self.topics  # noqa: B018 - validates job and prefix
         self.broker  # noqa: B018 - validates host, port, version
@@ -114,6 +123,9 @@ class AggregatorSettings:
             mqtt_version=self.mqtt_version,
             username=self.username,
             password=self.password,
+            ca_file=self.ca_file,
+            cert_file=self.cert_file,
+            key_file=self.key_file,
         )
 
     @property

@@ -37,6 +37,14 @@ class AgentSettings:
     # exists (edge_agent/hold.py)
     hold_dir: Path | None = None
 
+    # trust (docs/security.md): TLS files, the aggregator's pinned Ed25519 public key;
+    # insecure = plain MQTT, no credentials, unsigned downlink accepted
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_key: Path | None = None
+    insecure: bool = False
+
     def __post_init__(self) -> None:
         check_name("device id", self.device_id)
         self.topics  # noqa: B018 - validates job and prefix
@@ -65,4 +73,7 @@ class AgentSettings:
             mqtt_version=self.mqtt_version,
             username=self.username,
             password=self.password,
+            ca_file=self.ca_file,
+            cert_file=self.cert_file,
+            key_file=self.key_file,
         )

@@ -49,7 +49,8 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-def _convert(value: Any, tp: Any, source: str) -> Any:
+def _convert(value: Any, tp: Any, source: str, base: Path | None = None) -> Any:
+    """value as type tp; a relative path from a TOML file is relative to that file (base)."""
     tp = _base_type(tp)
     if value is None:
         return None
@@ -70,7 +71,8 @@ def _convert(value: Any, tp: Any, source: str) -> Any:
         if tp is float:
             return float(value)
         if tp is Path:
-            return Path(value)
+            path = Path(value).expanduser()
+            return base / path if base is not None and not path.is_absolute() else path
         if tp is str:
             return str(value)
     except (TypeError, ValueError) as err:
@@ -107,7 +109,9 @@ def load_settings(
             for key, raw in layer.items():
                 name = key.replace("-", "_")
                 if name in fields and not isinstance(raw, dict):
-                    values[name] = _convert(raw, hints[name], f"{config_file}: {key}")
+                    values[name] = _convert(
+                        raw, hints[name], f"{config_file}: {key}", Path(config_file).parent
+                    )
     env = os.environ if environ is None else environ
     for name in fields:
         var = ENV_PREFIX + name.upper()

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import paho.mqtt.client as mqtt
@@ -50,6 +51,11 @@ class BrokerAddress:
     username: str | None = None
     password: str | None = None
     keepalive: int = 30
+    # TLS: the CA that signed the broker's certificate; with cert_file/key_file this client
+    # authenticates with its own certificate (mTLS, certificate CN = device id)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.mqtt_version not in MQTT_VERSIONS:
@@ -60,6 +66,14 @@ class BrokerAddress:
             raise ValueError(f"broker port must be 1-65535, got {self.port}")
         if self.keepalive < 5:
             raise ValueError(f"keepalive must be at least 5 seconds, got {self.keepalive}")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: a client certificate, its key")
+        if self.cert_file is not None and self.ca_file is None:
+            raise ValueError("a client certificate needs ca_file (the broker's CA) as well")
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None
 
 
 @dataclass(frozen=True)
@@ -147,6 +161,12 @@ class Link:
         self.client.max_inflight_messages_set(64)
         if address.username:
             self.client.username_pw_set(address.username, address.password)
+        if address.ca_file is not None:
+            self.client.tls_set(
+                ca_certs=str(address.ca_file),
+                certfile=str(address.cert_file) if address.cert_file else None,
+                keyfile=str(address.key_file) if address.key_file else None,
+            )
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self._persistent = persistent
