@@ -70,6 +70,12 @@ class AggregatorSettings:
         self.policy  # noqa: B018
         self.train  # noqa: B018
         self.buffer  # noqa: B018
+        if not self.insecure and self.ca_file is None and self.username is None:
+            raise ValueError(
+                "no broker credentials: give ca_file, cert_file and key_file (the aggregator "
+                "bundle of `fedmq fleet init`, e.g. --config bundles/aggregator.<job>/"
+                "aggregator.toml) or, on a network you trust, --insecure"
+            )
         if self.mode not in ("sync", "async"):
             raise ValueError(f"mode must be 'sync' or 'async', got {self.mode!r}")
         if self.rounds < 0:

@@ -503,7 +503,9 @@ def run_cell(args: argparse.Namespace, task: str, pipeline: str, specs: Any,
         log_path = run_dir / "aggregator.log"
         # fmt: off
         agg = spawn_fedmq([
-            "aggregator", "--job", JOB, "--prefix", prefix, "--host", broker.host,
+            # --insecure: this measures the aggregator's intake behind a plain local broker
+            # (the publishers are a harness, not enrolled devices); TLS costs: byzantine.py
+            "aggregator", "--insecure", "--job", JOB, "--prefix", prefix, "--host", broker.host,
             "--port", str(broker.port), "--task", task, "--state-dir", str(run_dir / "state"),
             "--rounds", "0", "--mode", "async", "--buffer-size", str(len(devices)),
             "--devices-per-round", str(len(devices)), "--round-timeout-s", "86400",

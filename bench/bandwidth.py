@@ -104,15 +104,19 @@ def pipelines_for(task: str, args: argparse.Namespace) -> list[str]:
 def run_one(task: str, pipeline: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One fleet run with one pipeline in a fresh broker, job and state directory."""
     from broker import BrokerSettings, MosquittoBroker
+    from broker.provision import FleetDir
+    from fedmq.processes import device_id
 
     name = f"{task}-{pipeline.replace(':', '').replace('+', '-')}"
     run_dir = work / name
     run_dir.mkdir(parents=True, exist_ok=True)
     state_dir = run_dir / "aggregator"
+    fleet = FleetDir.init(run_dir / "fleet", job="bw",
+                          devices=[device_id(i) for i in range(args.devices)])  # fmt: skip
     # a managed broker's cap (AWS IoT Core: 128 KB), advertised in CONNACK
     broker = MosquittoBroker(settings=BrokerSettings(
         port=0, data_dir=run_dir / "broker", message_size_limit=args.max_message_bytes,
-        max_packet_size=args.max_message_bytes + 1024,
+        max_packet_size=args.max_message_bytes + 1024, fleet_dir=fleet.root,
     ))  # fmt: skip
     broker.start()
     full, delta = downlink_of(pipeline, args.downlink_delta)
@@ -123,7 +127,7 @@ def run_one(task: str, pipeline: str, args: argparse.Namespace, work: Path) -> d
             name, args, common=common, partition=args.partition, run_dir=run_dir,
             aggregator_flags=["--codec", pipeline, "--downlink", full, "--downlink-delta", delta,
                               "--no-publish-onnx"],
-            start_wait_s=180, grace_s=300,
+            start_wait_s=180, grace_s=300, fleet=fleet,
         )  # fmt: skip
     finally:
         broker.stop()

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedmq.processes import spawn_agents, spawn_fedmq, stop_all
+from fedmq.processes import device_id, spawn_agents, spawn_fedmq, stop_all
 from fedmq.report import read_history
 
 TASK = "mnist-2nn"
@@ -96,13 +96,17 @@ def run_fleet(
     aggregator_flags: list[str],
     start_wait_s: float = 120,
     grace_s: float = 120,
+    fleet: Any = None,
 ) -> tuple[float, int, int]:
     """Run an aggregator and args.devices agents until the aggregator exits, with a
     progress bar; (total wall s, peak RSS KiB of the aggregator, of agent 0).
 
     The aggregator waits for the whole fleet and runs args.rounds rounds of E, B, lr from
-    args; every process is stopped on the way out (the broker is the caller's)."""
+    args; every process is stopped on the way out (the broker is the caller's). With fleet
+    (a FleetDir: the broker is secured) every process connects with its own certificate."""
     from tqdm import tqdm
+
+    from broker.provision import aggregator_identity, credential_flags
 
     state_dir = run_dir / "aggregator"
     n = str(args.devices)
@@ -116,11 +120,13 @@ def run_fleet(
              "--devices-per-round", n, "--min-devices", n,
              "--round-timeout-s", str(args.round_timeout_s), "--start-wait-s", str(start_wait_s),
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-             "--lr", str(args.lr), *aggregator_flags],
+             "--lr", str(args.lr), *aggregator_flags,
+             *credential_flags(fleet, aggregator_identity(fleet.read().job) if fleet else "")],
             run_dir / "aggregator.log",
         ))  # fmt: skip
         procs += spawn_agents(common, devices=args.devices, partition=partition,
-                              state_dir=run_dir / "agents", log_dir=run_dir)  # fmt: skip
+                              state_dir=run_dir / "agents", log_dir=run_dir,
+                              credentials=lambda d: credential_flags(fleet, d))  # fmt: skip
         aggregator, agent0 = procs[0], procs[1]
         limit = start + grace_s + args.rounds * (args.round_timeout_s + 60)
         while aggregator.poll() is None:
@@ -145,17 +151,19 @@ def run_fleet(
 
 def run_partition(partition: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One full run in a fresh broker, job and state directory; its measurements."""
-    from broker import start_broker
+    from broker.launch import start_fleet_broker
 
     run_dir = work / partition
     run_dir.mkdir(parents=True, exist_ok=True)
-    broker = start_broker(prefer="mosquitto", port=0, data_dir=run_dir / "broker")
-    common = ["--host", broker.host, "--port", str(broker.port), "--job", f"bench-{partition}",
+    job = f"bench-{partition}"
+    broker, fleet = start_fleet_broker(run_dir, job=job, prefer="mosquitto",
+                                       devices=[device_id(i) for i in range(args.devices)])
+    common = ["--host", broker.host, "--port", str(broker.port), "--job", job,
               "--mqtt-version", broker.mqtt_version, "--task", TASK]  # fmt: skip
     try:
         total_wall, peak_agg, peak_agent = run_fleet(
             partition, args, common=common, partition=partition, run_dir=run_dir,
-            aggregator_flags=["--codec", args.codec],
+            aggregator_flags=["--codec", args.codec], fleet=fleet,
         )  # fmt: skip
     finally:
         broker.stop()

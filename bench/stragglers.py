@@ -153,22 +153,27 @@ def mode_flags(mode: str, args: argparse.Namespace) -> list[str]:
 
 def run_mode(mode: str, args: argparse.Namespace, delays: list[float], work: Path) -> dict:
     """One run in a fresh broker, job and state directory, stopped when the budget is spent."""
-    from broker import start_broker
+    from broker.launch import start_fleet_broker
+    from broker.provision import aggregator_identity, credential_flags
 
     run_dir = work / mode
     run_dir.mkdir(parents=True, exist_ok=True)
     state_dir = run_dir / "aggregator"
-    broker = start_broker(prefer="mosquitto", port=0, data_dir=run_dir / "broker")
-    common = ["--host", broker.host, "--port", str(broker.port), "--job", f"stragglers-{mode}",
+    job = f"stragglers-{mode}"
+    broker, fleet = start_fleet_broker(run_dir, job=job, prefer="mosquitto",
+                                       devices=[f"device-{i:02d}" for i in range(len(delays))])
+    common = ["--host", broker.host, "--port", str(broker.port), "--job", job,
               "--mqtt-version", broker.mqtt_version, "--task", TASK]  # fmt: skip
     procs = [spawn_fedmq(["aggregator", *common, "--state-dir", str(state_dir), "--rounds", "0",
                     "--start-wait-s", "120", "--epochs", "1", "--batch-size", "10",
-                    "--lr", "0.05", "--codec", "float32", *mode_flags(mode, args)],
+                    "--lr", "0.05", "--codec", "float32", *mode_flags(mode, args),
+                    *credential_flags(fleet, aggregator_identity(job))],
                    run_dir / "aggregator.log")]  # fmt: skip
     try:
         for i, delay in enumerate(delays):
             procs.append(spawn_fedmq(
-                ["agent", *common, "--device-id", f"device-{i:02d}", "--device-index", str(i),
+                ["agent", *common, *credential_flags(fleet, f"device-{i:02d}"),
+                 "--device-id", f"device-{i:02d}", "--device-index", str(i),
                  "--num-devices", str(len(delays)), "--partition", "iid",
                  "--state-dir", str(run_dir / "agents"), "--torch-threads", "1",
                  "--extra-delay-s", str(delay)],

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from broker.embedded import EmbeddedBroker, amqtt_available
 from broker.mosquitto import BrokerSettings, MosquittoBroker, mosquitto_path
+from broker.provision import FleetDir
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +44,50 @@ def start_broker(
     *,
     prefer: str = "auto",
     port: int = 0,
+    host: str = "127.0.0.1",
     data_dir: Path,
     message_size_limit: int = 0,
+    fleet_dir: Path | None = None,
 ) -> MosquittoBroker | EmbeddedBroker:
-    """Start the preferred broker on port (0 picks a free one) and return it running."""
-    if choose_broker(prefer) == "mosquitto":
-        settings = BrokerSettings(
-            data_dir=Path(data_dir), port=port, message_size_limit=message_size_limit
-        )
+    """Start the preferred broker on port (0 picks a free one) and return it running; with
+    fleet_dir, Mosquitto with the fleet's mTLS listener and ACL (the embedded broker cannot
+    enforce them and is refused)."""
+    kind = choose_broker("mosquitto" if fleet_dir is not None and prefer == "auto" else prefer)
+    if kind == "mosquitto":
+        settings = BrokerSettings(data_dir=Path(data_dir), host=host, port=port,
+                                  message_size_limit=message_size_limit,
+                                  fleet_dir=fleet_dir)  # fmt: skip
         return MosquittoBroker(settings=settings).start()
+    if fleet_dir is not None:
+        raise RuntimeError("the embedded broker cannot enforce a fleet's certificates and ACL: "
+                           "install Mosquitto (apt-get install mosquitto)")
     if message_size_limit:
         # amqtt has no size limit option; fedmq's chunking still keeps payloads small
         logger.warning(
             "the embedded broker does not enforce message_size_limit=%d", message_size_limit
         )
-    return EmbeddedBroker(data_dir=Path(data_dir), port=port).start()
+    return EmbeddedBroker(data_dir=Path(data_dir), host=host, port=port).start()
+
+
+def start_fleet_broker(
+    run_dir: Path,
+    *,
+    job: str,
+    devices: Sequence[str],
+    prefix: str = "fedmq",
+    prefer: str = "auto",
+    insecure: bool = False,
+    message_size_limit: int = 0,
+) -> tuple[MosquittoBroker | EmbeddedBroker, FleetDir | None]:
+    """A broker for a local fleet (the demo, benchmarks): secured unless insecure, with a
+    fleet directory in run_dir/fleet enrolling devices. The embedded broker cannot enforce
+    certificates or an ACL; choosing it (no Mosquitto installed) runs without them, and
+    returns no fleet directory so that the caller can say so."""
+    kind = choose_broker(prefer)
+    fleet = None
+    if not insecure and kind == "mosquitto":
+        fleet = FleetDir.init(Path(run_dir) / "fleet", job=job, prefix=prefix, devices=devices)
+    broker = start_broker(prefer=kind, port=0, data_dir=Path(run_dir) / "broker",
+                          message_size_limit=message_size_limit,
+                          fleet_dir=fleet.root if fleet else None)  # fmt: skip
+    return broker, fleet

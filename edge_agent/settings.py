@@ -47,6 +47,18 @@ class AgentSettings:
 
     def __post_init__(self) -> None:
         check_name("device id", self.device_id)
+        if not self.insecure and self.ca_file is None and self.username is None:
+            raise ValueError(
+                "no broker credentials: give ca_file, cert_file and key_file (the device's "
+                "bundle from `fedmq fleet`: --config agent.toml) or, on a network you trust, "
+                "--insecure"
+            )
+        if not self.insecure and self.server_key is None:
+            raise ValueError(
+                "no server_key: agents pin the aggregator's public key to verify the models "
+                "and rounds they receive (server-key.pub.pem in the device's bundle), or "
+                "run with --insecure"
+            )
         self.topics  # noqa: B018 - validates job and prefix
         self.broker  # noqa: B018
         if self.num_devices < 1 or not 0 <= self.device_index < self.num_devices:

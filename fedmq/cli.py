@@ -94,6 +94,67 @@ AGENT_HELP = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class StatusSettings:
+    """Where `fedmq status` looks (TOML [status], FEDMQ_*, flags)."""
+
+    job: str = "demo"
+    prefix: str = "fedmq"
+    host: str = "127.0.0.1"
+    port: int = 8883
+    mqtt_version: str = "5"
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False
+    timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        self.address  # noqa: B018 - validates host, port, version, TLS files
+        if not self.insecure and self.ca_file is None and self.username is None:
+            raise ValueError(
+                "no broker credentials: give ca_file, cert_file and key_file (the operator "
+                "bundle of `fedmq fleet init`: --config bundles/operator.<job>/operator.toml) "
+                "or, on a network you trust, --insecure"
+            )
+
+    @property
+    def address(self) -> Any:
+        from fedmq.link import BrokerAddress
+
+        return BrokerAddress(host=self.host, port=self.port, mqtt_version=self.mqtt_version,
+                             username=self.username, password=self.password,
+                             ca_file=self.ca_file, cert_file=self.cert_file,
+                             key_file=self.key_file)  # fmt: skip
+
+
+STATUS_HELP = {
+    **{k: AGGREGATOR_HELP[k] for k in ("job", "prefix", "host", "port", "mqtt_version",
+                                        "username", "password")},  # fmt: skip
+    "ca_file": "the CA that signed the broker's certificate (TLS)",
+    "cert_file": "client certificate (mTLS; CN = the identity)",
+    "key_file": "the client certificate's key",
+    "insecure": "plain MQTT without TLS or credentials",
+    "timeout": "seconds to wait for the broker and the status",
+}
+TLS_HELP = {k: STATUS_HELP[k] for k in ("ca_file", "cert_file", "key_file")}
+AGGREGATOR_HELP.update(TLS_HELP)
+AGGREGATOR_HELP.update({
+    "signing_key": "the Ed25519 private key (PEM) that signs global models and rounds "
+    "(default: <state-dir>/signing-key.pem, made on first start)",
+    "fleet_file": "fleet.toml of enrolled devices (fedmq fleet); updates from others are refused",
+    "insecure": "plain MQTT without TLS or credentials, for a network you trust",
+})
+AGENT_HELP.update(TLS_HELP)
+AGENT_HELP.update({
+    "server_key": "the aggregator's Ed25519 public key (PEM): only models and rounds it "
+    "signed are accepted",
+    "insecure": "plain MQTT without TLS or credentials, unsigned models accepted",
+})
+
+
 def _add_settings_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str]) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -180,24 +241,74 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--config", type=Path, help="TOML config file")
     _add_settings_flags(agent, AgentSettings, AGENT_HELP)
 
+    fleet = sub.add_parser(
+        "fleet",
+        help="create and maintain a fleet's certificates, ACL and per-device bundles",
+        description=(
+            "A fleet directory holds a job's security material: a CA, the broker's "
+            "certificate, the aggregator's Ed25519 signing key, an ACL where each device may "
+            "publish only its own topics, a CRL, and one bundle per device (its certificate, "
+            "key, the CA and the aggregator's public key, with an agent.toml to run it). "
+            "Copy bundles/<device>/ to the device and run: fedmq agent --config agent.toml. "
+            "See docs/security.md."
+        ),
+    )
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+    init = fleet_sub.add_parser("init", help="create a fleet directory",
+                                description="Create a fleet directory with a new CA.")  # fmt: skip
+    init.add_argument("dir", type=Path, help="the fleet directory to create")
+    init.add_argument("--job", default="demo", help="job name (default demo)")
+    init.add_argument("--prefix", default="fedmq", help="topic prefix (default fedmq)")
+    init.add_argument("--host", action="append", dest="hosts", metavar="HOST",
+                      help="broker host name or address devices connect to, in the broker's "
+                      "certificate (repeat for more; default 127.0.0.1 and localhost)")  # fmt: skip
+    init.add_argument("--port", type=int, default=8883, help="broker TLS port (default 8883)")
+    init.add_argument("--device", action="append", default=[], metavar="ID[:CLASS]",
+                      help="enrol a device (repeat); CLASS is its firmware profile")  # fmt: skip
+    init.add_argument("--devices", type=int, default=0, metavar="N",
+                      help="also enrol device-00 .. device-<N-1>")  # fmt: skip
+    add = fleet_sub.add_parser("add", help="enrol a device: issue its certificate and bundle")
+    add.add_argument("dir", type=Path)
+    add.add_argument("device", help="device id (letters, digits, _ . -)")
+    add.add_argument("--class", dest="device_class", default="", help="firmware profile name")
+    add.add_argument("--max-examples", type=int, default=None,
+                     help="most examples one update from this device may claim")  # fmt: skip
+    revoke = fleet_sub.add_parser("revoke", help="revoke a device's certificate and access")
+    revoke.add_argument("dir", type=Path)
+    revoke.add_argument("device")
+    show = fleet_sub.add_parser("show", help="list a fleet's devices and files")
+    show.add_argument("dir", type=Path)
+
     broker = sub.add_parser(
         "broker",
         help="run a Mosquitto broker with a generated config",
-        description="Run Mosquitto in the foreground with a config fedmq generates.",
+        description=(
+            "Run Mosquitto in the foreground with a config fedmq generates: with --fleet DIR, "
+            "an mTLS listener that admits only the fleet's certificates and enforces its ACL "
+            "(send SIGHUP after fedmq fleet add/revoke); --insecure runs plain MQTT with "
+            "anonymous access, for trials on a trusted network only."
+        ),
     )
-    broker.add_argument("--port", type=int, default=1883)
+    broker.add_argument("--fleet", type=Path, help="fleet directory (fedmq fleet init)")
+    broker.add_argument("--insecure", action="store_true",
+                        help="plain MQTT, anonymous access, no ACL")  # fmt: skip
+    broker.add_argument("--port", type=int, default=None,
+                        help="port to listen on (default: the fleet's, 1883 with --insecure)")
     broker.add_argument("--host", default="127.0.0.1", help="address to listen on")
     broker.add_argument("--data-dir", type=Path, default=Path("fedmq-broker"))
     broker.add_argument("--message-size-limit", type=int, default=0,
                         help="largest payload the broker accepts (0 = its default)")  # fmt: skip
     broker.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto")
 
-    status = sub.add_parser("status", help="print a job's retained status")
-    status.add_argument("--host", default="127.0.0.1")
-    status.add_argument("--port", type=int, default=1883)
-    status.add_argument("--job", default="demo")
-    status.add_argument("--prefix", default="fedmq")
-    status.add_argument("--timeout", type=float, default=5.0)
+    status = sub.add_parser(
+        "status",
+        help="print a job's retained status",
+        description="Read the aggregator's retained status JSON once and print it. On a "
+        "secured fleet, connect as the read-only operator: --config "
+        "<fleet>/bundles/operator.<job>/operator.toml.",
+    )
+    status.add_argument("--config", type=Path, help="TOML config file ([status] table)")
+    _add_settings_flags(status, StatusSettings, STATUS_HELP)
 
     sub.add_parser("tasks", help="list built-in tasks and firmware profiles")
     return parser
@@ -237,6 +348,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _serve(Agent(settings=_settings(AgentSettings, args, "agent")))
     if args.command == "broker":
         return _run_broker(args)
+    if args.command == "fleet":
+        return _fleet(args)
     if args.command == "status":
         return _print_status(args)
     if args.command == "tasks":
@@ -271,12 +384,21 @@ def _run_broker(args: argparse.Namespace) -> int:
 
     from broker import start_broker
 
+    if (args.fleet is None) == (not args.insecure):
+        print("fedmq: the broker needs --fleet DIR (made by fedmq fleet init) or --insecure",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_CONFIG
+    port = args.port
+    if port is None:
+        port = 1883 if args.insecure else _fleet_dir(args.fleet).read().port
     try:
         broker = start_broker(
             prefer=args.broker,
-            port=args.port,
+            port=port,
+            host=args.host,
             data_dir=args.data_dir,
             message_size_limit=args.message_size_limit,
+            fleet_dir=args.fleet,
         )
     except RuntimeError as err:
         print(f"fedmq: {err}", file=sys.stderr)
@@ -295,29 +417,76 @@ def _run_broker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fleet_dir(path: Path) -> Any:
+    from broker.provision import FleetDir
+
+    fleet = FleetDir(path)
+    if not fleet.fleet_file.exists():
+        raise ConfigError(f"{path} holds no fleet (no fleet.toml): run fedmq fleet init {path}")
+    return fleet
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    from broker.provision import FleetDir, aggregator_identity, operator_identity
+
+    if args.fleet_command == "init":
+        devices = [tuple(d.split(":", 1)) if ":" in d else d for d in args.device]
+        devices += [f"device-{i:02d}" for i in range(args.devices)]
+        fleet = FleetDir.init(args.dir, job=args.job, prefix=args.prefix,
+                              hosts=args.hosts or ("127.0.0.1", "localhost"), port=args.port,
+                              devices=devices)  # fmt: skip
+        info = fleet.read()
+        print(f"fleet {info.job!r}: {len(info.devices)} devices in {args.dir}")
+        print(f"  broker:     fedmq broker --fleet {args.dir}")
+        print(f"  aggregator: fedmq aggregator --config "
+              f"{fleet.bundle(aggregator_identity(info.job)).root / 'aggregator.toml'}")
+        print(f"  a device:   copy {args.dir / 'bundles' / '<device>'} to it; "
+              "fedmq agent --config agent.toml")
+        return EXIT_OK
+    fleet = _fleet_dir(args.dir)
+    if args.fleet_command == "add":
+        bundle = fleet.add(args.device, device_class=args.device_class,
+                           max_examples=args.max_examples)  # fmt: skip
+        print(f"enrolled {args.device}: bundle in {bundle.root}; "
+              "send the broker SIGHUP to reload its ACL")
+    elif args.fleet_command == "revoke":
+        fleet.revoke(args.device)
+        print(f"revoked {args.device}: its ACL entries are gone once the broker reloads "
+              "(SIGHUP); its certificate is refused from the broker's next start (CRL)")
+    else:
+        info = fleet.read()
+        print(f"job {info.job!r} prefix {info.prefix!r} broker {info.host}:{info.port}")
+        print(f"identities: {aggregator_identity(info.job)}, {operator_identity(info.job)}")
+        for d in info.devices.values():
+            state = "revoked" if d.revoked else "enrolled"
+            print(f"  {d.id:24s} {state:8s} {d.device_class or '-'}")
+    return EXIT_OK
+
+
 def _print_status(args: argparse.Namespace) -> int:
     import json
 
-    from fedmq.link import BrokerAddress, Link, Message
+    from fedmq.link import Link, Message
     from fedmq.topics import Topics
 
-    topics = Topics(job=args.job, prefix=args.prefix)
+    settings = _settings(StatusSettings, args, "status")
+    topics = Topics(job=settings.job, prefix=settings.prefix)
     link = Link(
         client_id=f"fedmq-status-{__import__('os').getpid()}",
-        address=BrokerAddress(host=args.host, port=args.port),
+        address=settings.address,
         subscriptions=[(topics.status(), 0)],
         persistent=False,
     )
     link.start()
     try:
-        if not link.wait_connected(args.timeout):
-            print(f"fedmq: no broker at {args.host}:{args.port}", file=sys.stderr)
+        if not link.wait_connected(settings.timeout):
+            print(f"fedmq: no broker at {settings.host}:{settings.port}", file=sys.stderr)
             return EXIT_NO_BROKER
-        while (event := link.next_event(args.timeout)) is not None:
+        while (event := link.next_event(settings.timeout)) is not None:
             if isinstance(event, Message) and event.payload:
                 print(json.dumps(json.loads(event.payload), indent=2))
                 return EXIT_OK
-        print(f"fedmq: no status for job {args.job!r}", file=sys.stderr)
+        print(f"fedmq: no status for job {settings.job!r}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         link.stop()

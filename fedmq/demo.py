@@ -66,6 +66,12 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
         help="where logs, metrics.json and accuracy.png go (default runs/demo-<time>)",
     )
     p.add_argument("--seed", type=int, default=0)  # fmt: skip
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain MQTT without certificates, ACL or signed models (default: a fleet "
+        "directory in the run directory, mTLS, generated ACL, signed downlink)",
+    )
 
 
 def check_codecs(args: argparse.Namespace) -> None:
@@ -87,7 +93,9 @@ def downlink_flags(text: str) -> list[str]:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo end to end; 0 when it reached the target accuracy, 3 when not."""
-    from broker import start_broker
+    from broker.launch import start_fleet_broker
+    from broker.provision import aggregator_identity, credential_flags
+    from fedmq.processes import device_id
     from fedmq.report import format_table, read_history, write_report
 
     if args.devices < 1:
@@ -96,11 +104,21 @@ def run_demo(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        broker = start_broker(prefer=args.broker, port=0, data_dir=run_dir / "broker")
+        broker, fleet = start_fleet_broker(
+            run_dir, job="demo", devices=[device_id(i) for i in range(args.devices)],
+            prefer=args.broker, insecure=args.insecure,
+        )  # fmt: skip
     except RuntimeError as err:
         print(f"fedmq demo: {err}", file=sys.stderr)
         return 4
     print(f"broker: {broker.kind} on {broker.host}:{broker.port} (MQTT {broker.mqtt_version})")
+    if fleet is not None:
+        print(f"secured: mTLS, generated ACL and signed models (fleet in {fleet.root})")
+    elif not args.insecure:
+        print("fedmq demo: the embedded broker cannot check certificates or enforce an ACL: "
+              "running without them (install Mosquitto for a secured fleet)", file=sys.stderr)
+    if fleet is None:
+        args.insecure = True  # what the run did, in metrics.json
     print(f"run directory: {run_dir}")
     common = ["--host", broker.host, "--port", str(broker.port), "--job", "demo",
               "--mqtt-version", broker.mqtt_version, "--task", args.task]  # fmt: skip
@@ -115,17 +133,18 @@ def run_demo(args: argparse.Namespace) -> int:
              "--round-timeout-s", str(args.round_timeout_s), "--start-wait-s", "60",
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
              "--lr", str(args.lr), "--seed", str(args.seed), "--codec", args.codec,
-             *downlink_flags(args.downlink)],
+             *downlink_flags(args.downlink), *credential_flags(fleet, aggregator_identity("demo"))],
             run_dir / "aggregator.log",
         ))  # fmt: skip
         procs += spawn_agents(
             common, devices=args.devices, partition=args.partition,
             state_dir=run_dir / "agents", log_dir=run_dir, extra=["--data-seed", str(args.seed)],
+            credentials=lambda device: credential_flags(fleet, device),
         )  # fmt: skip
         print(f"started 1 aggregator and {args.devices} agents "
               f"({args.task}, {args.partition} partition; updates {args.codec}, "
               f"models {args.downlink})")  # fmt: skip
-        agg_code = _watch(broker, procs[0], args)
+        agg_code = _watch(broker, fleet, procs[0], args)
         rounds = read_history(run_dir / "aggregator")
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         config["broker"] = broker.kind
@@ -159,18 +178,22 @@ def run_demo(args: argparse.Namespace) -> int:
     return code
 
 
-def _watch(broker: Any, aggregator: subprocess.Popen[bytes], args: argparse.Namespace) -> int:
+def _watch(broker: Any, fleet: Any, aggregator: subprocess.Popen[bytes],
+           args: argparse.Namespace) -> int:  # fmt: skip
     """Show progress from the status topic until the aggregator exits; its exit code."""
     from tqdm import tqdm
 
+    from broker.provision import operator_identity
     from fedmq.link import BrokerAddress, Link, Message
     from fedmq.topics import Topics
 
+    address = BrokerAddress(host=broker.host, port=broker.port, mqtt_version=broker.mqtt_version)
+    if fleet is not None:  # the read-only operator identity
+        address = fleet.bundle(operator_identity("demo")).address(
+            broker.host, broker.port, broker.mqtt_version)
     link = Link(
         client_id=f"fedmq-demo-watch-{os.getpid()}",
-        address=BrokerAddress(
-            host=broker.host, port=broker.port, mqtt_version=broker.mqtt_version
-        ),  # fmt: skip
+        address=address,
         subscriptions=[(Topics(job="demo").status(), 0)],
         persistent=False,
     )

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeAlias
 
@@ -102,6 +102,11 @@ def spawn_fedmq(argv: list[str], log_path: Path) -> Child:
     return spawn([sys.executable, "-m", "fedmq", *argv], log_path=log_path)
 
 
+def device_id(index: int) -> str:
+    """The id of the index-th agent that spawn_agents starts."""
+    return f"device-{index:02d}"
+
+
 def spawn_agents(
     common: list[str],
     *,
@@ -109,12 +114,16 @@ def spawn_agents(
     partition: str,
     state_dir: Path,
     log_dir: Path,
+    credentials: Callable[[str], list[str]],
     extra: Iterable[str] = (),
 ) -> list[Child]:
-    """Start agents device-00 .. device-<devices-1>, each with its share of the task's data."""
+    """Start agents device-00 .. device-<devices-1>, each with its share of the task's data;
+    credentials(device) gives each its connection flags (broker.provision.credential_flags)."""
     procs = []
     for i in range(devices):
-        argv = ["agent", *common, "--device-id", f"device-{i:02d}", "--device-index", str(i),
+        device = device_id(i)
+        argv = ["agent", *common, *credentials(device), "--device-id", device,
+                "--device-index", str(i),
                 "--num-devices", str(devices), "--partition", partition,
                 "--state-dir", str(state_dir), *extra,
                 # many simulated devices share this machine's cores: one thread each

@@ -10,13 +10,22 @@ from typing import Any
 import pytest
 
 from broker.mosquitto import BrokerSettings, MosquittoBroker, mosquitto_path
+from broker.provision import FleetDir
 
 BrokerFactory = Callable[..., MosquittoBroker]
+# the identities every test fleet enrols: tests name devices d<i>, the inference one "sensor"
+TEST_DEVICES = tuple(f"d{i}" for i in range(20)) + ("sensor",)
+TEST_JOB = "t"
 
 
 @pytest.fixture
-def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
-    """Return make(**BrokerSettings overrides) starting a Mosquitto; all are stopped at teardown."""
+def broker_factory(tmp_path: Path, topic_prefix: str) -> Iterator[BrokerFactory]:
+    """Return make(**BrokerSettings overrides) starting a Mosquitto; all are stopped at teardown.
+
+    Secure by default, like a real fleet: each broker gets a fleet directory of its own
+    (job "t" under the test's topic prefix, devices d0..d19 and "sensor"; `prefix=` and
+    `job=` choose others) and runs its mTLS listener and ACL. `insecure=True` starts a plain,
+    anonymous broker, for tests of the broker wrapper itself."""
     if mosquitto_path() is None:
         # CI installs Mosquitto, so a missing broker is a broken environment, not a skip
         pytest.fail(
@@ -26,8 +35,13 @@ def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
         )
     made: list[MosquittoBroker] = []
 
-    def make(**overrides: Any) -> MosquittoBroker:
+    def make(*, insecure: bool = False, prefix: str | None = None, job: str = TEST_JOB,
+             **overrides: Any) -> MosquittoBroker:  # fmt: skip
         overrides.setdefault("data_dir", tmp_path / f"mosquitto{len(made)}")
+        if not insecure and "fleet_dir" not in overrides:
+            fleet = FleetDir.init(tmp_path / f"fleet{len(made)}", job=job,
+                                  prefix=prefix or topic_prefix, devices=TEST_DEVICES)  # fmt: skip
+            overrides["fleet_dir"] = fleet.root
         broker = MosquittoBroker(settings=BrokerSettings(**overrides))
         made.append(broker)
         return broker.start()
@@ -45,8 +59,14 @@ def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
 
 @pytest.fixture
 def mosquitto(broker_factory: BrokerFactory) -> MosquittoBroker:
-    """A started Mosquitto with default settings on a free port."""
+    """A started, secured Mosquitto on a free port (see broker_factory)."""
     return broker_factory()
+
+
+@pytest.fixture
+def plain_broker(broker_factory: BrokerFactory) -> MosquittoBroker:
+    """A started Mosquitto without TLS, credentials or ACL: tests of the broker wrapper."""
+    return broker_factory(insecure=True)
 
 
 @pytest.fixture

@@ -30,16 +30,53 @@ def test_tasks_lists_builtins_and_profiles() -> None:
 
 
 def test_bad_configuration_exits_2(tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    assert main(["aggregator", "--min-devices", "5", "--devices-per-round", "2"]) == EXIT_CONFIG
+    assert main(["aggregator", "--insecure", "--min-devices", "5",
+                 "--devices-per-round", "2"]) == EXIT_CONFIG  # fmt: skip
     assert "min_devices" in capsys.readouterr().err
     cfg = tmp_path / "c.toml"
     cfg.write_text("port = 'x'\n")
     assert main(["agent", "--config", str(cfg)]) == EXIT_CONFIG
-    assert main(["agent", "--task", "no-such-task"]) == EXIT_CONFIG
+    assert main(["agent", "--insecure", "--task", "no-such-task"]) == EXIT_CONFIG
     assert "mnist-2nn" in capsys.readouterr().err
 
 
 def test_no_broker_exits_4() -> None:
     port = str(free_port())
-    proc = _run("status", "--port", port, "--timeout", "1")
+    proc = _run("status", "--insecure", "--port", port, "--timeout", "1")
     assert proc.returncode == EXIT_NO_BROKER and "no broker" in proc.stderr
+
+
+def test_without_credentials_every_role_refuses_to_start(capsys) -> None:  # noqa: ANN001
+    for argv in (["aggregator"], ["agent"], ["status"]):
+        assert main(argv) == EXIT_CONFIG
+        assert "--insecure" in capsys.readouterr().err
+    assert main(["broker"]) == EXIT_CONFIG  # neither --fleet nor --insecure
+    assert "--fleet DIR" in capsys.readouterr().err
+
+
+def test_fleet_init_add_revoke_show(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from fedmq.fleetfile import read_fleet
+
+    fleet = tmp_path / "fleet"
+    assert main(["fleet", "init", str(fleet), "--job", "plant7", "--devices", "2",
+                 "--device", "cam-1:rpi5-8gb", "--host", "mqtt.plant7.lan"]) == 0  # fmt: skip
+    info = read_fleet(fleet / "fleet.toml")
+    assert sorted(info.devices) == ["cam-1", "device-00", "device-01"]
+    assert info.devices["cam-1"].device_class == "rpi5-8gb" and info.host == "mqtt.plant7.lan"
+    bundle = fleet / "bundles" / "device-00"
+    for name in ("ca.crt", "client.crt", "client.key", "server-key.pub.pem", "agent.toml"):
+        assert (bundle / name).exists(), name
+    assert (bundle / "client.key").stat().st_mode & 0o077 == 0  # private to its owner
+    assert main(["fleet", "init", str(fleet), "--job", "x"]) == EXIT_CONFIG  # never overwrites
+    assert main(["fleet", "add", str(fleet), "pi-9", "--class", "rpi4"]) == 0
+    assert main(["fleet", "add", str(fleet), "pi-9"]) == EXIT_CONFIG  # already enrolled
+    assert main(["fleet", "add", str(fleet), "aggregator.plant7"]) == EXIT_CONFIG  # reserved
+    assert main(["fleet", "revoke", str(fleet), "device-01"]) == 0
+    assert read_fleet(fleet / "fleet.toml").enrolled("device-01") is None
+    assert "user device-01" not in (fleet / "broker" / "acl").read_text()
+    assert "user pi-9" in (fleet / "broker" / "acl").read_text()
+    capsys.readouterr()
+    assert main(["fleet", "show", str(fleet)]) == 0
+    out = capsys.readouterr().out
+    assert "device-01" in out and "revoked" in out and "pi-9" in out
+    assert main(["fleet", "show", str(tmp_path / "nothing")]) == EXIT_CONFIG

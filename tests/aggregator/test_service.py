@@ -114,13 +114,16 @@ class ScriptedDevice:
 
 @pytest.fixture
 def service(
-    mosquitto: Any, tmp_path: Path, topic_prefix: str, request: pytest.FixtureRequest
+    plain_broker: Any, tmp_path: Path, topic_prefix: str, request: pytest.FixtureRequest
 ) -> Iterator[tuple[Any, Any]]:
+    # the scripted side plays several devices with one client: a plain broker (the secured
+    # path is what tests/integration and tests/broker/test_trust.py run)
+    mosquitto = plain_broker
     extra = getattr(request, "param", {})
     settings = AggregatorSettings(
         job="svc", prefix=topic_prefix, port=mosquitto.port, task="digits-mlp",
         state_dir=tmp_path / "agg", rounds=2, devices_per_round=2, min_devices=2,
-        round_timeout_s=30, start_wait_s=30, publish_onnx=False, **extra,
+        round_timeout_s=30, start_wait_s=30, publish_onnx=False, insecure=True, **extra,
     )  # fmt: skip
     agg = Aggregator(settings=settings)
     stop = threading.Event()

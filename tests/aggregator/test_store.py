@@ -103,5 +103,5 @@ def test_keep_versions_must_leave_the_committed_version(tmp_path: Path) -> None:
     from aggregator.settings import AggregatorSettings
 
     with pytest.raises(ValueError, match="keep_versions"):
-        AggregatorSettings(keep_versions=1, state_dir=tmp_path)
-    assert AggregatorSettings(keep_versions=2, state_dir=tmp_path).keep_versions == 2
+        AggregatorSettings(keep_versions=1, state_dir=tmp_path, insecure=True)
+    assert AggregatorSettings(keep_versions=2, state_dir=tmp_path, insecure=True).keep_versions == 2

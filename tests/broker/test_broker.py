@@ -190,12 +190,13 @@ def test_settings_reject_bad_values(
 
 
 def test_mosquitto_qos1_and_retained_round_trip(
-    mosquitto: MosquittoBroker, topic_prefix: str
+    plain_broker: MosquittoBroker, topic_prefix: str
 ) -> None:
-    assert mosquitto.running and mosquitto.kind == "mosquitto" and mosquitto.mqtt_version == "5"
-    with connected(mosquitto) as publisher:
+    assert plain_broker.running and plain_broker.kind == "mosquitto"
+    assert plain_broker.mqtt_version == "5"
+    with connected(plain_broker) as publisher:
         assert not publisher.publish(f"{topic_prefix}/global", b"manifest", retain=True).is_failure
-        with connected(mosquitto) as subscriber:
+        with connected(plain_broker) as subscriber:
             subscriber.subscribe(f"{topic_prefix}/#")
             retained = subscriber.next_message()
             assert (retained.topic, retained.payload, retained.retain) == (
@@ -224,35 +225,35 @@ def wait_for_autosave(server: MosquittoBroker, after: float) -> None:
 
 
 def test_sigkill_and_restart_keep_retained_messages_sessions_and_port(
-    mosquitto: MosquittoBroker, topic_prefix: str
+    plain_broker: MosquittoBroker, topic_prefix: str
 ) -> None:
     device = f"{topic_prefix}-dev"
-    with connected(mosquitto, client_id=device, persistent=True) as offline:
+    with connected(plain_broker, client_id=device, persistent=True) as offline:
         offline.subscribe(f"{topic_prefix}/ack/dev")
-    with connected(mosquitto) as publisher:
+    with connected(plain_broker) as publisher:
         publisher.publish(f"{topic_prefix}/global", b"v7", retain=True)
         publisher.publish(f"{topic_prefix}/ack/dev", b"accepted")
-    wait_for_autosave(mosquitto, after=time.time())
-    port, old_pid = mosquitto.port, mosquitto.pid
+    wait_for_autosave(plain_broker, after=time.time())
+    port, old_pid = plain_broker.port, plain_broker.pid
 
-    mosquitto.kill()
-    assert not mosquitto.running and mosquitto.pid is None
-    mosquitto.restart()
+    plain_broker.kill()
+    assert not plain_broker.running and plain_broker.pid is None
+    plain_broker.restart()
 
-    assert mosquitto.running and mosquitto.port == port and mosquitto.pid != old_pid
-    with connected(mosquitto) as late:
+    assert plain_broker.running and plain_broker.port == port and plain_broker.pid != old_pid
+    with connected(plain_broker) as late:
         late.subscribe(f"{topic_prefix}/global")
         message = late.next_message()
         assert (message.payload, message.retain) == (b"v7", True)
     # the persistent session kept its subscription and the QoS 1 message queued while offline
-    with connected(mosquitto, client_id=device, persistent=True) as back:
+    with connected(plain_broker, client_id=device, persistent=True) as back:
         assert back.next_message().payload == b"accepted"
 
 
 def test_payload_over_message_size_limit_is_not_delivered(
     broker_factory: BrokerFactory, topic_prefix: str
 ) -> None:
-    server = broker_factory(message_size_limit=1024)
+    server = broker_factory(insecure=True, message_size_limit=1024)
     with (
         connected(server) as subscriber,
         connected(server, protocol=mqtt.MQTTv311) as publisher,
@@ -274,7 +275,7 @@ def test_mqtt5_publish_over_message_size_limit_drops_the_paho_connection(
     paho then disconnects, reconnects and resends the message forever: an MQTT 5 client must
     never publish above the limit, which is why fedmq chunks below it.
     """
-    server = broker_factory(message_size_limit=1024)
+    server = broker_factory(insecure=True, message_size_limit=1024)
     with connected(server) as subscriber, connected(server) as publisher:
         subscriber.subscribe(f"{topic_prefix}/#")
         publisher.client.publish(f"{topic_prefix}/big", b"x" * 2048, qos=1)
@@ -284,17 +285,17 @@ def test_mqtt5_publish_over_message_size_limit_drops_the_paho_connection(
 
 
 def test_connack_announces_max_packet_size(broker_factory: BrokerFactory) -> None:
-    server = broker_factory(max_packet_size=4096)
+    server = broker_factory(insecure=True, max_packet_size=4096)
     with connected(server) as client:
         assert getattr(client.connack_properties, "MaximumPacketSize", None) == 4096
-    with connected(broker_factory()) as unlimited:
+    with connected(broker_factory(insecure=True)) as unlimited:
         # paho only sets the attribute when the property is present
         assert not hasattr(unlimited.connack_properties, "MaximumPacketSize")
 
 
 def test_start_failure_reports_the_log(broker_factory: BrokerFactory) -> None:
     with pytest.raises(RuntimeError, match="bogus_option"):
-        broker_factory(extra_lines=("bogus_option 1",))
+        broker_factory(insecure=True, extra_lines=("bogus_option 1",))
 
 
 def test_context_manager_stops_and_fixed_port_is_used(tmp_path: Path) -> None:

@@ -21,9 +21,9 @@ FLAGS = {"rounds": 3, "devices_per_round": 3, "min_devices": 3, "round_timeout_s
          "seed": 3, "epochs": 2, "lr": 0.1}  # fmt: skip
 
 
-def _fleet(mosquitto: Any, root: Path, prefix: str, job: str) -> Fleet:
-    root.mkdir()  # own prefix (device state is per prefix) and job (client ids are per job)
-    return Fleet(broker=mosquitto, root=root, prefix=prefix, job=job)
+def _fleet(broker_factory: Any, root: Path, prefix: str, job: str) -> Fleet:
+    root.mkdir()  # own broker, whose fleet directory is for this prefix and job
+    return Fleet(broker=broker_factory(prefix=prefix, job=job), root=root, prefix=prefix, job=job)
 
 
 def _final_weights(fleet: Fleet) -> dict[str, np.ndarray]:
@@ -48,10 +48,10 @@ def _release(hold: Path, device: str) -> None:
 
 
 def test_crash_mid_round_resumes_it_with_the_same_result(
-    mosquitto: Any, tmp_path: Path, topic_prefix: str
+    broker_factory: Any, tmp_path: Path, topic_prefix: str
 ) -> None:
-    plain = _fleet(mosquitto, tmp_path / "plain", topic_prefix + "p", "plain")
-    crash = _fleet(mosquitto, tmp_path / "crash", topic_prefix + "c", "crash")
+    plain = _fleet(broker_factory, tmp_path / "plain", topic_prefix + "p", "plain")
+    crash = _fleet(broker_factory, tmp_path / "crash", topic_prefix + "c", "crash")
     hold = tmp_path / "hold"
     hold.mkdir()
     try:

@@ -106,7 +106,10 @@ class Running:
 
 
 @pytest.fixture
-def env(mosquitto: Any, topic_prefix: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+def env(plain_broker: Any, topic_prefix: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    # the scripted side plays the aggregator with a plain client on a plain broker (the
+    # secured path is what tests/integration and tests/broker/test_trust.py run)
+    mosquitto = plain_broker
     topics = Topics(job=JOB, prefix=topic_prefix)
     broker = Broker(mosquitto, topics, f"{topic_prefix}/#")
     running: list[Running] = []
@@ -115,7 +118,7 @@ def env(mosquitto: Any, topic_prefix: str, tmp_path: Path) -> Iterator[dict[str,
         settings = AgentSettings(
             device_id="d1", job=JOB, prefix=topic_prefix, host=mosquitto.host,
             port=mosquitto.port, task="digits-mlp", num_devices=4, state_dir=tmp_path,
-            torch_threads=1, **overrides,
+            torch_threads=1, insecure=True, **overrides,
         )  # fmt: skip
         agent = Agent(settings=settings, task=task)
         stop = threading.Event()
@@ -251,10 +254,12 @@ def test_hold_dir_keeps_the_update_until_released_while_the_loop_goes_on(
 
 
 def test_hold_dir_is_a_setting_like_the_others(tmp_path: Path) -> None:
-    flags = load_settings(AgentSettings, flags={"hold_dir": str(tmp_path)}, environ={})
-    env = load_settings(AgentSettings, environ={"FEDMQ_HOLD_DIR": str(tmp_path)})
+    flags = load_settings(AgentSettings, flags={"hold_dir": str(tmp_path), "insecure": True},
+                          environ={})  # fmt: skip
+    env = load_settings(AgentSettings,
+                        environ={"FEDMQ_HOLD_DIR": str(tmp_path), "FEDMQ_INSECURE": "1"})
     assert flags.hold_dir == env.hold_dir == tmp_path
-    assert load_settings(AgentSettings, environ={}).hold_dir is None
+    assert load_settings(AgentSettings, environ={"FEDMQ_INSECURE": "1"}).hold_dir is None
 
 
 def test_a_saved_model_of_another_task_is_dropped_at_start(tmp_path: Path) -> None:
@@ -264,5 +269,5 @@ def test_a_saved_model_of_another_task_is_dropped_at_start(tmp_path: Path) -> No
     store.save_model(blob)
     store.save({"version": 4, "model_sha": hashlib.sha256(blob).hexdigest()})
     agent = Agent(settings=AgentSettings(device_id="d1", task="digits-mlp", state_dir=tmp_path,
-                                         num_devices=4))  # fmt: skip
+                                         num_devices=4, insecure=True))  # fmt: skip
     assert agent.fetch.version == -1 and agent.fetch.weights is None

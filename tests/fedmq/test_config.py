@@ -15,7 +15,8 @@ def test_layers_in_order(tmp_path: Path) -> None:
     cfg = tmp_path / "fedmq.toml"
     cfg.write_text('job = "plant7"\nport = 1884\ndevice_id = "x"\n[aggregator]\nrounds = 12\n'
                    'lr = 0.1\n[agent]\ndevice_id = "y"\n')  # fmt: skip
-    env = {"FEDMQ_ROUNDS": "20", "FEDMQ_PUBLISH_ONNX": "false", "FEDMQ_UNRELATED": "x"}
+    env = {"FEDMQ_ROUNDS": "20", "FEDMQ_PUBLISH_ONNX": "false", "FEDMQ_UNRELATED": "x",
+           "FEDMQ_INSECURE": "1"}
     s = load_settings(AggregatorSettings, sections=("aggregator",), config_file=cfg,
                       flags={"lr": 0.2, "seed": None}, environ=env)  # fmt: skip
     assert s.job == "plant7" and s.port == 1884  # TOML top level
@@ -26,9 +27,26 @@ def test_layers_in_order(tmp_path: Path) -> None:
 
 def test_agent_section_and_paths(tmp_path: Path) -> None:
     cfg = tmp_path / "a.toml"
-    cfg.write_text('[agent]\ndevice-id = "pi-17"\nstate_dir = "/var/lib/fedmq"\n')
+    cfg.write_text('[agent]\ndevice-id = "pi-17"\nstate_dir = "/var/lib/fedmq"\n'
+                   'ca_file = "bundle/ca.crt"\ncert_file = "/etc/fedmq/client.crt"\n'
+                   'key_file = "client.key"\nserver_key = "server-key.pub.pem"\n')  # fmt: skip
     s = load_settings(AgentSettings, sections=("agent",), config_file=cfg, environ={})
     assert s.device_id == "pi-17" and s.state_dir == Path("/var/lib/fedmq")
+    # a relative path in a TOML file is relative to that file: a bundle can move as a whole
+    assert s.ca_file == tmp_path / "bundle" / "ca.crt" and s.key_file == tmp_path / "client.key"
+    assert s.cert_file == Path("/etc/fedmq/client.crt")
+
+
+def test_secure_by_default(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no broker credentials.*--insecure"):
+        load_settings(AggregatorSettings, environ={})
+    with pytest.raises(ConfigError, match="no broker credentials.*--insecure"):
+        load_settings(AgentSettings, environ={})
+    creds = {"ca_file": "ca.crt", "cert_file": "c.crt", "key_file": "c.key"}
+    with pytest.raises(ConfigError, match="server_key"):  # a device pins the aggregator's key
+        load_settings(AgentSettings, flags=creds, environ={})
+    assert load_settings(AgentSettings, flags={**creds, "server_key": "k.pem"}, environ={})
+    assert load_settings(AggregatorSettings, environ={"FEDMQ_INSECURE": "yes"}).insecure
 
 
 def test_errors_name_their_source(tmp_path: Path) -> None:
@@ -43,11 +61,11 @@ def test_errors_name_their_source(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(AggregatorSettings, config_file=tmp_path / "missing.toml", environ={})
     with pytest.raises(ConfigError, match="min_devices"):
-        load_settings(AggregatorSettings, flags={"devices_per_round": 2, "min_devices": 3},
-                      environ={})  # fmt: skip
+        load_settings(AggregatorSettings, flags={"devices_per_round": 2, "min_devices": 3,
+                                                 "insecure": True}, environ={})  # fmt: skip
     typo = tmp_path / "typo.toml"
     typo.write_text("[aggregator]\nround = 3\n")
     with pytest.raises(ConfigError, match=r"unknown keys \['round'\]"):
         load_settings(AggregatorSettings, sections=("aggregator",), config_file=typo, environ={})
     with pytest.raises(ConfigError, match="device id"):
-        load_settings(AgentSettings, flags={"device_id": "a/b"}, environ={})
+        load_settings(AgentSettings, flags={"device_id": "a/b", "insecure": True}, environ={})

@@ -12,6 +12,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from aggregator.journal import read_ledger
+from broker.provision import FleetDir, aggregator_identity, operator_identity
 from fedmq import processes
 from fedmq.report import read_history
 from fedmq.topics import Topics
@@ -38,6 +39,26 @@ class Fleet:
                 "--mqtt-version", self.broker.mqtt_version, "--job", self.job,
                 "--prefix", self.prefix, "--task", self.task]  # fmt: skip
 
+    @property
+    def fleet_dir(self) -> FleetDir | None:
+        """The broker's fleet directory (certificates, ACL, bundles); None when insecure."""
+        return fleet_dir_of(self.broker)
+
+    def _credentials(self, identity: str) -> dict[str, Any]:
+        """Flags that make a process connect as identity (a device id or the aggregator)."""
+        fleet = self.fleet_dir
+        if fleet is None:
+            return {"insecure": True}
+        info = fleet.read()
+        assert (info.prefix, info.job) == (self.prefix, self.job), (
+            f"the broker's fleet is {info.prefix}/{info.job}, this Fleet {self.prefix}/{self.job}")
+        bundle = fleet.bundle(identity)
+        creds = {"ca_file": bundle.ca_file, "cert_file": bundle.cert_file,
+                 "key_file": bundle.key_file}  # fmt: skip
+        if identity == aggregator_identity(self.job):
+            return {**creds, "signing_key": fleet.signing_key, "fleet_file": fleet.fleet_file}
+        return {**creds, "server_key": fleet.signing_pub}
+
     def _spawn(self, name: str, argv: list[str]) -> processes.Child:
         # a restarted process appends to the log of the one it replaces
         proc = processes.spawn_fedmq(argv, self.root / f"{name}.log")
@@ -48,13 +69,16 @@ class Fleet:
     def aggregator(self, **flags: Any) -> processes.Child:
         """Start the aggregator with --flag value pairs from keyword arguments."""
         opts = {"state_dir": self.state_dir, "rounds": 3, "round_timeout_s": 30,
-                "start_wait_s": 30, "epochs": 1, "batch_size": 10, "lr": 0.05, **flags}  # fmt: skip
+                "start_wait_s": 30, "epochs": 1, "batch_size": 10, "lr": 0.05,
+                **self._credentials(aggregator_identity(self.job)), **flags}  # fmt: skip
         return self._spawn("aggregator", ["aggregator", *self._common(), *_flags(opts)])
 
     def agent(self, index: int, num_devices: int, **flags: Any) -> processes.Child:
         """Start agent number index of num_devices (device id d<index>)."""
-        opts = {"device_id": f"d{index}", "device_index": index, "num_devices": num_devices,
-                "partition": "iid", "state_dir": self.root / "agents", **flags}  # fmt: skip
+        device = flags.get("device_id", f"d{index}")
+        opts = {"device_id": device, "device_index": index, "num_devices": num_devices,
+                "partition": "iid", "state_dir": self.root / "agents",
+                **self._credentials(device), **flags}  # fmt: skip
         return self._spawn(f"agent-{index}", ["agent", *self._common(), *_flags(opts)])
 
     def history(self) -> list[dict[str, Any]]:
@@ -124,6 +148,26 @@ class Fleet:
         processes.stop_all(self.procs.values(), grace_s=10)
 
 
+def fleet_dir_of(broker: Any) -> FleetDir | None:
+    """The fleet directory a test broker was started with, None for a plain one."""
+    path = getattr(getattr(broker, "settings", None), "fleet_dir", None)
+    return FleetDir(path) if path is not None else None
+
+
+def paho_client(broker: Any, identity: str | None = None,
+                client_id: str = "") -> mqtt.Client:  # fmt: skip
+    """A paho client (not connected) for broker; on a secured broker it presents identity's
+    certificate (default: the operator's, read-only)."""
+    version = mqtt.MQTTv5 if broker.mqtt_version == "5" else mqtt.MQTTv311
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version)
+    fleet = fleet_dir_of(broker)
+    if fleet is not None:
+        bundle = fleet.bundle(identity or operator_identity(fleet.read().job))
+        client.tls_set(ca_certs=str(bundle.ca_file), certfile=str(bundle.cert_file),
+                       keyfile=str(bundle.key_file))  # fmt: skip
+    return client
+
+
 def _flags(opts: dict[str, Any]) -> list[str]:
     out = []
     for key, value in opts.items():
@@ -138,12 +182,12 @@ def _flags(opts: dict[str, Any]) -> list[str]:
 class Watcher:
     """A plain paho client that records messages on a topic filter (acks, updates)."""
 
-    def __init__(self, broker: Any, topic_filter: str) -> None:
+    def __init__(self, broker: Any, topic_filter: str, identity: str | None = None) -> None:
+        """Subscribe to topic_filter as identity (default: the fleet's read-only operator)."""
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
-        version = mqtt.MQTTv5 if broker.mqtt_version == "5" else mqtt.MQTTv311
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=version)
+        self.client = paho_client(broker, identity)
         self.client.on_connect = lambda c, *_: c.subscribe(topic_filter, 1)
         self.client.on_subscribe = lambda *_: self._subscribed.set()
         self.client.on_message = self._on_message

@@ -138,7 +138,8 @@ def test_agent_restarted_between_rounds_keeps_its_residual(
     for case in ("same-process", "restarted", "residual-lost"):
         root = tmp_path / case
         root.mkdir()
-        fleet = Fleet(broker=broker_factory(), root=root, prefix=f"{topic_prefix}{case[0]}",
+        prefix = f"{topic_prefix}{case[0]}"
+        fleet = Fleet(broker=broker_factory(prefix=prefix), root=root, prefix=prefix,
                       task="mnist-2nn")  # fmt: skip
         try:
             blob = _two_rounds(fleet, restart_agent=case != "same-process",
