@@ -37,6 +37,23 @@ def pack_message(kind: str, body: Mapping[str, Any]) -> bytes:
     return msgpack.packb({"v": SCHEMA_VERSION, "kind": kind, **body}, use_bin_type=True)
 
 
+def canonical(obj: Any) -> bytes:
+    """The one msgpack encoding of a decoded message that signatures cover: every map's keys
+    in ascending order of their UTF-8 bytes, floats as float64, ints, str and bin lengths in
+    their shortest msgpack form, str as str and bytes as bin."""
+    return msgpack.packb(_sorted(obj), use_bin_type=True, use_single_float=False)
+
+
+def _sorted(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise SchemaError("a signed message may only have string keys")
+        return {k: _sorted(obj[k]) for k in sorted(obj, key=lambda k: k.encode())}
+    if isinstance(obj, (list, tuple)):
+        return [_sorted(v) for v in obj]
+    return obj
+
+
 def unpack_message(payload: bytes, kind: str, max_bytes: int) -> dict[str, Any]:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise DecodeError(f"{kind}: payload must be bytes, got {type(payload).__name__}")
