@@ -120,8 +120,9 @@ class Agent:
             hold = UpdateHold(hold_dir=settings.hold_dir, device=self.device, outbox_ids=ids)
         self.uplink = Uplink(link=self.link, topic=self.topics.update(self.device),
                              outbox=self.store.outbox, hold=hold, log=self.log)  # fmt: skip
-        # refusals and unverified downlink by code, kept in agent.json ("counters")
-        self.counters: dict[str, int] = {k: int(v) for k, v in progress.get("counters", {}).items()}
+        # refusals, unverified downlink and dropped messages by code since this start; also
+        # in agent.json ("counters"), for tools and tests
+        self.counters: dict[str, int] = {}
         self._counters_saved_at, self._counters_dirty = 0.0, False
 
     # ------------------------------------------------------------ the loop
