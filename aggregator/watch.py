@@ -8,7 +8,7 @@ import hashlib
 from collections import deque
 from dataclasses import dataclass, field
 
-KEEP = 32  # own publications remembered per topic: echoes arrive after later publishes
+KEEP = 64  # own publications per topic whose echo has not come back yet
 RESTORE_EVERY_S = 1.0  # at most one restore per topic this often: two writers never spin
 
 
@@ -23,7 +23,10 @@ class Intrusion:
 
 @dataclass
 class _Topic:
-    recent: deque[bytes] = field(default_factory=lambda: deque(maxlen=KEEP))
+    # digests of its publications whose echo is still to come, oldest first: the broker
+    # delivers one client's messages in order, and each echo once, so a copy of an older
+    # publication that arrives after its echo (a replay) is not taken for one
+    pending: deque[bytes] = field(default_factory=lambda: deque(maxlen=KEEP))
     current: bytes | None = None  # what this aggregator last published there
     restore_at: float | None = None
     restored_at: float = float("-inf")
@@ -39,7 +42,7 @@ class OwnTopics:
     def published(self, topic: str, payload: bytes) -> None:
         """The aggregator published payload (retained) on topic."""
         t = self._t[topic]
-        t.recent.append(hashlib.sha256(payload).digest())
+        t.pending.append(hashlib.sha256(payload).digest())
         t.current = payload
         t.restore_at = None  # what it just published is what the broker now holds
 
@@ -56,8 +59,13 @@ class OwnTopics:
         aggregator (re)subscribed), not published live. signed_by_us: whether it carries a
         valid signature by the aggregator's key (None: the topic carries no signatures)."""
         t = self._t[topic]
-        if hashlib.sha256(payload).digest() in t.recent:
+        digest = hashlib.sha256(payload).digest()
+        if digest in t.pending:  # its echo; echoes before it that never came are forgotten
+            while t.pending.popleft() != digest:
+                pass
             return None
+        if retained and payload == t.current:
+            return None  # redelivered on a resubscription: what it published last
         if t.current is not None and t.restore_at is None:
             t.restore_at = max(now, t.restored_at + self.restore_every_s)
         if retained and signed_by_us is not False:

@@ -46,8 +46,10 @@ def test_own_echo_is_ignored_and_anything_else_is_counted_and_restored_once_a_se
     again = w.observe(G, b"", retained=False, signed_by_us=False, now=10.2)  # a deletion
     assert again is not None and again.counter == "foreign_downlink"
     assert w.due(10.5) == [] and w.due(11.0) == [(G, b"m2")]
-    replay = w.observe(G, b"m0", retained=False, signed_by_us=True, now=20.0)
+    # its own older manifest once more, after its echo came: a replay
+    replay = w.observe(G, b"m1", retained=False, signed_by_us=True, now=20.0)
     assert replay is not None and replay.counter == "replayed_downlink"
+    w.due(25.0)
     # what the broker held from an earlier run: overwritten, not an alert
     left = w.observe(G, b"old", retained=True, signed_by_us=True, now=30.0)
     assert left is not None and left.counter == ""
@@ -55,6 +57,8 @@ def test_own_echo_is_ignored_and_anything_else_is_counted_and_restored_once_a_se
     # on a topic it has not published on yet there is nothing to restore
     assert w.observe(R, b"x", retained=False, signed_by_us=False, now=30.0) is not None
     assert [t for t, _ in w.due(40.0)] == [G]
+    # what it published last, redelivered by the broker on a resubscription: nothing to do
+    assert w.observe(G, b"m2", retained=True, signed_by_us=True, now=50.0) is None
 
 
 class Client:
