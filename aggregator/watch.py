@@ -64,8 +64,8 @@ class OwnTopics:
             while t.pending.popleft() != digest:
                 pass
             return None
-        if retained and payload == t.current:
-            return None  # redelivered on a resubscription: what it published last
+        if payload == t.current:
+            return None  # what it published last (redelivered on a resubscription): no harm
         if t.current is not None and t.restore_at is None:
             t.restore_at = max(now, t.restored_at + self.restore_every_s)
         if retained and signed_by_us is not False:

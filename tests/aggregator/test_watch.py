@@ -57,8 +57,13 @@ def test_own_echo_is_ignored_and_anything_else_is_counted_and_restored_once_a_se
     # on a topic it has not published on yet there is nothing to restore
     assert w.observe(R, b"x", retained=False, signed_by_us=False, now=30.0) is not None
     assert [t for t, _ in w.due(40.0)] == [G]
-    # what it published last, redelivered by the broker on a resubscription: nothing to do
+    # what it published last, redelivered by the broker on a resubscription (before or after
+    # the echo of a publication made at the reconnect): nothing to do
     assert w.observe(G, b"m2", retained=True, signed_by_us=True, now=50.0) is None
+    w.published(G, b"m2")
+    assert w.observe(G, b"m2", retained=True, signed_by_us=True, now=50.0) is None
+    assert w.observe(G, b"m2", retained=False, signed_by_us=True, now=50.0) is None
+    assert w.due(60.0) == []
 
 
 class Client:
