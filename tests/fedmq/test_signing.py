@@ -33,7 +33,8 @@ from fedmq.wire import (
     encode_manifest,
     encode_round,
 )
-from fedmq.wire.framing import canonical
+from fedmq.wire.framing import canonical, unpack_message
+from fedmq.wire.signed import read_signature
 
 TOPIC, ROUND_TOPIC = "p/j/global", "p/j/round"
 KEY = Ed25519PrivateKey.generate()
@@ -174,3 +175,15 @@ def test_keys_are_created_once_with_a_private_mode_and_load_back(tmp_path: Path)
 def test_dataclass_equality_ignores_the_signature() -> None:
     m = decode_manifest(signed_manifest())
     assert dataclasses.replace(m, sig=None) == m
+
+
+@pytest.mark.parametrize("depth", [40, 900, 1000])
+def test_a_hostile_signed_message_raises_only_protocol_errors(depth: int) -> None:
+    head = msgpack.packb({"v": 1, "kind": "round", "sig": {"alg": "ed25519", "key": "0" * 16,
+                                                           "value": b"0" * 64}})  # fmt: skip
+    payload = bytes([0x84]) + head[1:] + msgpack.packb("junk") + b"\x91" * depth + b"\x01"
+    obj = unpack_message(payload, "round", 1 << 20)  # msgpack's own limits let it through
+    with pytest.raises(ProtocolError):
+        read_signature(obj)
+    with pytest.raises(ProtocolError):
+        canonical({1: "a"})  # a non-string key (msgpack lets bytes keys through)
