@@ -402,7 +402,8 @@ class Aggregator:
         return status_of(settings=self.s, task=self.task.name, done_reason=self.done_reason,
                          version=self.model.version, metrics=self.model.metrics,
                          round_=self.round, presence=self.presence,
-                         counters=self.ledger.counters, now=now)  # fmt: skip
+                         counters=self.ledger.counters, now=now,
+                         signing_key=self.signer.key_id)  # fmt: skip
 
     def _publish_status(self, now: float, *, force: bool = False) -> None:
         if not force and (not self._status_dirty or now - self._status_at < STATUS_EVERY_S):

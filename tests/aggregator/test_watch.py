@@ -153,6 +153,7 @@ def test_the_aggregator_restores_its_retained_messages_after_a_forgery(
             assert verify(public, own[0], m.sig) is None
             status = json.loads(newcomer.get(own[2]) or b"{}")
             assert status["phase"] != "done" and status["counters"]["foreign_downlink"] >= 3
+            assert status["signing_key"] == m.sig.key_id
         finally:
             newcomer.close()
     finally:
