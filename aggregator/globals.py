@@ -33,6 +33,7 @@ from fedmq.wire import (
     encode_weights,
     specs_of,
 )
+from fedmq.wire.signed import SignFn
 
 
 class GlobalModel:
@@ -182,7 +183,7 @@ class GlobalModel:
         )  # fmt: skip
 
     def manifest(
-        self, *, job: str, weight_chunks: int, onnx_chunks: int, delta_chunks: int
+        self, *, job: str, weight_chunks: int, onnx_chunks: int, delta_chunks: int, epoch: int = 0
     ) -> Manifest:
         """The manifest for the current version, given how its payloads were chunked."""
         blob = self.full_body
@@ -228,11 +229,16 @@ class GlobalModel:
             metrics=dict(self.metrics),
             model_sha256=self.model_sha,
             delta=delta_ref,
+            epoch=epoch,
         )
 
-    def publication(self, topics: Topics, *, limit: int, publish_onnx: bool) -> Publication:
-        """What to publish (retained) for this version: its chunks, then its manifest, then
-        empty payloads that clear what the broker still holds of the previous layout."""
+    def publication(
+        self, topics: Topics, *, limit: int, publish_onnx: bool, sign: SignFn | None = None,
+        epoch: int = 0,
+    ) -> Publication:  # fmt: skip
+        """What to publish (retained) for this version: its chunks, then its manifest (signed
+        with sign, over every field and payload digest), then empty payloads that clear what
+        the broker still holds of the previous layout."""
         chunks = encode_chunks(self.full_body, f"w{self.version}", limit)
         onnx_chunks = (
             encode_chunks(self.onnx, f"o{self.version}", limit)
@@ -246,9 +252,9 @@ class GlobalModel:
         messages = [(topics.global_chunk(self.version, i), p) for i, p in enumerate(every)]
         m = self.manifest(
             job=topics.job, weight_chunks=len(chunks), onnx_chunks=len(onnx_chunks),
-            delta_chunks=len(delta_chunks),
+            delta_chunks=len(delta_chunks), epoch=epoch,
         )  # fmt: skip
-        manifest = encode_manifest(m)
+        manifest = encode_manifest(m, sign=sign)
         messages.append((topics.global_manifest(), manifest))
         if self._published:
             # an empty retained payload deletes what the broker keeps: the old version's

@@ -34,12 +34,16 @@ from aggregator.rounds import OpenRound
 from aggregator.settings import AggregatorSettings
 from aggregator.status import status_of
 from aggregator.store import Store
+from aggregator.watch import OwnTopics
 from fedmq.errors import ProtocolError, Unauthorized
 from fedmq.link import Connected, Disconnected, Link, Message
+from fedmq.signing import Signer, aggregator_key, verify
 from fedmq.tasks import Task, get_task
 from fedmq.wire import (
     RoundAnnouncement,
+    decode_manifest,
     decode_metrics,
+    decode_round,
     decode_state,
     encode_ack,
     encode_round,
@@ -61,12 +65,19 @@ class Aggregator:
         self.task = task or get_task(s.task)
         self.store = Store(root=s.state_dir, keep_versions=s.keep_versions)
         self.journal = Journal(root=s.state_dir)
+        # the downlink's signing key: configured, or made once in the state directory
+        key, self.public_key_file, self.key_created = aggregator_key(s.signing_key, s.state_dir)
+        self.signer = Signer(key=key)
+        self.epoch = 0  # this state directory's lineage, from state.json (see _resume)
+        own = [self.topics.global_manifest(), self.topics.round(), self.topics.status()]
+        self.own = OwnTopics(topics=own)  # its own retained topics, watched for forgeries
         self.link = Link(
             client_id=f"fedmq-aggregator-{s.job}",
             address=s.broker,
             subscriptions=[(self.topics.updates_filter(), 1),
                            (self.topics.device_states_filter(), 1),
-                           (self.topics.metrics_filter(), 0)],  # fmt: skip
+                           (self.topics.metrics_filter(), 0),
+                           *((topic, 1) for topic in own)],  # fmt: skip
             max_message_bytes=s.max_message_bytes,
             manual_ack=True,  # an update is acknowledged to the broker once it is durable
         )
@@ -105,6 +116,10 @@ class Aggregator:
     def run(self, *, stop: Any = None, connect_timeout: float = 30.0) -> int:
         """Serve until the configured rounds or accuracy are reached (0) or stop is set (0)."""
         self._resume()
+        where = f", its public key in {self.public_key_file}" if self.public_key_file else ""
+        log.info("%s the downlink with Ed25519 key %s%s (agents pin it: server_key)",
+                 "created a key and signing" if self.key_created else "signing",
+                 self.signer.key_id, where)  # fmt: skip
         self.link.start()
         if not self.link.wait_connected(connect_timeout):
             log.error("no broker at %s:%s after %.0fs", self.s.host, self.s.port, connect_timeout)
@@ -113,7 +128,7 @@ class Aggregator:
         log.info("connected to %s:%s (MQTT %s), job %s, task %s, %s mode, %d parameters",
                  self.s.host, self.s.port, self.s.mqtt_version, self.s.job, self.task.name,
                  self.mode.name, self.model.num_params)  # fmt: skip
-        self.link.publish(self.topics.round(), b"", retain=True)  # no stale round from before
+        self._publish_own(self.topics.round(), b"")  # no stale round from before
         self._publish_model()
         if self.round is not None:
             self._announce("open")  # the resumed round, exactly as first announced
@@ -183,6 +198,7 @@ class Aggregator:
             for device in self.presence.due_drops(now, connected_at=self._connected_at):
                 self.round.drop(device)
         self.ledger.counters["expired_partial_updates"] += self.intake.expire(now)
+        self._restore_own(now)
         self._close_if_due(now)
         # the next round opens in the same tick: no gap in which updates find none open
         if self.round is None and not self.done_reason:
@@ -214,6 +230,8 @@ class Aggregator:
                     self._status_dirty = True
                 if self.round is not None and state.status != "offline":
                     self.round.rejoin(device)
+            elif kind in ("global", "round", "status"):
+                self._on_own_topic(msg, now)
             elif kind == "metrics":
                 m = decode_metrics(msg.payload)
                 if m.device != device:
@@ -227,6 +245,40 @@ class Aggregator:
         except Exception:  # a bug of ours must not take the service down: log it, go on
             self.ledger.counters["internal_errors"] += 1
             log.exception("failed to handle a message from %s on %s", device, msg.topic)
+
+    def _on_own_topic(self, msg: Message, now: float) -> None:
+        """A message on the aggregator's own retained topics: its echo, or an intrusion
+        that is counted, logged and overwritten with its own (see aggregator.watch)."""
+        signed: bool | None = None
+        if msg.topic != self.topics.status():
+            try:
+                kind = self.topics.kind_of(msg.topic)
+                decoded = decode_manifest(msg.payload) if kind == "global" else (
+                    decode_round(msg.payload))  # fmt: skip
+                sig = decoded.sig
+                public = self.signer.key.public_key()
+                signed = sig is not None and verify(public, msg.topic, sig) is None
+            except ProtocolError:
+                signed = False  # an empty payload (a deletion) or not a message at all
+        seen = self.own.observe(msg.topic, msg.payload, retained=msg.retain,
+                                signed_by_us=signed, now=now)  # fmt: skip
+        if seen is not None and seen.counter:
+            self.ledger.counters[seen.counter] += 1
+            self._status_dirty = True
+            log.warning("ALERT: %s on %s (%d bytes); publishing its own again",
+                        seen.why, msg.topic, len(msg.payload))  # fmt: skip
+
+    def _restore_own(self, now: float) -> None:
+        for topic, payload in self.own.due(now):
+            if topic == self.topics.status():
+                self._publish_status(now, force=True)
+            else:
+                self._publish_own(topic, payload)
+
+    def _publish_own(self, topic: str, payload: bytes) -> None:
+        """Publish on one of the watched topics (retained), remembering it as its own."""
+        self.own.published(topic, payload)
+        self.link.publish(topic, payload, qos=1, retain=True)
 
     # ------------------------------------------------------------ rounds
 
@@ -252,8 +304,10 @@ class Aggregator:
             opened_at=r.opened_at, deadline=r.deadline, selected=tuple(sorted(r.selected)),
             target=r.target, min_devices=r.min_devices, train=self.s.train,
             codec=self.s.update_pipeline.name, max_update_bytes=self.s.update_budget_bytes,
+            task=self.task.name, epoch=self.epoch,
         )  # fmt: skip
-        self.link.publish(self.topics.round(), encode_round(msg), qos=1, retain=True)
+        topic = self.topics.round()
+        self._publish_own(topic, encode_round(msg, sign=self.signer.for_topic(topic)))
 
     def _close_if_due(self, now: float) -> None:
         if self.round is None or self.mode.outcome(self.round, now) is None:
@@ -295,9 +349,13 @@ class Aggregator:
         self._publish_status(now, force=True)
 
     def _publish_model(self) -> None:
-        pub = self.model.publication(self.topics, limit=self.link.max_message_bytes,
-                                     publish_onnx=self.s.publish_onnx)  # fmt: skip
+        pub = self.model.publication(
+            self.topics, limit=self.link.max_message_bytes, publish_onnx=self.s.publish_onnx,
+            sign=self.signer.for_topic(self.topics.global_manifest()), epoch=self.epoch,
+        )  # fmt: skip
         for topic, payload in pub.messages:
+            if topic == self.topics.global_manifest():
+                self.own.published(topic, payload)
             self.link.publish(topic, payload, qos=1, retain=True)
         self.store.save_manifest(pub.version, pub.manifest)
         log.info("published version %d (%s): %d weight, %d onnx, %d delta chunks, %d bytes",
@@ -312,6 +370,9 @@ class Aggregator:
         version = state.get("version")
         self.model.load_or_init(None if version is None else int(version))
         self.next_round_id = int(state.get("next_round", 1))
+        # the lineage of this state directory: set once, so a fresh directory (round ids and
+        # versions start over) announces a newer epoch that signed-downlink agents follow
+        self.epoch = int(state.get("epoch") or time.time() * 1000)
         self.ledger.counters.update(state.get("counters", {}))
         if state:
             log.info("resumed from %s: version %d, next round %d",
@@ -333,6 +394,7 @@ class Aggregator:
     def _save_state(self) -> None:
         self.store.save_state({"job": self.s.job, "task": self.task.name,
                                "version": self.model.version, "next_round": self.next_round_id,
+                               "epoch": self.epoch,
                                "counters": dict(self.ledger.counters)})  # fmt: skip
 
     def status(self, now: float) -> dict[str, Any]:
@@ -340,11 +402,12 @@ class Aggregator:
         return status_of(settings=self.s, task=self.task.name, done_reason=self.done_reason,
                          version=self.model.version, metrics=self.model.metrics,
                          round_=self.round, presence=self.presence,
-                         counters=self.ledger.counters, now=now)  # fmt: skip
+                         counters=self.ledger.counters, now=now,
+                         signing_key=self.signer.key_id)  # fmt: skip
 
     def _publish_status(self, now: float, *, force: bool = False) -> None:
         if not force and (not self._status_dirty or now - self._status_at < STATUS_EVERY_S):
             return
         body = json.dumps(self.status(now), indent=1).encode()
-        self.link.publish(self.topics.status(), body, qos=1, retain=True)
+        self._publish_own(self.topics.status(), body)
         self._status_at, self._status_dirty = now, False

@@ -23,6 +23,7 @@ def status_of(
     presence: Presence,
     counters: Mapping[str, int],
     now: float,
+    signing_key: str = "",
 ) -> dict[str, Any]:
     """The status document for this moment."""
     s = settings
@@ -66,6 +67,7 @@ def status_of(
             "known": len(presence.devices),
         },
         "counters": dict(sorted(counters.items())),
+        "signing_key": signing_key,
         "aggregator_version": __version__,
         "updated_at": round(now, 3),
         "updated": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),

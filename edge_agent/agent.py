@@ -23,12 +23,14 @@ from edge_agent.fetch import Action, Hold, HoldOnnx, ModelFetch, Reject, Subscri
 from edge_agent.hold import UpdateHold
 from edge_agent.settings import AgentSettings
 from edge_agent.state import DeviceStore
+from edge_agent.trust import DownlinkTrust, RoundGate
 from edge_agent.updates import BuiltUpdate, build_update, update_rng
 from edge_agent.uplink import Uplink
 from fedmq import __version__
 from fedmq.codecs import parse_or_schema_error
 from fedmq.errors import DecodeError, ProtocolError
 from fedmq.link import Connected, Disconnected, Link, Message
+from fedmq.signing import load_public_key
 from fedmq.tasks import Task, get_task
 from fedmq.tasks.partition import device_data
 from fedmq.wire import (
@@ -48,6 +50,7 @@ from firmware_profiles import Profile, load_profile
 
 TICK_S = 0.2
 MAX_CHUNK_MESSAGE_BYTES = 8 * 1024 * 1024
+SAVE_COUNTERS_EVERY_S = 1.0  # refusals are counted on disk at most this often
 
 T = TypeVar("T")
 
@@ -83,12 +86,23 @@ class Agent:
         except ValueError as err:  # e.g. saved by an agent of another task: not fatal
             self.log.warning("%s; fetching it anew", err)
             held = None
+        key = load_public_key(settings.server_key) if settings.server_key else None
+        self.trust = DownlinkTrust(server_key=key, insecure=settings.insecure)
         self.fetch = ModelFetch(
             topics=self.topics, task=self.task.name, specs=specs, onnx=self.infer_only,
             version=held.version if held else -1, sha256=held.sha256 if held else "",
-            weights=held.weights if held else None,
+            weights=held.weights if held else None, trust=self.trust,
+            epoch=int(progress.get("epoch", 0)) if held else 0,
+            max_version_jump=settings.max_version_jump,
         )  # fmt: skip
-        self.reason = ""  # why a global model was last refused, on the state topic
+        last = progress.get("round_key")
+        self.gate = RoundGate(
+            topics=self.topics, task=self.task.name, trust=self.trust,
+            max_epochs=self.profile.max_epochs, max_lr=self.profile.max_lr,
+            last=(int(last[0]), int(last[1]), int(last[2])) if last else None,
+        )  # fmt: skip
+        # why a global model or round was last refused ("<code>: <text>"), on the state topic
+        self.reason = ""
         subs = [(self.topics.round(), 1), (self.topics.global_manifest(), 1),
                 (self.topics.ack(self.device), 1)]  # fmt: skip
         self.link = Link(
@@ -106,7 +120,10 @@ class Agent:
             hold = UpdateHold(hold_dir=settings.hold_dir, device=self.device, outbox_ids=ids)
         self.uplink = Uplink(link=self.link, topic=self.topics.update(self.device),
                              outbox=self.store.outbox, hold=hold, log=self.log)  # fmt: skip
+        # refusals, unverified downlink and dropped messages by code since this start; also
+        # in agent.json ("counters"), for tools and tests
         self.counters: dict[str, int] = {}
+        self._counters_saved_at, self._counters_dirty = 0.0, False
 
     # ------------------------------------------------------------ the loop
 
@@ -116,6 +133,15 @@ class Agent:
             "starting: %d local examples, profile %s, %s",
             len(self.x), self.profile.name, "inference only" if self.infer_only else "training",
         )  # fmt: skip
+        if self.trust.server_key is not None:
+            also = " (insecure: unsigned accepted too)" if self.s.insecure else ""
+            self.log.info("downlink must be signed by key %s%s", self.trust.key_id, also)
+        elif self.s.insecure:
+            self.log.warning("insecure: manifests and rounds are accepted unsigned, from "
+                             "anyone who can publish on the broker")  # fmt: skip
+        else:
+            self.log.warning("no server_key pinned: manifests and rounds cannot be verified and "
+                             "are accepted unsigned (counted as unverified_*)")  # fmt: skip
         self.link.start()
         try:
             while not (stop is not None and stop.is_set()):
@@ -132,6 +158,8 @@ class Agent:
                 self._contain("the fetch timer", self._fetch_tick, now)
                 self._contain("training", self._maybe_train, now)
                 self._contain("resending", self.uplink.tick, now)
+                if self._counters_dirty and now - self._counters_saved_at >= SAVE_COUNTERS_EVERY_S:
+                    self._save_progress()
         finally:
             self.link.stop(final=(self.topics.device_state(self.device),
                                   self._state_payload("offline")))  # fmt: skip
@@ -151,6 +179,17 @@ class Agent:
 
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
+        self._counters_dirty = True
+
+    def _refuse(self, code: str, reason: str) -> None:
+        """A downlink message refused for good: the held model stays; count it and say why
+        on the state topic (published again only when the reason changes)."""
+        self._count(code)
+        self.log.warning("refused %s", reason)
+        text = f"{code}: {reason}"
+        if text != self.reason:
+            self.reason = text
+            self._publish_state("online")
 
     def _on_connected(self, event: Connected) -> None:
         self.log.info(
@@ -192,6 +231,8 @@ class Agent:
             if isinstance(a, Subscribe):
                 for topic in a.topics:
                     self.link.subscribe(topic, 1)
+                if a.attempt == 1 and not a.verified:
+                    self._count("unverified_global")
                 if a.attempt == 1:
                     self.log.info("fetching global version %d (%s, %d chunks)",
                                   a.version, a.what, len(a.topics))  # fmt: skip
@@ -199,11 +240,11 @@ class Agent:
                 for topic in a.topics:
                     self.link.unsubscribe(topic)
             elif isinstance(a, Reject):
-                self._count(a.code)
-                self.log.warning("refused global version %d: %s", a.version, a.reason)
                 if a.final:  # the held model stays; say why on the state topic
-                    self.reason = a.reason
-                    self._publish_state("online")
+                    self._refuse(a.code, a.reason)
+                else:
+                    self._count(a.code)
+                    self.log.warning("refused global version %d: %s", a.version, a.reason)
             elif isinstance(a, Hold):
                 self.store.save_model(a.blob)
                 self.fetched_bytes += a.fetched_bytes
@@ -230,6 +271,15 @@ class Agent:
     # ------------------------------------------------------------ rounds
 
     def _on_round(self, r: RoundAnnouncement) -> None:
+        before = self.gate.last
+        verified, refusal = self.gate.check(r)
+        if refusal is not None:
+            self._refuse(refusal.code, refusal.reason)
+            return
+        if not verified:
+            self._count("unverified_round")
+        if self.gate.last != before:
+            self._save_progress()
         if r.state != "open" or self.device not in r.selected or self.infer_only:
             if self.pending and r.round_id >= self.pending.round_id and r.state != "open":
                 self.pending = None  # the round we waited to train for has ended
@@ -340,5 +390,8 @@ class Agent:
         self.store.save(
             {"version": self.fetch.version, "model_sha": self.fetch.sha256,
              "last_round": self.last_round, "last_round_sha": self.last_round_sha,
-             "fetched_bytes": self.fetched_bytes}
+             "fetched_bytes": self.fetched_bytes, "epoch": self.fetch.epoch,
+             "round_key": list(self.gate.last) if self.gate.last else None,
+             "counters": dict(sorted(self.counters.items()))}
         )  # fmt: skip
+        self._counters_saved_at, self._counters_dirty = time.time(), False

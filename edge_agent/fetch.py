@@ -4,10 +4,11 @@
 to or unsubscribe from a payload's retained chunks, hold a checked model, or reject a
 version with a reason. It touches no socket, clock or file. It decides which payload to
 fetch (the delta when the device holds its base, else the full model; the ONNX export for
-an inference-only device), ignores versions it holds or is fetching, checks job, task,
-tensor specs and version order before anything is fetched or stored, puts chunks back
-together, checks size and sha256 with bounded retries, falls back from a delta that does
-not rebuild the version to the full payload, and retries a fetch that stalls.
+an inference-only device), ignores versions it holds or is fetching, checks the signature
+(edge_agent.trust), job, task, tensor specs, version order and sizes before anything is
+fetched or stored, puts chunks back together, checks size and sha256 with bounded retries,
+falls back from a delta that does not rebuild the version to the full payload, and retries a
+fetch that stalls.
 """
 
 from __future__ import annotations
@@ -18,18 +19,31 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmq.chunks import Reassembler
+from edge_agent.trust import DownlinkTrust
+from fedmq.chunks import MIN_MESSAGE_BYTES, Reassembler
 from fedmq.codecs import apply_model_delta, decode_model, parse_pipeline
 from fedmq.errors import ChunkError, ProtocolError
 from fedmq.topics import Topics
-from fedmq.wire import Chunk, Manifest, PayloadRef, TensorSpec, encode_weights, specs_of
+from fedmq.wire import (
+    CHUNK_OVERHEAD,
+    Chunk,
+    Manifest,
+    PayloadRef,
+    TensorSpec,
+    encode_weights,
+    specs_of,
+)
 
 MAX_ATTEMPTS = 3  # tries at one payload before the version is given up
 STALL_S = 30.0  # a fetch with no new chunk for this long is tried again
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 MAX_CHUNKS = 65536
-REJECT_CODES = ("wrong_job", "wrong_task", "wrong_specs", "stale_version", "bad_manifest",
-                "bad_payload", "no_rebuild", "timeout")  # fmt: skip
+# the fewest data bytes a chunk carries: every sender's messages are at least this large
+MIN_CHUNK_DATA = MIN_MESSAGE_BYTES - CHUNK_OVERHEAD
+MAX_VERSION_JUMP = 1000  # unverified manifests only: how far ahead of the held version
+REJECT_CODES = ("unsigned", "bad_signature", "wrong_job", "wrong_task", "wrong_specs",
+                "stale_version", "version_jump", "bad_manifest", "bad_payload", "no_rebuild",
+                "timeout")  # fmt: skip
 
 # ---------------------------------------------------------------- actions
 
@@ -42,6 +56,7 @@ class Subscribe:
     version: int
     what: str  # "delta", "onnx", or the full model's codec
     attempt: int  # 1 for a first try
+    verified: bool = False  # the manifest carried a valid signature by the pinned key
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,7 @@ class _Try:
     attempt: int
     last_progress: float
     fetched_bytes: int
+    verified: bool
 
 
 class ModelFetch:
@@ -119,9 +135,14 @@ class ModelFetch:
         max_attempts: int = MAX_ATTEMPTS,
         stall_s: float = STALL_S,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        trust: DownlinkTrust | None = None,
+        epoch: int = 0,
+        max_version_jump: int = MAX_VERSION_JUMP,
     ) -> None:
         if max_attempts < 1 or stall_s <= 0 or max_payload_bytes <= 0:
             raise ValueError("max_attempts, stall_s and max_payload_bytes must be positive")
+        if max_version_jump < 0:
+            raise ValueError("max_version_jump must be >= 0 (0: no limit)")
         if weights is not None and specs is not None and not same_specs(specs_of(weights), specs):
             raise ValueError("the held weights do not match the task's model; do not pass them")
         self.topics = topics
@@ -131,6 +152,9 @@ class ModelFetch:
         self.version = version  # the held version, -1: none
         self.sha256 = sha256  # model_sha256 of the held version (the ONNX sha when onnx)
         self.weights = weights  # the held version's weights (a delta's base)
+        self.epoch = epoch  # the held version's epoch, when its manifest was verified
+        self.trust = trust or DownlinkTrust()
+        self.max_version_jump = max_version_jump
         self.max_attempts = max_attempts
         self.stall_s = stall_s
         self.max_payload_bytes = max_payload_bytes
@@ -153,18 +177,21 @@ class ModelFetch:
         t = self._try
         if t and (m.version, ref.sha256) == (t.manifest.version, t.ref.sha256):
             return []
-        problem = self._check(m, ref, what)
+        verified, problem = self._check(m, ref, what)
         if problem is not None:
             return [Reject(m.version, problem[0], problem[1], final=True)]
         actions: list[Action] = [Unsubscribe(t.topics)] if t else []
-        return actions + self._start(m, ref, what, now=now, attempt=1, fetched=0)
+        return actions + self._start(m, ref, what, now=now, attempt=1, fetched=0,
+                                     verified=verified)  # fmt: skip
 
     def on_chunk(self, chunk: Chunk, *, now: float, wire_bytes: int = 0) -> list[Action]:
         """A chunk arrived on a global chunk topic; wire_bytes: its message's size."""
         t = self._try
         if t is None or chunk.payload_id != t.ref.payload_id:
             return []  # another version's, or a payload this device does not use
-        if chunk.total_size != t.ref.size or chunk.digest.hex() != t.ref.sha256:
+        if (chunk.total_size, chunk.count, chunk.digest.hex()) != (
+            t.ref.size, t.ref.chunks, t.ref.sha256
+        ):  # fmt: skip
             return []  # not of the payload the manifest names (an older publication)
         t.fetched_bytes += wire_bytes or len(chunk.data)
         try:
@@ -199,37 +226,78 @@ class ModelFetch:
             return d.payload, "delta"
         return m.weights, m.codec
 
-    def _check(self, m: Manifest, ref: PayloadRef, what: str) -> tuple[str, str] | None:
-        """(code, reason) when m must not be fetched, None when it may."""
+    def _check(
+        self, m: Manifest, ref: PayloadRef, what: str
+    ) -> tuple[bool, tuple[str, str] | None]:
+        """(verified, (code, reason) when m must not be fetched, None when it may): the
+        signature first, then what the manifest says, before anything is fetched."""
         v = f"global version {m.version}"
+        verified, refusal = self.trust.judge(m.sig, self.topics.global_manifest(), v)
+        if refusal is not None:
+            return verified, (refusal.code, refusal.reason)
         if m.job != self.topics.job:
-            return "wrong_job", f"{v} is for job {m.job!r}, this device is in {self.topics.job!r}"
+            return verified, (
+                "wrong_job",
+                f"{v} is for job {m.job!r}, this device is in {self.topics.job!r}",
+            )
         if m.task != self.task:
-            return "wrong_task", f"{v} is for task {m.task!r}, this device trains {self.task!r}"
-        if m.version < self.version:
-            return "stale_version", f"{v} is older than the held version {self.version}"
+            return verified, (
+                "wrong_task",
+                f"{v} is for task {m.task!r}, this device trains {self.task!r}",
+            )
+        order = self._order(m, verified)
+        if order is not None:
+            return verified, order
         if what != "onnx":
             if not _parses(m.codec):
-                return "bad_manifest", f"{v}: unknown codec {m.codec!r}"
+                return verified, ("bad_manifest", f"{v}: unknown codec {m.codec!r}")
             if self.specs is not None and not same_specs(m.tensors, self.specs):
-                return "wrong_specs", f"{v}: {_spec_diff(m.tensors, self.specs)}"
+                return verified, ("wrong_specs", f"{v}: {_spec_diff(m.tensors, self.specs)}")
         if ref.size > self.max_payload_bytes or ref.chunks > MAX_CHUNKS:
-            return "bad_manifest", (
+            return verified, ("bad_manifest", (
                 f"{v}: a {ref.size}-byte payload in {ref.chunks} chunks is over this "
                 f"device's limit of {self.max_payload_bytes} bytes in {MAX_CHUNKS} chunks"
-            )
+            ))  # fmt: skip
+        most = max(1, -(-ref.size // MIN_CHUNK_DATA))
+        if ref.chunks > most:
+            return verified, ("bad_manifest", (
+                f"{v}: {ref.chunks} chunks for a {ref.size}-byte payload; chunks of at least "
+                f"{MIN_CHUNK_DATA} bytes make at most {most}"
+            ))  # fmt: skip
+        return verified, None
+
+    def _order(self, m: Manifest, verified: bool) -> tuple[str, str] | None:
+        """Why m's version may not follow the held one, or None. A verified manifest's epoch
+        orders first (a newer one: the aggregator started over); an unverified one's epoch
+        means nothing, and its version may not run more than max_version_jump ahead."""
+        v = f"global version {m.version}"
+        if self.version < 0:
+            return None
+        if verified and m.epoch != self.epoch:
+            if m.epoch < self.epoch:
+                return "stale_version", (f"{v} is of epoch {m.epoch}, older than the held "
+                                         f"version's epoch {self.epoch}")  # fmt: skip
+            return None
+        if m.version < self.version:
+            return "stale_version", f"{v} is older than the held version {self.version}"
+        jump = m.version - self.version
+        if not verified and self.max_version_jump and jump > self.max_version_jump:
+            return "version_jump", (f"{v} is {jump} versions ahead of the held version "
+                                    f"{self.version}; an unsigned manifest may be at most "
+                                    f"{self.max_version_jump} ahead")  # fmt: skip
         return None
 
     def _start(
-        self, m: Manifest, ref: PayloadRef, what: str, *, now: float, attempt: int, fetched: int
-    ) -> list[Action]:
+        self, m: Manifest, ref: PayloadRef, what: str, *, now: float, attempt: int, fetched: int,
+        verified: bool,
+    ) -> list[Action]:  # fmt: skip
         topics = tuple(
             self.topics.global_chunk(m.version, i)
             for i in range(ref.first_index, ref.first_index + ref.chunks)
         )
-        self._try = _Try(m, ref, what, topics, attempt, now, fetched)
+        self._try = _Try(m, ref, what, topics, attempt, now, fetched, verified)
         self._reassembler = self._new_reassembler()
-        return [Subscribe(topics, m.version, what, attempt)]
+        return [Subscribe(topics, m.version, what, attempt, verified)]
 
     def _failed(self, t: _Try, code: str, reason: str, *, now: float) -> list[Action]:
         """One try went wrong: subscribe once more (the chunks are retained) or give up."""
@@ -238,8 +306,9 @@ class ModelFetch:
             again = f"{reason}; fetching it again (try {t.attempt + 1} of {self.max_attempts})"
             actions.append(Reject(t.manifest.version, code, again, final=False))
             return actions + self._start(
-                t.manifest, t.ref, t.what, now=now, attempt=t.attempt + 1, fetched=t.fetched_bytes
-            )
+                t.manifest, t.ref, t.what, now=now, attempt=t.attempt + 1,
+                fetched=t.fetched_bytes, verified=t.verified,
+            )  # fmt: skip
         self._try = None
         gave_up = f"{reason}; gave up after {self.max_attempts} tries"
         return [*actions, Reject(t.manifest.version, code, gave_up, final=True)]
@@ -253,6 +322,7 @@ class ModelFetch:
         done: list[Action] = [Unsubscribe(t.topics)]
         if t.what == "onnx":
             self.version, self.sha256, self.weights = m.version, ref.sha256, None
+            self.epoch = m.epoch if t.verified else self.epoch
             return [*done, HoldOnnx(m, payload, t.fetched_bytes)]
         try:
             full = parse_pipeline(m.codec)
@@ -273,12 +343,14 @@ class ModelFetch:
             reason = f"global version {m.version}: the delta {why}; fetching the full model"
             done.append(Reject(m.version, "no_rebuild", reason, final=False))
             return done + self._start(
-                m, m.weights, m.codec, now=now, attempt=1, fetched=t.fetched_bytes
-            )
+                m, m.weights, m.codec, now=now, attempt=1, fetched=t.fetched_bytes,
+                verified=t.verified,
+            )  # fmt: skip
         if why:  # the bytes are the ones the manifest names: fetching them again is futile
             reason = f"global version {m.version} {why}"
             return [*done, Reject(m.version, "no_rebuild", reason, final=True)]
         self.version, self.sha256, self.weights = m.version, m.model_sha256, weights
+        self.epoch = m.epoch if t.verified else self.epoch
         return [*done, Hold(m, weights, blob, t.what, t.fetched_bytes)]
 
     def _new_reassembler(self) -> Reassembler:

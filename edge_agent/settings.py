@@ -44,6 +44,9 @@ class AgentSettings:
     key_file: Path | None = None
     server_key: Path | None = None
     insecure: bool = False
+    # an unsigned manifest more than this many versions ahead of the held one is refused
+    # (0: no limit); signed ones are ordered by their epoch and version alone
+    max_version_jump: int = 1000
 
     def __post_init__(self) -> None:
         check_name("device id", self.device_id)
@@ -70,6 +73,8 @@ class AgentSettings:
             raise ValueError("max_message_bytes must be 0 (profile's) or at least 1024")
         if self.torch_threads < 0:
             raise ValueError("torch_threads must be 0 (profile's) or positive")
+        if self.max_version_jump < 0:
+            raise ValueError("max_version_jump must be >= 0 (0: no limit)")
         if self.extra_delay_s < 0 or self.alpha <= 0:
             raise ValueError("extra_delay_s must be >= 0 and alpha positive")
 

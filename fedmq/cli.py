@@ -63,6 +63,8 @@ AGGREGATOR_HELP = {
     "keep_versions": "global versions kept in the state directory, newest first (0 = all)",
     "snapshot_every": "accepted updates between snapshots of the open round's sum (a restart "
     "replays the journal from the last one)",
+    "signing_key": "Ed25519 private key (PEM PKCS#8) that signs manifests and rounds; unset: "
+    "<state_dir>/signing-key.pem, made once, its public key in signing-key.pub.pem",
 }
 
 AGENT_HELP = {
@@ -86,6 +88,10 @@ AGENT_HELP = {
     "torch_threads": "CPU threads for local training (0 = the profile's)",
     "infer_only": "never train: fetch each version's ONNX export and evaluate it locally",
     "extra_delay_s": "simulated slowness in seconds after training (tests, benchmarks)",
+    "server_key": "the aggregator's Ed25519 public key (PEM): manifests and rounds must be "
+    "signed by it",
+    "max_version_jump": "refuse an unsigned manifest more than this many versions ahead of the "
+    "held one (0 = no limit)",
     "hold_dir": "test/benchmark hook, not for production: after training, keep each update "
     "in the outbox, write HOLD_DIR/<device>.held (JSON: update_id, round_id) and send it only "
     "once HOLD_DIR/<device>.release exists (which it then deletes: the next update is held "

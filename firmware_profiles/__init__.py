@@ -27,6 +27,9 @@ class Profile:
     max_update_bytes: int = 0  # 0: no uplink budget of its own
     max_message_bytes: int = 256 * 1024  # largest MQTT payload the device's link takes
     torch_threads: int = 1
+    # the most a round may ask of this device: a round beyond them is refused, not trained
+    max_epochs: int = 20
+    max_lr: float = 1.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -42,6 +45,8 @@ class Profile:
             problems.append("max_message_bytes must be at least 1024")
         if self.torch_threads < 1:
             problems.append("torch_threads must be at least 1")
+        if self.max_epochs < 1 or not self.max_lr > 0:
+            problems.append("max_epochs must be at least 1 and max_lr positive")
         if problems:
             raise ValueError(f"profile {self.name!r}: " + "; ".join(problems))
 

@@ -37,6 +37,32 @@ def pack_message(kind: str, body: Mapping[str, Any]) -> bytes:
     return msgpack.packb({"v": SCHEMA_VERSION, "kind": kind, **body}, use_bin_type=True)
 
 
+MAX_SIGNED_DEPTH = 32  # fedmq's signed messages nest 4 deep; a deeper one is refused
+
+
+def canonical(obj: Any) -> bytes:
+    """The one msgpack encoding of a decoded message that signatures cover: every map's keys
+    in ascending order of their UTF-8 bytes, floats as float64, ints, str and bin lengths in
+    their shortest msgpack form, str as str and bytes as bin. SchemaError for a map key that
+    is not a string or nesting deeper than MAX_SIGNED_DEPTH."""
+    try:
+        return msgpack.packb(_sorted(obj, 0), use_bin_type=True, use_single_float=False)
+    except (ValueError, TypeError, OverflowError) as err:  # what unpacking let through
+        raise DecodeError(f"cannot encode the message canonically: {err}") from err
+
+
+def _sorted(obj: Any, depth: int) -> Any:
+    if depth > MAX_SIGNED_DEPTH:
+        raise SchemaError(f"a signed message may nest at most {MAX_SIGNED_DEPTH} levels")
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise SchemaError("a signed message may only have string keys")
+        return {k: _sorted(obj[k], depth + 1) for k in sorted(obj, key=lambda k: k.encode())}
+    if isinstance(obj, (list, tuple)):
+        return [_sorted(v, depth + 1) for v in obj]
+    return obj
+
+
 def unpack_message(payload: bytes, kind: str, max_bytes: int) -> dict[str, Any]:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise DecodeError(f"{kind}: payload must be bytes, got {type(payload).__name__}")

@@ -13,6 +13,7 @@ from fedmq.wire.framing import (
     str_list,
     unpack_message,
 )
+from fedmq.wire.signed import Signature, SignFn, read_signature, sign_body
 
 # ---------------------------------------------------------------- round announcement
 
@@ -52,35 +53,39 @@ class RoundAnnouncement:
     train: TrainConfig
     codec: str = "float32"  # the update pipeline devices use (fedmq.codecs)
     max_update_bytes: int = 0  # byte budget of one update payload; 0: no budget
+    task: str = ""  # the job's task; "" from aggregators before signed downlink
+    epoch: int = 0  # the aggregator state directory's lineage (ms since 1970); 0: unknown
+    # set by decode_round when the message was signed; never compared
+    sig: Signature | None = field(default=None, compare=False, repr=False)
 
 
 ROUND_STATES = ("open", "closed", "abandoned")
 
 
-def encode_round(r: RoundAnnouncement) -> bytes:
-    """The retained message on <job>/round."""
-    return pack_message(
-        "round",
-        {
-            "job": r.job,
-            "round": r.round_id,
-            "model_version": r.model_version,
-            "state": r.state,
-            "opened_at": r.opened_at,
-            "deadline": r.deadline,
-            "selected": list(r.selected),
-            "target": r.target,
-            "min_devices": r.min_devices,
-            "train": {
-                "epochs": r.train.epochs,
-                "batch_size": r.train.batch_size,
-                "lr": r.train.lr,
-                "momentum": r.train.momentum,
-            },
-            "codec": r.codec,
-            "max_update_bytes": r.max_update_bytes,
+def encode_round(r: RoundAnnouncement, *, sign: SignFn | None = None) -> bytes:
+    """The retained message on <job>/round; signed over every field when sign is given."""
+    body = {
+        "job": r.job,
+        "round": r.round_id,
+        "model_version": r.model_version,
+        "state": r.state,
+        "opened_at": r.opened_at,
+        "deadline": r.deadline,
+        "selected": list(r.selected),
+        "target": r.target,
+        "min_devices": r.min_devices,
+        "train": {
+            "epochs": r.train.epochs,
+            "batch_size": r.train.batch_size,
+            "lr": r.train.lr,
+            "momentum": r.train.momentum,
         },
-    )
+        "codec": r.codec,
+        "max_update_bytes": r.max_update_bytes,
+        "task": r.task,
+        "epoch": r.epoch,
+    }
+    return pack_message("round", sign_body("round", body, sign))
 
 
 def decode_round(payload: bytes, *, max_bytes: int = 1 << 20) -> RoundAnnouncement:
@@ -109,6 +114,10 @@ def decode_round(payload: bytes, *, max_bytes: int = 1 << 20) -> RoundAnnounceme
         train=train,
         codec=get_field(obj, "codec", "str"),
         max_update_bytes=get_field(obj, "max_update_bytes", "int"),
+        # optional: aggregators before signed downlink do not send them
+        task=get_field(obj, "task", "str", optional=True) or "",
+        epoch=get_field(obj, "epoch", "int", optional=True) or 0,
+        sig=read_signature(obj),
     )
     if r.state not in ROUND_STATES:
         raise SchemaError(f"round: unknown state {r.state!r}")

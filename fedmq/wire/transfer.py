@@ -13,6 +13,7 @@ from fedmq.wire.framing import (
     pack_message,
     unpack_message,
 )
+from fedmq.wire.signed import Signature, SignFn, read_signature, sign_body
 from fedmq.wire.tensors import TensorSpec
 
 # ---------------------------------------------------------------- chunk
@@ -156,32 +157,34 @@ class Manifest:
     metrics: dict[str, float] = field(default_factory=dict)
     model_sha256: str = ""  # sha256 of the float32 weights blob devices rebuild
     delta: DeltaRef | None = None
+    epoch: int = 0  # the aggregator state directory's lineage (ms since 1970); 0: unknown
+    # set by decode_manifest when the message was signed; never compared
+    sig: Signature | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_params(self) -> int:
         return sum(s.size for s in self.tensors)
 
 
-def encode_manifest(m: Manifest) -> bytes:
-    """The retained message on <job>/global."""
-    return pack_message(
-        "global",
-        {
-            "job": m.job,
-            "version": m.version,
-            "round": m.round_id,
-            "created": m.created,
-            "task": m.task,
-            "codec": m.codec,
-            "tensors": [s.to_wire() for s in m.tensors],
-            "num_params": m.num_params,
-            "weights": m.weights.to_wire(),
-            "onnx": m.onnx.to_wire() if m.onnx else None,
-            "metrics": dict(m.metrics),
-            "model_sha256": m.model_sha256,
-            "delta": m.delta.to_wire() if m.delta else None,
-        },
-    )
+def encode_manifest(m: Manifest, *, sign: SignFn | None = None) -> bytes:
+    """The retained message on <job>/global; signed over every field when sign is given."""
+    body = {
+        "job": m.job,
+        "version": m.version,
+        "round": m.round_id,
+        "created": m.created,
+        "task": m.task,
+        "codec": m.codec,
+        "tensors": [s.to_wire() for s in m.tensors],
+        "num_params": m.num_params,
+        "weights": m.weights.to_wire(),
+        "onnx": m.onnx.to_wire() if m.onnx else None,
+        "metrics": dict(m.metrics),
+        "model_sha256": m.model_sha256,
+        "delta": m.delta.to_wire() if m.delta else None,
+        "epoch": m.epoch,
+    }
+    return pack_message("global", sign_body("global", body, sign))
 
 
 def decode_manifest(payload: bytes, *, max_bytes: int = 1 << 20) -> Manifest:
@@ -203,6 +206,9 @@ def decode_manifest(payload: bytes, *, max_bytes: int = 1 << 20) -> Manifest:
         metrics=num_map(obj, "metrics"),
         model_sha256=get_field(obj, "model_sha256", "str"),
         delta=DeltaRef.from_wire(delta) if delta is not None else None,
+        # optional: aggregators before signed downlink do not send it
+        epoch=get_field(obj, "epoch", "int", optional=True) or 0,
+        sig=read_signature(obj),
     )
     if len(m.model_sha256) != 64:
         raise SchemaError("global: model_sha256 must be 64 hex digits")
