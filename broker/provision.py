@@ -34,11 +34,12 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmq.fleetfile import DeviceEntry, FleetFile, read_fleet
 from fedmq.link import BrokerAddress
+from fedmq.signing import create_key
 from fedmq.topics import Topics, check_name
 
 FLEET_FILE = "fleet.toml"
@@ -192,10 +193,7 @@ class FleetDir:
         _write_key(fleet.server_key_file, server_key)
         _write(fleet.server_cert, fleet._issue(server_key, "fedmq broker", server_hosts=hosts)
                .public_bytes(serialization.Encoding.PEM))  # fmt: skip
-        signing = ed25519.Ed25519PrivateKey.generate()
-        _write_key(fleet.signing_key, signing)
-        _write(fleet.signing_pub, signing.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        create_key(fleet.signing_key, fleet.signing_pub)
         fleet._save(FleetFile(job=job, prefix=prefix, host=hosts[0], port=port, devices={}))
         for identity in (aggregator_identity(job), operator_identity(job)):
             fleet._make_bundle(identity)
@@ -403,7 +401,7 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> None:
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())  # fmt: skip

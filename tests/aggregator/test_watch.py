@@ -99,11 +99,18 @@ class Client:
 
 
 @pytest.fixture
+def mosquitto(plain_broker: Any) -> Any:
+    """A plain broker: the forger stands for whoever got past the ACL (the broker's operator,
+    a stolen aggregator certificate); what stops it here is the aggregator's own watch."""
+    return plain_broker
+
+
+@pytest.fixture
 def aggregator(mosquitto: Any, tmp_path: Path, topic_prefix: str) -> Iterator[Aggregator]:
     settings = AggregatorSettings(
         job="svc", prefix=topic_prefix, port=mosquitto.port, task="digits-mlp",
         state_dir=tmp_path / "agg", rounds=2, round_timeout_s=30, start_wait_s=600,
-        publish_onnx=False,
+        publish_onnx=False, insecure=True,
     )  # fmt: skip
     agg = Aggregator(settings=settings)
     stop = threading.Event()

@@ -45,7 +45,15 @@ def test_forged_and_replayed_downlink_is_refused_and_the_fleet_trains_on(
     key = create_key(tmp_path / "keys" / "agg.pem", tmp_path / "keys" / "agg.pub.pem")
     pub = tmp_path / "keys" / "agg.pub.pem"
     topics = fleet.topics
-    recorder = Watcher(mosquitto, f"{topics.base}/+")  # the aggregator's own messages
+    # the attacker got past the ACL (the broker's operator, a stolen certificate with write
+    # access to the downlink): the signatures, not the broker, have to stop it
+    fleet_dir = fleet.fleet_dir
+    assert fleet_dir is not None
+    fleet_dir.add("intruder")
+    with fleet_dir.acl.open("a") as fh:
+        fh.write(f"\nuser intruder\ntopic readwrite {topics.base}/#\n")
+    mosquitto.restart()  # re-reads the ACL before any fleet process starts
+    recorder = Watcher(mosquitto, f"{topics.base}/+", identity="intruder")
     try:
         fleet.aggregator(rounds=0, devices_per_round=2, min_devices=2, lr=0.1,
                          signing_key=tmp_path / "keys" / "agg.pem")  # fmt: skip
@@ -127,7 +135,7 @@ def test_forged_and_replayed_downlink_is_refused_and_the_fleet_trains_on(
         assert counters.get("foreign_downlink", 0) >= 6, counters
         assert counters.get("replayed_downlink", 0) >= 2, counters
         # and the broker holds the aggregator's own manifest again
-        newcomer = Watcher(mosquitto, topics.global_manifest())
+        newcomer = Watcher(mosquitto, topics.global_manifest())  # the read-only operator
         try:
             (_, payload), *_ = fleet.wait_for("the retained manifest", lambda: newcomer.messages,
                                               timeout=30)  # fmt: skip
