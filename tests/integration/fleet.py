@@ -44,7 +44,7 @@ class Fleet:
         """The broker's fleet directory (certificates, ACL, bundles); None when insecure."""
         return fleet_dir_of(self.broker)
 
-    def _credentials(self, identity: str) -> dict[str, Any]:
+    def credentials(self, identity: str) -> dict[str, Any]:
         """Flags that make a process connect as identity (a device id or the aggregator)."""
         fleet = self.fleet_dir
         if fleet is None:
@@ -70,7 +70,7 @@ class Fleet:
         """Start the aggregator with --flag value pairs from keyword arguments."""
         opts = {"state_dir": self.state_dir, "rounds": 3, "round_timeout_s": 30,
                 "start_wait_s": 30, "epochs": 1, "batch_size": 10, "lr": 0.05,
-                **self._credentials(aggregator_identity(self.job)), **flags}  # fmt: skip
+                **self.credentials(aggregator_identity(self.job)), **flags}  # fmt: skip
         return self._spawn("aggregator", ["aggregator", *self._common(), *_flags(opts)])
 
     def agent(self, index: int, num_devices: int, **flags: Any) -> processes.Child:
@@ -78,7 +78,7 @@ class Fleet:
         device = flags.get("device_id", f"d{index}")
         opts = {"device_id": device, "device_index": index, "num_devices": num_devices,
                 "partition": "iid", "state_dir": self.root / "agents",
-                **self._credentials(device), **flags}  # fmt: skip
+                **self.credentials(device), **flags}  # fmt: skip
         return self._spawn(f"agent-{index}", ["agent", *self._common(), *_flags(opts)])
 
     def history(self) -> list[dict[str, Any]]:

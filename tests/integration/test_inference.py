@@ -31,7 +31,8 @@ def test_infer_only_agent_without_torch(fleet: Fleet, mosquitto: Any, tmp_path: 
         argv = ["agent", "--host", mosquitto.host, "--port", str(mosquitto.port),
                 "--job", fleet.job, "--prefix", fleet.prefix, "--task", fleet.task,
                 *_flags({"device_id": "sensor", "device_index": 2, "num_devices": 3,
-                         "profile": "sensor-infer", "state_dir": tmp_path / "sensor"})]  # fmt: skip
+                         "profile": "sensor-infer", "state_dir": tmp_path / "sensor",
+                         **fleet.credentials("sensor")})]  # fmt: skip
         sensor = spawn([sys.executable, "-c", NO_TORCH, *argv], log_path=tmp_path / "sensor.log")
         fleet.procs["sensor"] = sensor
 
