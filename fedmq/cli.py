@@ -261,7 +261,13 @@ def _serve(service: Any) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    code = service.run(stop=stop)
+    try:
+        code = service.run(stop=stop)
+    except ConfigError:
+        raise  # e.g. a state directory of another task: configuration, exit 2
+    except Exception:  # exit 2 means configuration only: anything else that escapes is 1
+        logging.getLogger("fedmq").exception("the service failed")
+        return EXIT_FAILURE
     return EXIT_NO_BROKER if code == 2 else code
 
 
