@@ -36,7 +36,9 @@ from aggregator.settings import AggregatorSettings
 from aggregator.status import status_of
 from aggregator.store import Store
 from fedmq.atomicfile import move_aside
+from fedmq.config import ConfigError
 from fedmq.errors import ProtocolError, Unauthorized
+from fedmq.fleetfile import read_fleet
 from fedmq.link import Connected, Disconnected, Link, Message
 from fedmq.tasks import Task, get_task
 from fedmq.wire import (
@@ -77,13 +79,17 @@ class Aggregator:
                                  downlink_delta=s.downlink_delta_pipeline)  # fmt: skip
         self.mode: Mode = (BufferedRounds(policy=s.policy, buffer=s.buffer)
                            if s.mode == "async" else SyncRounds(policy=s.policy))  # fmt: skip
+        self.enrolled = _enrolled(s)  # None: no fleet file, any valid id may take part
         self.admission = Admission(specs=self.model.specs, max_update_bytes=s.max_update_bytes,
-                                   budget_bytes=s.update_budget_bytes)  # fmt: skip
+                                   budget_bytes=s.update_budget_bytes,
+                                   enrolled=self.enrolled)  # fmt: skip
         self.optimizer = ServerSGD(lr=s.server_lr)
-        self.presence = Presence(job=s.job, grace_s=s.drop_grace_s)
+        self.presence = Presence(job=s.job, grace_s=s.drop_grace_s, enrolled=self.enrolled,
+                                 max_devices=s.max_devices)  # fmt: skip
         self.ledger = Ledger(journal=self.journal)
         self.intake = Intake(admission=self.admission, mode=self.mode, ledger=self.ledger,
-                             max_message_bytes=s.max_message_bytes)  # fmt: skip
+                             max_message_bytes=s.max_message_bytes,
+                             max_partial_per_device=s.max_partial_updates_per_device)  # fmt: skip
         self.device_metrics: dict[str, dict[str, float]] = {}
         self.next_round_id = 1
         self.waiting_since = 0.0
@@ -209,6 +215,7 @@ class Aggregator:
                                      trains=self.presence.trains)  # fmt: skip
                 self._status_dirty = True
             elif kind == "state" and msg.payload:
+                device = self.admission.sender(device)  # before any other use of the id
                 state = decode_state(msg.payload)
                 if self.presence.observe(device, state, now):
                     level = logging.INFO if state.status == "offline" else logging.DEBUG
@@ -217,18 +224,26 @@ class Aggregator:
                 if self.round is not None and state.status != "offline":
                     self.round.rejoin(device)
             elif kind == "metrics":
+                device = self.admission.sender(device)
                 m = decode_metrics(msg.payload)
                 if m.device != device:
                     raise Unauthorized(f"metrics for {m.device!r} on another device's topic")
+                if device not in self.presence.devices:  # bounded by the device table
+                    raise Unauthorized("metrics from a device without a state")
                 self.device_metrics[device] = m.metrics
+                if len(self.device_metrics) > 2 * len(self.presence.devices):
+                    self.device_metrics = {d: v for d, v in self.device_metrics.items()
+                                           if d in self.presence.devices}  # fmt: skip
         except ProtocolError as err:
             err.at(device=device, topic=msg.topic)
             self.ledger.counters[f"rejected_{err.reason_code}"] += 1
-            log.warning("rejected message from %s on %s: %s", device, msg.topic, err.reason)
+            log.warning("rejected message from %s on %s: %s", _shown(device), _shown(msg.topic),
+                        err.reason)  # fmt: skip
             self._status_dirty = True
         except Exception:  # a bug of ours must not take the service down: log it, go on
             self.ledger.counters["internal_errors"] += 1
-            log.exception("failed to handle a message from %s on %s", device, msg.topic)
+            log.exception("failed to handle a message from %s on %s", _shown(device),
+                          _shown(msg.topic))  # fmt: skip
 
     # ------------------------------------------------------------ rounds
 
@@ -444,3 +459,19 @@ class Aggregator:
         body = json.dumps(self.status(now), indent=1).encode()
         self.link.publish(self.topics.status(), body, qos=1, retain=True)
         self._status_at, self._status_dirty = now, False
+
+
+def _shown(text: str, limit: int = 96) -> str:
+    """A peer's string as it goes into a log line: printable, and not too long."""
+    short = text if len(text) <= limit else text[:limit] + "..."
+    return short if short.isprintable() else ascii(short)
+
+
+def _enrolled(s: AggregatorSettings) -> frozenset[str] | None:
+    """The devices the fleet file enrols (revoked ones left out); None without one."""
+    if s.fleet_file is None:
+        return None
+    fleet = read_fleet(s.fleet_file)
+    if fleet.job != s.job:
+        raise ConfigError(f"{s.fleet_file} is the fleet of job {fleet.job!r}, not {s.job!r}")
+    return frozenset(d for d in fleet.devices if fleet.enrolled(d) is not None)

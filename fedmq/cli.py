@@ -63,6 +63,12 @@ AGGREGATOR_HELP = {
     "keep_versions": "global versions kept in the state directory, newest first (0 = all)",
     "snapshot_every": "accepted updates between snapshots of the open round's sum (a restart "
     "replays the journal from the last one)",
+    "max_selected": "most devices one round selects (fewer when their ids would not fit one "
+    "round message of max_message_bytes)",
+    "max_devices": "most devices the aggregator tracks; offline ones give way to new ones, "
+    "a new device is refused when all are online (with fleet_file only enrolled ones count)",
+    "max_partial_updates_per_device": "chunked updates one device may have half-sent at once; "
+    "its oldest gives way, so a device flooding partial updates starves only itself",
 }
 
 AGENT_HELP = {

@@ -69,3 +69,9 @@ class ChunkError(ProtocolError):
     """A chunk that cannot belong to a payload: inconsistent count, digest, or over a bound."""
 
     reason_code = "chunk_error"
+
+
+class OverCapacity(ProtocolError):
+    """A message that would grow a bounded table past its cap (e.g. the device table)."""
+
+    reason_code = "over_capacity"

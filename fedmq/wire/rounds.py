@@ -55,6 +55,16 @@ class RoundAnnouncement:
 
 
 ROUND_STATES = ("open", "closed", "abandoned")
+ROUND_MAX_BYTES = 1 << 20  # the most a device reads of a round message
+ROUND_FIXED_BYTES = 512  # a round message without its selected ids, with room to spare
+SELECTED_ID_BYTES = 66  # one id in `selected`: up to 64 characters and a 2-byte header
+
+
+def max_selected_ids(max_message_bytes: int) -> int:
+    """How many device ids a round message may list and still fit one message of
+    max_message_bytes (and a device's 1 MiB cap): the round selects at most this many."""
+    room = min(max_message_bytes, ROUND_MAX_BYTES) - ROUND_FIXED_BYTES
+    return max(1, room // SELECTED_ID_BYTES)
 
 
 def encode_round(r: RoundAnnouncement) -> bytes:
@@ -83,7 +93,7 @@ def encode_round(r: RoundAnnouncement) -> bytes:
     )
 
 
-def decode_round(payload: bytes, *, max_bytes: int = 1 << 20) -> RoundAnnouncement:
+def decode_round(payload: bytes, *, max_bytes: int = ROUND_MAX_BYTES) -> RoundAnnouncement:
     """Inverse of encode_round."""
     obj = unpack_message(payload, "round", max_bytes)
     t = get_field(obj, "train", "map")

@@ -22,10 +22,21 @@ from aggregator.journal import Accepted, Journal, Snapshot, read_ledger
 from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
 from aggregator.store import read_history
+from fedmq.chunks import encode_chunks, split_payload
 from fedmq.codecs import encode_tensors, parse_pipeline
 from fedmq.tasks import get_task
 from fedmq.tasks import weights as tw
-from fedmq.wire import TensorSpec, Update, decode_weights, encode_weights, specs_of
+from fedmq.wire import (
+    DeviceState,
+    TensorSpec,
+    Update,
+    decode_weights,
+    encode_chunk,
+    encode_state,
+    encode_update,
+    encode_weights,
+    specs_of,
+)
 from tests.aggregator.test_service import ScriptedDevice, _update
 
 Start = Callable[..., tuple[Aggregator, ScriptedDevice]]
@@ -124,6 +135,13 @@ def test_a_mean_beyond_float16_abandons_the_round_and_the_next_one_works(start: 
     assert agg.ledger.counters["rounds_abandoned"] == 1
 
 
+def _state(state_dir: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((state_dir / "state.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
 def _specs() -> tuple[TensorSpec, ...]:
     return specs_of(tw.get_weights(get_task("digits-mlp").build_model()))
 
@@ -171,5 +189,109 @@ def test_a_poisoned_state_directory_is_quarantined_on_restart(
         dev.send(d, _update(f"n{d}", d, first, 0, {k: v + 1 for k, v in zeros.items()}))
         assert dev.ack_for(f"n{d}").status == "accepted"
     assert _history_round(agg, first, dev)["outcome"] == "complete"
-    state = json.loads((tmp_path / "agg" / "state.json").read_text())
-    assert state["version"] == 1 and state["next_round"] == first + 1
+    state = dev.pump(lambda: (s := _state(tmp_path / "agg")).get("next_round") == first + 1 and s)
+    assert state["version"] == 1
+
+
+def _publish_on(dev: ScriptedDevice, filter_: str, device: str, payload: bytes,
+                retain: bool = False) -> None:  # fmt: skip
+    """Publish on a device topic whatever the id (Topics refuses to build odd ones)."""
+    dev.client.publish(filter_.replace("+", device), payload, qos=1, retain=retain)
+
+
+def _offline(device: str) -> bytes:
+    return encode_state(DeviceState(device, "offline", "svc", "rpi4", "test", 10, -1, 0.0))
+
+
+def _online(device: str) -> bytes:
+    return encode_state(DeviceState(device, "online", "svc", "rpi4", "test", 10, -1, 0.0))
+
+
+def _wait_counter(agg: Aggregator, dev: ScriptedDevice, name: str, at_least: int) -> None:
+    dev.pump(lambda: agg.ledger.counters[name] >= at_least)
+
+
+def test_odd_ids_and_a_will_storm_from_unknown_ids_do_not_stop_rounds(start: Start) -> None:
+    agg, dev = start(rounds=1)
+    zeros = _zeros(dev)  # the aggregator is up and subscribed
+    states, updates = agg.topics.device_states_filter(), agg.topics.updates_filter()
+    odd = ["..", "a b", "x" * 1000, "evil\u202eexe"]
+    for device in odd:  # presence and an update from each: counted rejections, no exception
+        _publish_on(dev, states, device, _online(device), retain=True)
+        u = Update("u" + str(len(device)), device, 1, 0, 10, "float32", b"")
+        for chunk in encode_chunks(encode_update(u), u.update_id, 65536):
+            _publish_on(dev, updates, device, chunk)
+    for i in range(3):  # three retained offline states and a Will storm from unknown ids
+        _publish_on(dev, states, f"ghost-{i}", _offline(f"ghost-{i}"), retain=True)
+    for i in range(200):
+        _publish_on(dev, states, f"will-{i}", _offline(f"will-{i}"))
+    _wait_counter(agg, dev, "rejected_schema_error", 2 * len(odd))
+    dev.online("a", "b")
+    r = dev.open_round(1)
+    assert set(r.selected) == {"a", "b"}
+    for d in "ab":  # the device's metrics may not overwrite the round's bookkeeping
+        u = _update(f"u{d}", d, 1, 0, {k: v + 1 for k, v in zeros.items()})
+        dev.send(d, Update(u.update_id, d, 1, 0, 10, u.codec, u.body,
+                           metrics={"device": 99.0, "examples": 1e9, "train_loss": 0.5}))
+        assert dev.ack_for(f"u{d}").status == "accepted"
+    rnd = _history_round(agg, 1, dev)
+    assert rnd["outcome"] == "complete"
+    assert sorted((p["device"], p["examples"]) for p in rnd["participants"]) == [
+        ("a", 10), ("b", 10)]
+    assert all(p["metrics"]["device"] == 99.0 for p in rnd["participants"])
+    assert agg.ledger.counters["rejected_schema_error"] == 2 * len(odd)
+    assert agg.ledger.counters["internal_errors"] == 0
+    assert sorted(agg.presence.devices) == ["a", "b"]
+
+
+def _fleet_file(tmp_path: Path, *devices: str) -> Path:
+    path = tmp_path / "fleet.toml"
+    path.write_text('job = "svc"\n' + "".join(f'[[device]]\nid = "{d}"\n' for d in devices))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_with_a_fleet_file_only_enrolled_devices_take_part(
+    start: Start, tmp_path: Path, mode: str
+) -> None:
+    extra: dict[str, Any] = {"mode": mode, "buffer_size": 2} if mode == "async" else {}
+    agg, dev = start(rounds=1, fleet_file=_fleet_file(tmp_path, "a", "b"), **extra)
+    zeros = _zeros(dev)  # the aggregator is up and subscribed
+    states = agg.topics.device_states_filter()
+    _publish_on(dev, states, "mallory", _online("mallory"))
+    _wait_counter(agg, dev, "rejected_unauthorized", 1)
+    dev.online("a", "b")
+    r = dev.open_round(1)
+    assert set(r.selected) == {"a", "b"}
+    ones = {k: v + 1 for k, v in zeros.items()}
+    # a never-seen id filling the buffer: refused before its chunks are even reassembled
+    for i in range(3):
+        dev.send("mallory", _update(f"m{i}", "mallory", 1, 0, ones, n=10_000))
+    _wait_counter(agg, dev, "rejected_unauthorized", 4)
+    for d in "ab":
+        dev.send(d, _update(f"u{d}", d, 1, 0, ones))
+        assert dev.ack_for(f"u{d}").status == "accepted"
+    rnd = _history_round(agg, 1, dev)
+    assert rnd["outcome"] in ("complete", "buffered") and rnd["accepted"] == 2
+    assert {v["device"] for v in read_ledger(agg.s.state_dir)} == {"a", "b"}
+    assert "mallory" not in agg.presence.devices
+
+
+def test_a_device_flooding_partial_updates_cannot_stop_the_others(start: Start) -> None:
+    """The attack: 256 never-completed chunked payloads (24 KB in all) made the aggregator
+    refuse every honest update for 600 s."""
+    agg, dev = start(rounds=1)
+    dev.online("a", "b")  # mallory need not be selected: chunks are reassembled first
+    dev.open_round(1)
+    zeros = _zeros(dev)
+    updates = agg.topics.updates_filter()
+    for i in range(300):
+        (first, *_rest) = split_payload(bytes([i % 251]) * 2000, f"junk{i}", 1024)
+        _publish_on(dev, updates, "mallory", encode_chunk(first))
+    _wait_counter(agg, dev, "evicted_partial_updates", 300 - 4)
+    assert agg.intake.reassembler.held_by("mallory")[0] <= 4
+    ones = {k: v + 1 for k, v in zeros.items()}
+    for d in "ab":
+        dev.send(d, _update(f"u{d}", d, 1, 0, ones))
+        assert dev.ack_for(f"u{d}").status == "accepted"
+    assert _history_round(agg, 1, dev)["accepted"] == 2
