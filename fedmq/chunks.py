@@ -129,6 +129,9 @@ class Reassembler:
         """
         self.expire(now)
         key = (source, chunk.payload_id)
+        if not 0 <= chunk.index < chunk.count or chunk.total_size < 0:  # decode_chunk checks
+            raise ChunkError(f"payload {chunk.payload_id}: chunk {chunk.index} of {chunk.count}"
+                             f" for {chunk.total_size} bytes", device=source)  # fmt: skip
         if chunk.total_size > self.max_payload_bytes:
             raise ChunkError(
                 f"payload {chunk.payload_id}: {chunk.total_size} bytes exceeds the "
