@@ -55,6 +55,7 @@ class RoundAnnouncement:
 
 
 ROUND_STATES = ("open", "closed", "abandoned")
+MAX_CODEC_CHARS = 128  # a pipeline name (fedmq.codecs) is far shorter
 ROUND_MAX_BYTES = 1 << 20  # the most a device reads of a round message
 ROUND_FIXED_BYTES = 512  # a round message without its selected ids, with room to spare
 SELECTED_ID_BYTES = 66  # one id in `selected`: up to 64 characters and a 2-byte header
@@ -178,6 +179,8 @@ def decode_update(payload: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Upda
     )
     if not 0 < len(u.update_id) <= 64:
         raise SchemaError("update: id must be 1-64 characters")
+    if len(u.codec) > MAX_CODEC_CHARS or len(u.device) > MAX_CODEC_CHARS:
+        raise SchemaError(f"update: codec and device are at most {MAX_CODEC_CHARS} characters")
     if u.num_examples <= 0:
         raise SchemaError(f"update: num_examples must be positive, got {u.num_examples}")
     return u

@@ -10,15 +10,18 @@ from aggregator.admission import Admission, check_device_id
 from aggregator.modes import BufferedRounds, SyncRounds
 from aggregator.presence import Presence
 from aggregator.settings import AggregatorSettings
-from fedmq.errors import OverCapacity, SchemaError, Unauthorized
+from fedmq.codecs import parse_or_schema_error
+from fedmq.errors import MAX_REASON_CHARS, OverCapacity, ProtocolError, SchemaError, Unauthorized
 from fedmq.topics import check_name
 from fedmq.wire import (
     DeviceState,
     RoundAnnouncement,
     TrainConfig,
     Update,
+    decode_state,
     decode_update,
     encode_round,
+    encode_state,
     encode_update,
 )
 
@@ -105,3 +108,16 @@ def test_update_metrics_are_bounded_and_finite() -> None:
                 {"loss": np.inf}):  # fmt: skip
         with pytest.raises(SchemaError):
             decode_update(update(bad))
+
+
+def test_what_a_peer_sends_is_bounded_before_it_is_kept_or_quoted() -> None:
+    """A state the device table keeps, a codec name an ack and the ledger quote."""
+    big = DeviceState("a", "online", "j", profile="p" * 10_000, agent_version="1")
+    with pytest.raises(SchemaError, match="at most 128"):
+        decode_state(encode_state(big))
+    with pytest.raises(SchemaError, match="at most 128"):
+        decode_update(encode_update(Update("u", "a", 1, 0, 10, "float32" * 1000, b"")))
+    with pytest.raises(SchemaError) as err:  # the reason quotes the name: bounded
+        parse_or_schema_error("topk:" + "9" * 100_000)
+    assert len(err.value.reason) <= MAX_REASON_CHARS
+    assert len(str(ProtocolError("x" * 100_000, device="a"))) < MAX_REASON_CHARS + 32
