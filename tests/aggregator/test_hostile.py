@@ -18,10 +18,11 @@ import msgpack
 import numpy as np
 import pytest
 
+from aggregator.globals import GlobalModel
 from aggregator.journal import Accepted, Journal, Snapshot, read_ledger
 from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
-from aggregator.store import read_history
+from aggregator.store import Store, read_history
 from fedmq.chunks import encode_chunks, split_payload
 from fedmq.codecs import encode_tensors, parse_pipeline
 from fedmq.tasks import get_task
@@ -32,6 +33,7 @@ from fedmq.wire import (
     Update,
     decode_weights,
     encode_chunk,
+    encode_manifest,
     encode_state,
     encode_update,
     encode_weights,
@@ -152,6 +154,14 @@ def _poison_journal(state_dir: Path, how: str) -> None:
         state_dir.mkdir(parents=True)
         (state_dir / "state.json").write_text('{"version": 0, "next_round": ')
         return
+    if how == "version":  # a stored version whose payload no longer decodes
+        model = GlobalModel(task=get_task("digits-mlp"), store=Store(root=state_dir))
+        model.load_or_init()
+        model.store.save_manifest(0, encode_manifest(model.manifest(
+            job="svc", weight_chunks=1, onnx_chunks=0, delta_chunks=0)))  # fmt: skip
+        (state_dir / "versions" / "000000.full").write_bytes(b"\x93poison")
+        (state_dir / "state.json").write_text('{"version": 0, "next_round": 1}')
+        return
     specs = _specs()
     zeros = {s.name: np.zeros(s.shape, np.float32) for s in specs}
     journal = Journal(root=state_dir)
@@ -168,21 +178,25 @@ def _poison_journal(state_dir: Path, how: str) -> None:
     journal.close()
 
 
-@pytest.mark.parametrize("how", ["body", "snapshot", "state.json"])
+@pytest.mark.parametrize("how", ["body", "snapshot", "state.json", "version"])
 def test_a_poisoned_state_directory_is_quarantined_on_restart(
     start: Start, tmp_path: Path, how: str
 ) -> None:
     _poison_journal(tmp_path / "agg", how)
     agg, dev = start(rounds=3)
     dev.online("a", "b")
-    if how != "state.json":  # the journalled round 1 is moved aside and ends abandoned
+    journalled = how in ("body", "snapshot")
+    if journalled:  # the journalled round 1 is moved aside and ends abandoned
         rnd = _history_round(agg, 1, dev)
         assert rnd["outcome"] == "abandoned" and rnd["reason"].startswith("quarantined"), rnd
     quarantined = sorted(p.name for p in (tmp_path / "agg" / "quarantine").iterdir())
-    assert quarantined and all(how.split(".")[0] in n or "bodies" in n for n in quarantined)
+    expected = {"body": ["000001.bodies"], "snapshot": ["000001.bodies", "000001.snapshot"],
+                "state.json": ["state.json"],
+                "version": ["000000.full", "000000.manifest", "000000.onnx"]}  # fmt: skip
+    assert [n.split("-", 1)[1] for n in quarantined] == expected[how], quarantined
     assert agg.ledger.counters["quarantined_files"] == len(quarantined)
 
-    first = 2 if how != "state.json" else 1
+    first = 2 if journalled else 1
     r = dev.open_round(first)
     zeros = _zeros(dev)
     for d in r.selected:
