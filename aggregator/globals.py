@@ -155,7 +155,7 @@ class GlobalModel:
             return
         self.full_body, self.weights = encode_model(self.weights, self.downlink, version=0)
         self.delta_body, self.base_sha = b"", ""
-        self.metrics = self._evaluate()
+        self.metrics, self.onnx = self._evaluate(self.weights)
         self._store()
 
     def _load_payloads(self, manifest: Manifest, blob: bytes) -> None:
@@ -212,6 +212,9 @@ class GlobalModel:
         except (ValueError, ProtocolError) as err:  # e.g. a delta beyond float16
             raise ModelRefused(f"version {version} cannot be encoded: {err}") from err
         check_model(published, self.downlink)
+        metrics, onnx = self._evaluate(published)
+        if not all(np.isfinite(v) for v in metrics.values()):
+            raise ModelRefused(f"version {version} evaluates to non-finite metrics {metrics}")
         # nothing changed until here: a refused model leaves the current version whole
         self.server = weights if self._keeps_server else None
         self.full_body, self.delta_body, self.weights = full_body, delta_body, published
@@ -219,15 +222,16 @@ class GlobalModel:
         self.version = version
         self.round_id = round_id
         self.created = time.time()
-        self.metrics = self._evaluate()
+        self.metrics, self.onnx = metrics, onnx
         self._store()
         return self.metrics
 
-    def _evaluate(self) -> dict[str, float]:
-        self._tw.set_weights(self._model, self.weights)
+    def _evaluate(self, weights: dict[str, np.ndarray]) -> tuple[dict[str, float], bytes]:
+        """(test metrics, ONNX export) of weights; changes nothing of the version."""
+        self._tw.set_weights(self._model, weights)
         x, y = self._test
-        self.onnx = self._tw.export_onnx(self._model, self.task.input_shape)
-        return self._tw.evaluate(self._model, x, y)
+        onnx = self._tw.export_onnx(self._model, self.task.input_shape)
+        return self._tw.evaluate(self._model, x, y), onnx
 
     def _store(self) -> None:
         """Keep this version's payloads; its manifest follows once it is published."""

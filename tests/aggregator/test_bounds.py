@@ -1,17 +1,23 @@
-"""Every pool a peer can grow is bounded: ids, the device table, the round's selection,
-metrics. Pure tests, each written as the attack that used to work."""
+"""Every pool a peer can grow is bounded (ids, the device table, the round's selection,
+metrics) and no model that would not fit the downlink becomes a version. Pure tests,
+each written as the attack that used to work."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from aggregator.admission import Admission, check_device_id
+from aggregator.globals import GlobalModel, ModelRefused
 from aggregator.modes import BufferedRounds, SyncRounds
 from aggregator.presence import Presence
 from aggregator.settings import AggregatorSettings
-from fedmq.codecs import parse_or_schema_error
+from aggregator.store import Store
+from fedmq.codecs import parse_or_schema_error, parse_pipeline
 from fedmq.errors import MAX_REASON_CHARS, OverCapacity, ProtocolError, SchemaError, Unauthorized
+from fedmq.tasks import get_task
 from fedmq.topics import check_name
 from fedmq.wire import (
     DeviceState,
@@ -121,3 +127,27 @@ def test_what_a_peer_sends_is_bounded_before_it_is_kept_or_quoted() -> None:
         parse_or_schema_error("topk:" + "9" * 100_000)
     assert len(err.value.reason) <= MAX_REASON_CHARS
     assert len(str(ProtocolError("x" * 100_000, device="a"))) < MAX_REASON_CHARS + 32
+
+
+@pytest.mark.parametrize(
+    ("downlink", "delta", "value"),
+    [("float32", "", np.inf), ("float32", "", np.nan), ("fp16", "", 1e5),
+     ("int8", "", -np.inf), ("float32", "fp16", 1e5)],
+)  # fmt: skip
+def test_a_model_that_would_not_fit_the_downlink_never_becomes_a_version(
+    tmp_path: Path, downlink: str, delta: str, value: float
+) -> None:
+    model = GlobalModel(task=get_task("digits-mlp"), store=Store(root=tmp_path),
+                        downlink=parse_pipeline(downlink),
+                        downlink_delta=parse_pipeline(delta) if delta else None)  # fmt: skip
+    model.load_or_init()
+    before = (model.version, model.full_body, model.model_sha, dict(model.metrics), model.onnx)
+    files = sorted(p.name for p in (tmp_path / "versions").iterdir())
+    bad = {k: np.full_like(w, value) for k, w in model.weights.items()}
+    with pytest.raises(ModelRefused):
+        model.advance(bad, round_id=1)
+    assert (model.version, model.full_body, model.model_sha, model.metrics, model.onnx) == before
+    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == files
+    fine = {k: w + 0.01 for k, w in model.weights.items()}  # and the next one works
+    model.advance(fine, round_id=2)
+    assert model.version == 1 and np.isfinite(model.metrics["loss"])
