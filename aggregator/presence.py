@@ -37,8 +37,6 @@ class Presence:
         full of online ones."""
         if state.device != device:
             raise Unauthorized(f"state for {state.device!r} published on another device's topic")
-        if self.enrolled is not None and device not in self.enrolled:
-            raise Unauthorized("device is not enrolled in this job's fleet file")
         if state.job != self.job:
             self.devices.pop(device, None)  # a device of another job (or one that moved on)
             self.pending_drops.pop(device, None)
@@ -47,6 +45,8 @@ class Presence:
         if before is None:
             if state.status == "offline":
                 return False  # an unknown device's Will (or a storm of them) tells us nothing
+            if self.enrolled is not None and device not in self.enrolled:
+                raise Unauthorized("device is not enrolled in this job's fleet file")
             if len(self.devices) >= self.max_devices:
                 gone = next((d for d, s in self.devices.items() if s.status == "offline"), None)
                 if gone is None:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aggregator.admission import Admission
+from aggregator.admission import Admission, check_device_id
 from aggregator.fedavg import RunningSum, ServerSGD
 from aggregator.globals import GlobalModel, ModelRefused, StoredVersionError
 from aggregator.intake import Intake
@@ -215,7 +215,9 @@ class Aggregator:
                                      trains=self.presence.trains)  # fmt: skip
                 self._status_dirty = True
             elif kind == "state" and msg.payload:
-                device = self.admission.sender(device)  # before any other use of the id
+                # the id before any other use; enrolment once the state says it is of this
+                # job (the state topic is shared by every job under the prefix)
+                device = check_device_id(device)
                 state = decode_state(msg.payload)
                 if self.presence.observe(device, state, now):
                     level = logging.INFO if state.status == "offline" else logging.DEBUG
