@@ -24,8 +24,10 @@ def check_name(kind: str, value: str) -> str:
     """Return value if it can be one topic level (no wildcards, no '/') and a file name
     (not '.' or '..'); else ValueError."""
     if not isinstance(value, str) or not _NAME.match(value) or value in (".", ".."):
-        shown = repr(value[:64]) + ("..." if len(value) > 64 else "") if isinstance(value, str) \
-            else type(value).__name__  # fmt: skip
+        if isinstance(value, str):  # quoted in logs and acks: never all of a hostile one
+            shown = repr(value[:64]) + ("..." if len(value) > 64 else "")
+        else:
+            shown = type(value).__name__
         raise ValueError(
             f"{kind} {shown} must be 1-64 characters of letters, digits, '_', '.' or '-', "
             "and not '.' or '..'"
