@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fedmq.codecs import Decoded, decode_tensors
 from fedmq.errors import SchemaError, Unauthorized
+from fedmq.topics import check_name
 from fedmq.wire import TensorSpec, Update, decode_update
 
 MAX_EXAMPLES_PER_UPDATE = 10_000_000
@@ -29,6 +30,21 @@ def check_examples(u: Update, tensors: Mapping[str, Decoded]) -> None:
         raise SchemaError(f"num_examples {u.num_examples} is implausible")
 
 
+def check_device_id(device: str | None) -> str:
+    """The device id a topic names, if it is a valid name; SchemaError before any other use
+    (an id is a topic level, a file name, a log field and a key in every table)."""
+    try:
+        return check_name("device id", device or "")
+    except ValueError as err:
+        raise SchemaError(f"the topic's {err}") from None
+
+
+def check_enrolled(device: str, enrolled: frozenset[str] | None) -> None:
+    """Unauthorized unless the device is enrolled (when a fleet file says who is)."""
+    if enrolled is not None and device not in enrolled:
+        raise Unauthorized("device is not enrolled in this job's fleet file")
+
+
 @dataclass(frozen=True)
 class Admission:
     """The rules every update passes before it touches the sum."""
@@ -37,6 +53,14 @@ class Admission:
     max_update_bytes: int
     budget_bytes: int = 0  # the byte budget announced to devices; 0: none
     checks: Sequence[Check] = (check_examples,)
+    enrolled: frozenset[str] | None = None  # the fleet file's devices; None: any valid id
+
+    def sender(self, device: str | None) -> str:
+        """The topic's device id, checked before anything else is done with the message:
+        a valid name, and enrolled when a fleet file is set; ProtocolError if not."""
+        device = check_device_id(device)
+        check_enrolled(device, self.enrolled)
+        return device
 
     def decode(self, payload: bytes, *, device: str, payload_id: str) -> Update:
         """Decode and authorise an update; ProtocolError if it lies about where it is from."""

@@ -89,11 +89,13 @@ class RunningSum:
 def apply_delta(
     weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], *, server_lr: float = 1.0
 ) -> dict[str, np.ndarray]:
-    """New global weights: weights + server_lr * delta, kept in each tensor's dtype."""
-    return {
-        name: (w + server_lr * delta[name]).astype(w.dtype, copy=False)
-        for name, w in weights.items()
-    }
+    """New global weights: weights + server_lr * delta, kept in each tensor's dtype
+    (a value beyond the dtype becomes inf: the caller checks the model before using it)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return {
+            name: (w + server_lr * delta[name]).astype(w.dtype, copy=False)
+            for name, w in weights.items()
+        }
 
 
 def aggregate(

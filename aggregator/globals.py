@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,9 @@ import numpy as np
 from aggregator.store import Store
 from fedmq.chunks import encode_chunks
 from fedmq.codecs import Pipeline, encode_model, encode_model_delta
+from fedmq.codecs.quantize import FLOAT16_MAX
+from fedmq.config import ConfigError
+from fedmq.errors import ProtocolError
 from fedmq.tasks import Task
 from fedmq.topics import Topics
 from fedmq.wire import (
@@ -27,6 +31,7 @@ from fedmq.wire import (
     Manifest,
     PayloadRef,
     TensorSpec,
+    check_tensors,
     decode_manifest,
     decode_weights,
     encode_manifest,
@@ -34,6 +39,34 @@ from fedmq.wire import (
     specs_of,
 )
 from fedmq.wire.signed import SignFn
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class ModelRefused(Exception):
+    """A model that must not become a version: not finite, or beyond the downlink's range."""
+
+
+def check_model(weights: Mapping[str, np.ndarray], downlink: Pipeline) -> None:
+    """ModelRefused unless every weight is finite and within what the downlink carries."""
+    limit = FLOAT16_MAX if downlink.values == "fp16" else FLOAT32_MAX
+    for name, w in weights.items():
+        if not np.isfinite(w).all():
+            raise ModelRefused(f"tensor {name!r} of the new model has non-finite values")
+        peak = float(np.max(np.abs(w))) if w.size else 0.0
+        if peak > limit:
+            raise ModelRefused(
+                f"tensor {name!r} of the new model reaches {peak:.3g}, beyond the "
+                f"{downlink.name} downlink's {limit:.6g}"
+            )
+
+
+class StoredVersionError(Exception):
+    """A stored version that is missing or does not load."""
+
+    def __init__(self, version: int, reason: str) -> None:
+        super().__init__(f"version {version}: {reason}")
+        self.version = version
 
 
 class GlobalModel:
@@ -82,24 +115,40 @@ class GlobalModel:
         return sum(s.size for s in self.specs)
 
     def load_or_init(self, version: int | None = None) -> None:
-        """Take a stored version (the newest when None), or make version 0 from the seed."""
+        """Take a stored version (the newest when None), or make version 0 from the seed.
+
+        StoredVersionError when the version is missing or does not load (the caller moves
+        it aside); ConfigError when the state directory holds another task's model."""
         versions = self.store.versions()
         if version is not None and version not in versions:
-            raise ValueError(f"state directory {self.store.root} lacks version {version}")
+            raise StoredVersionError(version, f"state directory {self.store.root} lacks it")
         if versions:
             chosen = versions[-1] if version is None else version
-            blob, manifest_blob, onnx = self.store.load_version(chosen)
-            manifest = decode_manifest(manifest_blob)
-            weights = decode_weights(blob)
+            try:
+                blob, manifest_blob, onnx = self.store.load_version(chosen)
+                manifest = decode_manifest(manifest_blob)
+                weights = decode_weights(blob)
+            except (OSError, ProtocolError) as err:
+                raise StoredVersionError(chosen, str(err)) from err
             if specs_of(weights) != self.specs:
-                raise ValueError(
+                raise ConfigError(
                     f"state directory {self.store.root} holds a model that is not "
                     f"{self.task.name}; use another --state-dir"
                 )
+            try:
+                check_model(weights, Pipeline())
+                server = self.store.load_server_weights(chosen) if self._keeps_server else None
+                if server is not None:
+                    check_tensors(server, self.specs, what="stored server weights")
+            except (OSError, ProtocolError, ModelRefused) as err:
+                raise StoredVersionError(chosen, str(err)) from err
             self.weights, self.version, self.round_id = weights, manifest.version, manifest.round_id
             self.created, self.metrics, self.onnx = manifest.created, manifest.metrics, onnx
-            self._load_payloads(manifest, blob)
-            self.server = self.store.load_server_weights(chosen) if self._keeps_server else None
+            try:
+                self._load_payloads(manifest, blob)
+            except (OSError, ProtocolError, ValueError) as err:
+                raise StoredVersionError(chosen, str(err)) from err
+            self.server = server
             # it was published: its chunks may still be retained on the broker
             extra = sum(ref.chunks for ref in (manifest.onnx, manifest.delta and
                                                manifest.delta.payload) if ref)  # fmt: skip
@@ -107,7 +156,7 @@ class GlobalModel:
             return
         self.full_body, self.weights = encode_model(self.weights, self.downlink, version=0)
         self.delta_body, self.base_sha = b"", ""
-        self.metrics = self._evaluate()
+        self.metrics, self.onnx = self._evaluate(self.weights)
         self._store()
 
     def _load_payloads(self, manifest: Manifest, blob: bytes) -> None:
@@ -144,33 +193,46 @@ class GlobalModel:
 
     def advance(self, weights: dict[str, np.ndarray], *, round_id: int) -> dict[str, float]:
         """Make weights the next version: encode for the downlink (the version is what
-        devices decode), evaluate, export, store. Returns its metrics."""
+        devices decode), evaluate, export, store. Returns its metrics.
+
+        ModelRefused, with nothing changed, when the weights or what devices would decode
+        from them are not finite or do not fit the downlink codec: the version stays."""
+        check_model(weights, self.downlink)
         version = self.version + 1
+        try:
+            if self.downlink_delta is not None:
+                made = encode_model_delta(
+                    weights, self.weights, full=self.downlink, delta=self.downlink_delta,
+                    version=version,
+                )  # fmt: skip
+                full_body, delta_body, published = made.full_body, made.delta_body, made.weights
+                base_sha = self.model_sha
+            else:
+                full_body, published = encode_model(weights, self.downlink, version=version)
+                delta_body, base_sha = b"", ""
+        except (ValueError, ProtocolError) as err:  # e.g. a delta beyond float16
+            raise ModelRefused(f"version {version} cannot be encoded: {err}") from err
+        check_model(published, self.downlink)
+        metrics, onnx = self._evaluate(published)
+        if not all(np.isfinite(v) for v in metrics.values()):
+            raise ModelRefused(f"version {version} evaluates to non-finite metrics {metrics}")
+        # nothing changed until here: a refused model leaves the current version whole
         self.server = weights if self._keeps_server else None
-        if self.downlink_delta is not None:
-            made = encode_model_delta(
-                weights, self.weights, full=self.downlink, delta=self.downlink_delta,
-                version=version,
-            )  # fmt: skip
-            self.base_sha = self.model_sha
-            self.full_body, self.delta_body, self.weights = (
-                made.full_body, made.delta_body, made.weights
-            )  # fmt: skip
-        else:
-            self.full_body, self.weights = encode_model(weights, self.downlink, version=version)
-            self.delta_body, self.base_sha = b"", ""
+        self.full_body, self.delta_body, self.weights = full_body, delta_body, published
+        self.base_sha = base_sha
         self.version = version
         self.round_id = round_id
         self.created = time.time()
-        self.metrics = self._evaluate()
+        self.metrics, self.onnx = metrics, onnx
         self._store()
         return self.metrics
 
-    def _evaluate(self) -> dict[str, float]:
-        self._tw.set_weights(self._model, self.weights)
+    def _evaluate(self, weights: dict[str, np.ndarray]) -> tuple[dict[str, float], bytes]:
+        """(test metrics, ONNX export) of weights; changes nothing of the version."""
+        self._tw.set_weights(self._model, weights)
         x, y = self._test
-        self.onnx = self._tw.export_onnx(self._model, self.task.input_shape)
-        return self._tw.evaluate(self._model, x, y)
+        onnx = self._tw.export_onnx(self._model, self.task.input_shape)
+        return self._tw.evaluate(self._model, x, y), onnx
 
     def _store(self) -> None:
         """Keep this version's payloads; its manifest follows once it is published."""

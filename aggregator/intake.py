@@ -41,12 +41,14 @@ class Intake:
     """Turns update chunks into verdicts for the open round (or buffer), if any."""
 
     def __init__(self, *, admission: Admission, mode: Mode, ledger: Ledger,
-                 max_message_bytes: int, threads: int = DECODE_THREADS) -> None:  # fmt: skip
+                 max_message_bytes: int, threads: int = DECODE_THREADS,
+                 max_partial_per_device: int = 4) -> None:  # fmt: skip
         self.admission = admission
         self.mode = mode
         self.ledger = ledger
         self.max_chunk_bytes = max_message_bytes + 4096
-        self.reassembler = Reassembler(max_payload_bytes=admission.max_update_bytes)
+        self.reassembler = Reassembler(max_payload_bytes=admission.max_update_bytes,
+                                       max_open_per_source=max_partial_per_device)  # fmt: skip
         self.round: OpenRound | None = None
         self.sum: RunningSum | None = None
         self.acks: list[tuple[str, Ack]] = []  # answers waiting for the journal commit
@@ -70,11 +72,19 @@ class Intake:
     def on_chunk(self, device: str, payload: bytes, *, now: float, version: int,
                  next_round: int, trains: Callable[[str], bool | None]) -> None:  # fmt: skip
         """Take one chunk of an update from device's topic; ProtocolError for a chunk that
-        cannot be read at all (there is no update id to answer)."""
+        cannot be read at all (there is no update id to answer) or whose topic names a
+        device that may not send (an invalid id; one the fleet file does not enrol)."""
+        device = self.admission.sender(device)
         chunk = decode_chunk(payload, max_bytes=self.max_chunk_bytes)
         u: Update | None = None
         try:
+            evicted = self.reassembler.evicted
             done = self.reassembler.add(chunk, source=device, now=now, wire_bytes=len(payload))
+            if self.reassembler.evicted > evicted:
+                n = self.reassembler.evicted - evicted
+                self.ledger.counters["evicted_partial_updates"] += n
+                log.warning("%d partial update(s) dropped to make room for %s's payload %s "
+                            "(reassembly quotas)", n, device, chunk.payload_id)  # fmt: skip
             if done is None:
                 return
             u = self.admission.decode(done.payload, device=device, payload_id=chunk.payload_id)
@@ -161,7 +171,9 @@ class Intake:
             self._refuse(u.device, u.update_id, u.round_id, err)
             return
         acc.add_prepared(prepared)
-        record = {"device": u.device, "examples": u.num_examples, **given.record, **u.metrics}
+        # the device's own metrics under their own key: they cannot overwrite bookkeeping
+        record = {**given.record, "device": u.device, "examples": u.num_examples,
+                  "metrics": dict(u.metrics)}  # fmt: skip
         self.ledger.accept(Accepted(
             update_id=u.update_id, round_id=r.round_id, device=u.device, codec=u.codec,
             body=u.body, weight=given.weight, norm=given.norm, wire_bytes=wire_bytes,

@@ -32,7 +32,7 @@ from typing import Any
 
 import msgpack
 
-from fedmq.atomicfile import write_atomic
+from fedmq.atomicfile import move_aside, write_atomic
 
 # No secondary index and no AUTOINCREMENT: every commit appends each page it changed to
 # the WAL, so each index would add a 4 KiB page per commit (ids are deduplicated in memory;
@@ -207,6 +207,20 @@ class Journal:
             (self.keep_verdicts,),
         )
         self.commit()
+
+    def quarantine_round(self, round_id: int, into: Path) -> list[Path]:
+        """Move a round that cannot be recovered (its bodies and snapshot) into the folder
+        `into` and forget it as an open round; its ids stay, for dedupe. Returns the files
+        moved."""
+        fh = self._bodies.pop(round_id, None)
+        if fh is not None:
+            fh.close()
+        self._dirty.discard(round_id)
+        moved = [move_aside(p, into) for p in sorted(self.dir.glob(f"{round_id:06d}.*"))]
+        self._begin()
+        self.db.execute("DELETE FROM rounds WHERE round_id = ?", (round_id,))
+        self.commit()
+        return moved
 
     def close(self) -> None:
         """Commit what is staged and close the files."""

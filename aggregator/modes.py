@@ -69,7 +69,8 @@ class SyncRounds:
         target = p.round_target(len(online))
         # seeded by (seed, round): the same selection whether or not the service restarted
         rng = np.random.default_rng([seed, round_id])
-        selected = select_devices(online, target=target, over_select=p.over_select, rng=rng)
+        selected = select_devices(online, target=target, over_select=p.over_select, rng=rng,
+                                  max_selected=p.max_selected)  # fmt: skip
         target = min(target, len(selected))
         return OpenRound(round_id=round_id, model_version=version, selected=frozenset(selected),
                          opened_at=now, deadline=now + p.timeout_s, target=target,
@@ -115,7 +116,12 @@ class BufferedRounds:
     def open(self, *, round_id: int, version: int, online: Sequence[str], seed: int,
              now: float) -> OpenRound:  # fmt: skip
         # every free device trains on the newest version; K updates make a version (fewer
-        # when fewer devices are online, or when the buffer reaches its age limit)
+        # when fewer devices are online, or when the buffer reaches its age limit); at most
+        # max_selected of them, at random (seeded by (seed, round)), so the message fits
+        if len(online) > self.policy.max_selected:
+            rng = np.random.default_rng([seed, round_id])
+            online = select_devices(online, target=self.policy.max_selected, over_select=0.0,
+                                    rng=rng)  # fmt: skip
         target = max(1, min(self.buffer.buffer_size, len(online)))
         return OpenRound(round_id=round_id, model_version=version, selected=frozenset(online),
                          opened_at=now, deadline=now + self.policy.timeout_s, target=target,
@@ -123,10 +129,13 @@ class BufferedRounds:
 
     def judge(self, r: OpenRound, u: Update, *, version: int, trains: bool | None,
               now: float) -> Contribution | None:  # fmt: skip
-        # any training device of this job (unknown is fine: its state may follow), any
-        # recent base version; a device may be in one buffer more than once
+        # any training device of this job (unknown is fine: its state may follow; enrolment,
+        # when a fleet file is set, was checked first), any recent base version; at most one
+        # update per device per buffer, so no one id can fill a buffer
         if trains is False:
             raise Unauthorized("an inference-only device sent an update")
+        if u.device in r.contributors:
+            raise DuplicateUpdate(f"device already contributed to buffer {r.round_id}")
         s = self.buffer.staleness(current_version=version, base_version=u.base_version,
                                   device=u.device)  # fmt: skip
         n = float(u.num_examples)

@@ -3,26 +3,38 @@ dropouts once a grace has passed. Pure: the service passes `now`."""
 
 from __future__ import annotations
 
-from fedmq.errors import Unauthorized
+from fedmq.errors import OverCapacity, Unauthorized
 from fedmq.wire import DeviceState
 
 # an offline state counts as a dropout only after this long (and this long after our own
 # reconnect): longer than a device's first reconnect after a broker restart, since
 # Mosquitto publishes every client's Will when it shuts down
 DROP_GRACE_S = 8.0
+MAX_DEVICES = 10_000
 
 
 class Presence:
-    """The device table of one job."""
+    """The device table of one job, bounded: only enrolled devices when a fleet file says
+    who is, at most `max_devices` in any case (offline ones give way to new ones)."""
 
-    def __init__(self, *, job: str, grace_s: float = DROP_GRACE_S) -> None:
+    def __init__(self, *, job: str, grace_s: float = DROP_GRACE_S,
+                 enrolled: frozenset[str] | None = None,
+                 max_devices: int = MAX_DEVICES) -> None:  # fmt: skip
+        if max_devices < 1:
+            raise ValueError(f"max_devices must be at least 1, got {max_devices}")
         self.job = job
         self.grace_s = grace_s
+        self.enrolled = enrolled
+        self.max_devices = max_devices
         self.devices: dict[str, DeviceState] = {}
         self.pending_drops: dict[str, float] = {}  # device -> when its Will arrived
 
     def observe(self, device: str, state: DeviceState, now: float) -> bool:
-        """Take a device's state from its topic; True when its status changed."""
+        """Take a device's state from its topic; True when its status changed.
+
+        ProtocolError for a state that may not enter the table: on another device's topic,
+        from a device the fleet file does not enrol, or a new device when the table is
+        full of online ones."""
         if state.device != device:
             raise Unauthorized(f"state for {state.device!r} published on another device's topic")
         if state.job != self.job:
@@ -30,6 +42,16 @@ class Presence:
             self.pending_drops.pop(device, None)
             return False
         before = self.devices.get(device)
+        if before is None:
+            if state.status == "offline":
+                return False  # an unknown device's Will (or a storm of them) tells us nothing
+            if self.enrolled is not None and device not in self.enrolled:
+                raise Unauthorized("device is not enrolled in this job's fleet file")
+            if len(self.devices) >= self.max_devices:
+                gone = next((d for d, s in self.devices.items() if s.status == "offline"), None)
+                if gone is None:
+                    raise OverCapacity(f"device table full ({self.max_devices} online devices)")
+                del self.devices[gone]
         self.devices[device] = state
         if state.status == "offline":
             self.pending_drops.setdefault(device, now)

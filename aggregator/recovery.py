@@ -7,12 +7,14 @@ sum bit for bit, and the same ids and stats in the ledger.
 
 from __future__ import annotations
 
+import numpy as np
+
 from aggregator.fedavg import RunningSum
 from aggregator.journal import Journal
 from aggregator.ledger import Ledger
 from aggregator.rounds import OpenRound
 from fedmq.codecs import decode_tensors
-from fedmq.wire import TensorSpec, decode_weights
+from fedmq.wire import TensorSpec, check_tensors, decode_weights
 
 
 def recover_round(
@@ -21,7 +23,10 @@ def recover_round(
 ) -> tuple[OpenRound, RunningSum] | None:  # fmt: skip
     """The open round `round_id` on `version` and its sum, or None if there is none.
 
-    A journalled round opened on another version (one never committed) is dropped."""
+    A journalled round opened on another version (one never committed) is dropped. Raises
+    (ValueError, KeyError, a ProtocolError, ...) when the journal cannot be trusted: a
+    snapshot or body that does not decode, or a sum that is not finite; the caller moves
+    the round aside."""
     meta = journal.round_meta(round_id)
     if meta is None:
         return None
@@ -32,11 +37,18 @@ def recover_round(
     acc = RunningSum(specs=specs)
     snap = journal.snapshot(round_id)
     if snap is not None:
-        acc.sums = {k: v.copy() for k, v in decode_weights(snap.sums).items()}
+        sums = decode_weights(snap.sums)
+        check_tensors(sums, tuple(TensorSpec(s.name, "float64", s.shape) for s in specs),
+                      what="snapshot")  # fmt: skip
+        acc.sums = {k: v.copy() for k, v in sums.items()}
         acc.total_weight, acc.count = snap.total_weight, snap.count
     for a in journal.accepted_in(round_id):
         r.record(a.update_id, a.device)
         ledger.accept(a, replayed=True)
     for _seq, a in journal.replay(round_id, after_seq=snap.seq if snap else 0):
         acc.add(decode_tensors(a.body, a.codec, specs), a.weight, norm=a.norm)
+    if not all(np.isfinite(v).all() for v in acc.sums.values()) or not (
+        np.isfinite(acc.total_weight) and acc.total_weight >= 0
+    ):
+        raise ValueError(f"the journalled sum of round {round_id} is not finite")
     return r, acc

@@ -22,8 +22,16 @@ class RoundPolicy:
     over_select: float = 0.0  # select this fraction more devices than target
     min_devices: int = 1  # quorum: updates needed to close at the deadline
     timeout_s: float = 60.0  # deadline after opening
+    max_selected: int = 1000  # the most devices one round selects (its message must fit)
 
     def __post_init__(self) -> None:
+        if self.max_selected < 1:
+            raise ValueError(f"max_selected must be at least 1, got {self.max_selected}")
+        if max(self.target, self.min_devices) > self.max_selected:
+            raise ValueError(
+                f"target ({self.target}) and min_devices ({self.min_devices}) cannot exceed "
+                f"the {self.max_selected} devices a round may select"
+            )
         if self.target < 0:
             raise ValueError(f"target must be >= 0 (0 = all online devices), got {self.target}")
         if not 0 <= self.over_select <= 10:
@@ -55,10 +63,14 @@ class RoundPolicy:
 
 
 def select_devices(
-    online: Sequence[str], *, target: int, over_select: float, rng: np.random.Generator
-) -> tuple[str, ...]:
-    """Pick ceil(target * (1 + over_select)) devices at random among the online ones."""
+    online: Sequence[str], *, target: int, over_select: float, rng: np.random.Generator,
+    max_selected: int = 0,
+) -> tuple[str, ...]:  # fmt: skip
+    """Pick ceil(target * (1 + over_select)) devices at random among the online ones, at
+    most max_selected (0: no cap)."""
     want = min(len(online), math.ceil(target * (1.0 + over_select)))
+    if max_selected:
+        want = min(want, max_selected)
     chosen = rng.choice(sorted(online), size=want, replace=False)
     return tuple(sorted(str(d) for d in chosen))
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
-from aggregator.admission import Admission
+from aggregator.admission import Admission, check_device_id
 from aggregator.fedavg import RunningSum, ServerSGD
-from aggregator.globals import GlobalModel
+from aggregator.globals import GlobalModel, ModelRefused, StoredVersionError
 from aggregator.intake import Intake
 from aggregator.journal import Journal, Snapshot
 from aggregator.ledger import Ledger
@@ -35,7 +36,10 @@ from aggregator.settings import AggregatorSettings
 from aggregator.status import status_of
 from aggregator.store import Store
 from aggregator.watch import OwnTopics
+from fedmq.atomicfile import move_aside
+from fedmq.config import ConfigError
 from fedmq.errors import ProtocolError, Unauthorized
+from fedmq.fleetfile import read_fleet
 from fedmq.link import Connected, Disconnected, Link, Message
 from fedmq.signing import Signer, aggregator_key, verify
 from fedmq.tasks import Task, get_task
@@ -86,13 +90,17 @@ class Aggregator:
                                  downlink_delta=s.downlink_delta_pipeline)  # fmt: skip
         self.mode: Mode = (BufferedRounds(policy=s.policy, buffer=s.buffer)
                            if s.mode == "async" else SyncRounds(policy=s.policy))  # fmt: skip
+        self.enrolled = _enrolled(s)  # None: no fleet file, any valid id may take part
         self.admission = Admission(specs=self.model.specs, max_update_bytes=s.max_update_bytes,
-                                   budget_bytes=s.update_budget_bytes)  # fmt: skip
+                                   budget_bytes=s.update_budget_bytes,
+                                   enrolled=self.enrolled)  # fmt: skip
         self.optimizer = ServerSGD(lr=s.server_lr)
-        self.presence = Presence(job=s.job, grace_s=s.drop_grace_s)
+        self.presence = Presence(job=s.job, grace_s=s.drop_grace_s, enrolled=self.enrolled,
+                                 max_devices=s.max_devices)  # fmt: skip
         self.ledger = Ledger(journal=self.journal)
         self.intake = Intake(admission=self.admission, mode=self.mode, ledger=self.ledger,
-                             max_message_bytes=s.max_message_bytes)  # fmt: skip
+                             max_message_bytes=s.max_message_bytes,
+                             max_partial_per_device=s.max_partial_updates_per_device)  # fmt: skip
         self.device_metrics: dict[str, dict[str, float]] = {}
         self.next_round_id = 1
         self.waiting_since = 0.0
@@ -223,6 +231,9 @@ class Aggregator:
                                      trains=self.presence.trains)  # fmt: skip
                 self._status_dirty = True
             elif kind == "state" and msg.payload:
+                # the id before any other use; enrolment once the state says it is of this
+                # job (the state topic is shared by every job under the prefix)
+                device = check_device_id(device)
                 state = decode_state(msg.payload)
                 if self.presence.observe(device, state, now):
                     level = logging.INFO if state.status == "offline" else logging.DEBUG
@@ -233,18 +244,26 @@ class Aggregator:
             elif kind in ("global", "round", "status"):
                 self._on_own_topic(msg, now)
             elif kind == "metrics":
+                device = self.admission.sender(device)
                 m = decode_metrics(msg.payload)
                 if m.device != device:
                     raise Unauthorized(f"metrics for {m.device!r} on another device's topic")
+                if device not in self.presence.devices:  # bounded by the device table
+                    raise Unauthorized("metrics from a device without a state")
                 self.device_metrics[device] = m.metrics
+                if len(self.device_metrics) > 2 * len(self.presence.devices):
+                    self.device_metrics = {d: v for d, v in self.device_metrics.items()
+                                           if d in self.presence.devices}  # fmt: skip
         except ProtocolError as err:
             err.at(device=device, topic=msg.topic)
             self.ledger.counters[f"rejected_{err.reason_code}"] += 1
-            log.warning("rejected message from %s on %s: %s", device, msg.topic, err.reason)
+            log.warning("rejected message from %s on %s: %s", _shown(device), _shown(msg.topic),
+                        err.reason)  # fmt: skip
             self._status_dirty = True
         except Exception:  # a bug of ours must not take the service down: log it, go on
             self.ledger.counters["internal_errors"] += 1
-            log.exception("failed to handle a message from %s on %s", device, msg.topic)
+            log.exception("failed to handle a message from %s on %s", _shown(device),
+                          _shown(msg.topic))  # fmt: skip
 
     def _on_own_topic(self, msg: Message, now: float) -> None:
         """A message on the aggregator's own retained topics: its echo, or an intrusion
@@ -322,19 +341,24 @@ class Aggregator:
         r, acc = self.intake.end()
         record = {**r.history_record(outcome, now), **self.ledger.round_stats()}
         counters = self.ledger.counters
-        if outcome == "abandoned":
+        if outcome != "abandoned":
+            refused = self._advance(r, acc)
+            if refused:  # the version stays; the round's updates are not folded in again
+                outcome = "abandoned"
+                record.update(outcome=outcome, reason=refused)
+            else:
+                record.update(version=self.model.version, **self.model.metrics)
+                counters["rounds_closed"] += 1
+                log.info("round %d %s with %d updates: version %d, accuracy %.4f, loss %.4f",
+                         r.round_id, outcome, len(r.accepted), self.model.version,
+                         self.model.metrics["accuracy"], self.model.metrics["loss"])  # fmt: skip
+        else:
+            record["reason"] = (f"quorum_missed: {len(r.accepted)} of {r.min_devices} needed "
+                                "updates arrived")  # fmt: skip
             log.warning("round %d abandoned: %d of %d needed updates arrived; keeping version %d",
                         r.round_id, len(r.accepted), r.min_devices, self.model.version)  # fmt: skip
+        if outcome == "abandoned":
             counters["rounds_abandoned"] += 1
-        else:
-            weights = self.optimizer.step(self.model.base_weights, acc.mean())
-            metrics = self.model.advance(weights, round_id=r.round_id)
-            self._publish_model()
-            record.update(version=self.model.version, **metrics)
-            counters["rounds_closed"] += 1
-            log.info("round %d %s with %d updates: version %d, accuracy %.4f, loss %.4f",
-                     r.round_id, outcome, len(r.accepted), self.model.version,
-                     metrics["accuracy"], metrics["loss"])  # fmt: skip
         self._announce("closed" if outcome != "abandoned" else "abandoned", r)
         self.store.append_round(record)
         self.next_round_id = r.round_id + 1
@@ -347,6 +371,24 @@ class Aggregator:
               and self.model.metrics.get("accuracy", 0.0) >= self.s.target_accuracy):  # fmt: skip
             self.done_reason = f"reached accuracy {self.model.metrics['accuracy']:.4f}"
         self._publish_status(now, force=True)
+
+    def _advance(self, r: OpenRound, acc: RunningSum) -> str:
+        """Make the round's mean the next version and publish it; "" when done, else the
+        reason it was refused (the version stays: no input may stop the service)."""
+        try:
+            weights = self.optimizer.step(self.model.base_weights, acc.mean())
+            self.model.advance(weights, round_id=r.round_id)
+        except ModelRefused as err:
+            self.ledger.counters["models_refused"] += 1
+            log.warning("round %d abandoned: %s; keeping version %d",
+                        r.round_id, err, self.model.version)  # fmt: skip
+            return f"model_refused: {err}"
+        except Exception as err:  # a bug of ours must not take the service down either
+            self.ledger.counters["internal_errors"] += 1
+            log.exception("round %d abandoned: making its version failed", r.round_id)
+            return f"internal_error: {err.__class__.__name__}: {err}"
+        self._publish_model()
+        return ""
 
     def _publish_model(self) -> None:
         pub = self.model.publication(
@@ -365,10 +407,11 @@ class Aggregator:
 
     def _resume(self) -> None:
         """Continue from the state directory: the committed version and round, and the
-        open round from the journal if the service stopped in the middle of one."""
-        state = self.store.load_state() or {}
+        open round from the journal if the service stopped in the middle of one. A state
+        file that cannot be trusted is moved aside (counted, logged), never fatal."""
+        state = self._load_state()
         version = state.get("version")
-        self.model.load_or_init(None if version is None else int(version))
+        self._load_model(None if version is None else int(version))
         self.next_round_id = int(state.get("next_round", 1))
         # the lineage of this state directory: set once, so a fresh directory (round ids and
         # versions start over) announces a newer epoch that signed-downlink agents follow
@@ -378,9 +421,13 @@ class Aggregator:
             log.info("resumed from %s: version %d, next round %d",
                      self.s.state_dir, self.model.version, self.next_round_id)  # fmt: skip
         self.journal.close_round(self.next_round_id - 1)  # what a crash left of closed rounds
-        found = recover_round(journal=self.journal, ledger=self.ledger,
-                              round_id=self.next_round_id, version=self.model.version,
-                              specs=self.model.specs)  # fmt: skip
+        try:
+            found = recover_round(journal=self.journal, ledger=self.ledger,
+                                  round_id=self.next_round_id, version=self.model.version,
+                                  specs=self.model.specs)  # fmt: skip
+        except Exception as err:  # a poisoned snapshot or body: the round is lost, not us
+            found = None
+            self._quarantine_round(self.next_round_id, err)
         self._save_state()
         if found is not None:
             r, acc = found
@@ -390,6 +437,72 @@ class Aggregator:
             self.ledger.counters["accepted"] += len(r.accepted)
             log.info("resumed open round %d: %d of %d updates already counted",
                      r.round_id, len(r.accepted), r.target)  # fmt: skip
+
+    @property
+    def quarantine_dir(self) -> Path:
+        """Where state files that cannot be trusted are moved on a restart."""
+        return self.s.state_dir / "quarantine"
+
+    def _load_state(self) -> dict[str, Any]:
+        """state.json, checked; an unreadable one is moved aside and the next round id is
+        taken from the history."""
+        path = self.s.state_dir / "state.json"
+        try:
+            state = self.store.load_state() or {}
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+            if state.get("version") is not None:
+                int(state["version"])
+            if int(state.get("next_round", 1)) < 1:
+                raise ValueError("next_round below 1")
+            counters = state.get("counters", {})
+            if not isinstance(counters, dict) or not all(
+                isinstance(k, str) and type(v) is int for k, v in counters.items()
+            ):
+                raise ValueError("counters must map names to integers")
+            return state
+        except (ValueError, TypeError, OSError) as err:
+            moved = move_aside(path, self.quarantine_dir)
+            self.ledger.counters["quarantined_files"] += 1
+            rounds = [int(r["round"]) for r in self.store.history() if "round" in r]
+            log.warning("state file %s cannot be trusted (%s): moved to %s; continuing from "
+                        "the newest stored version", path, err, moved)  # fmt: skip
+            return {"next_round": max(rounds, default=0) + 1}
+
+    def _load_model(self, version: int | None) -> None:
+        """The committed version; a stored version that does not load is moved aside and
+        the newest one before it is taken (a state directory of another task is a
+        configuration error and stays one)."""
+        while True:
+            try:
+                self.model.load_or_init(version)
+                return
+            except StoredVersionError as err:
+                moved = self.store.quarantine_version(err.version, self.quarantine_dir)
+                self.ledger.counters["quarantined_files"] += len(moved)
+                log.warning("stored version %d cannot be loaded (%s): moved %d files to %s",
+                            err.version, err, len(moved), self.quarantine_dir)  # fmt: skip
+                version = None
+
+    def _quarantine_round(self, round_id: int, err: Exception) -> None:
+        """Move a journalled round that cannot be recovered aside; it ends abandoned."""
+        moved = self.journal.quarantine_round(round_id, self.quarantine_dir)
+        self.ledger.begin_round()
+        counters = self.ledger.counters
+        counters["quarantined_files"] += len(moved)
+        counters["rounds_abandoned"] += 1
+        reason = f"quarantined: {err.__class__.__name__}: {err}"
+        log.warning("round %d cannot be recovered from the journal (%s): moved %d files to "
+                    "%s; the round is abandoned", round_id, err, len(moved),
+                    self.quarantine_dir)  # fmt: skip
+        now = time.time()
+        self.store.append_round({
+            "round": round_id, "outcome": "abandoned", "reason": reason,
+            "base_version": self.model.version, "selected": [], "dropped": [], "accepted": 0,
+            "opened_at": now, "closed_at": now, "wall_s": 0.0, "bytes_up": 0, "bytes_down": 0,
+            "participants": [], "quarantined": [str(p) for p in moved],
+        })  # fmt: skip
+        self.next_round_id = round_id + 1
 
     def _save_state(self) -> None:
         self.store.save_state({"job": self.s.job, "task": self.task.name,
@@ -411,3 +524,19 @@ class Aggregator:
         body = json.dumps(self.status(now), indent=1).encode()
         self._publish_own(self.topics.status(), body)
         self._status_at, self._status_dirty = now, False
+
+
+def _shown(text: str, limit: int = 96) -> str:
+    """A peer's string as it goes into a log line: printable, and not too long."""
+    short = text if len(text) <= limit else text[:limit] + "..."
+    return short if short.isprintable() else ascii(short)
+
+
+def _enrolled(s: AggregatorSettings) -> frozenset[str] | None:
+    """The devices the fleet file enrols (revoked ones left out); None without one."""
+    if s.fleet_file is None:
+        return None
+    fleet = read_fleet(s.fleet_file)
+    if fleet.job != s.job:
+        raise ConfigError(f"{s.fleet_file} is the fleet of job {fleet.job!r}, not {s.job!r}")
+    return frozenset(d for d in fleet.devices if fleet.enrolled(d) is not None)

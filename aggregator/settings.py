@@ -11,7 +11,7 @@ from fedmq.chunks import DEFAULT_MAX_MESSAGE_BYTES
 from fedmq.codecs import Pipeline, check_downlink, parse_pipeline
 from fedmq.link import BrokerAddress
 from fedmq.topics import Topics
-from fedmq.wire import TrainConfig
+from fedmq.wire import TrainConfig, max_selected_ids
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,10 @@ class AggregatorSettings:
     drop_grace_s: float = 8.0  # a Will counts as a dropout after this long (see presence.py)
     keep_versions: int = 10  # global versions kept in the state directory; 0 keeps all
     snapshot_every: int = 500  # accepted updates between snapshots of the open round's sum
+    # bounds on what peers can make the aggregator hold (docs/protocol.md section 9)
+    max_selected: int = 1000  # devices one round selects at most (and as many as fit a message)
+    max_devices: int = 10_000  # the device table (without a fleet file: anyone may appear)
+    max_partial_updates_per_device: int = 4  # chunked updates one device may have in flight
 
     # trust (docs/security.md): TLS files, the Ed25519 key that signs the downlink, the fleet
     # file of enrolled devices; insecure = plain MQTT, no credentials, unsigned downlink
@@ -92,6 +96,8 @@ class AggregatorSettings:
             raise ValueError(
                 "update_budget_bytes must be 0 (none) or between 1024 and max_update_bytes"
             )
+        if self.max_devices < 1 or self.max_partial_updates_per_device < 1:
+            raise ValueError("max_devices and max_partial_updates_per_device must be at least 1")
         if not 0 <= self.drop_grace_s <= 3600:
             raise ValueError(f"drop_grace_s must be in [0, 3600], got {self.drop_grace_s}")
         if self.keep_versions < 0 or self.keep_versions == 1 or self.snapshot_every < 1:
@@ -141,7 +147,16 @@ class AggregatorSettings:
             over_select=self.over_select,
             min_devices=self.min_devices,
             timeout_s=self.round_timeout_s,
+            max_selected=self.selection_cap,
         )
+
+    @property
+    def selection_cap(self) -> int:
+        """The most devices a round selects: max_selected, and no more ids than fit one
+        round message of max_message_bytes."""
+        if self.max_selected < 1:
+            raise ValueError(f"max_selected must be at least 1, got {self.max_selected}")
+        return min(self.max_selected, max_selected_ids(self.max_message_bytes))
 
     @property
     def buffer(self) -> BufferPolicy:

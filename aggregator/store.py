@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmq.atomicfile import write_atomic
+from fedmq.atomicfile import move_aside, write_atomic
 from fedmq.report import read_history
 from fedmq.wire import decode_weights
 
@@ -79,6 +79,16 @@ class Store:
                 self._version_path(old, "manifest").unlink(missing_ok=True)  # first: incomplete
                 for ext in ("weights", "onnx", "full", "delta", "server"):
                     self._version_path(old, ext).unlink(missing_ok=True)
+
+    def quarantine_version(self, version: int, into: Path) -> list[Path]:
+        """Move every file of a stored version that does not load into `into`."""
+        manifest = self._version_path(version, "manifest")
+        moved = [move_aside(manifest, into)] if manifest.exists() else []  # first: incomplete
+        for ext in ("weights", "onnx", "full", "delta", "server"):
+            path = self._version_path(version, ext)
+            if path.exists():
+                moved.append(move_aside(path, into))
+        return moved
 
     def load_payloads(self, version: int) -> tuple[bytes | None, bytes | None]:
         """(full payload, delta payload) a stored version was published with, if kept."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 
@@ -20,3 +21,18 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def move_aside(path: Path, into: Path) -> Path:
+    """Move a file that cannot be trusted into the folder `into` (named with the time, so
+    nothing there is overwritten); return where it went. Nothing is deleted: a person may
+    want to look at it."""
+    into.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    dest = into / f"{stamp}-{path.name}"
+    n = 1
+    while dest.exists():
+        dest = into / f"{stamp}-{n}-{path.name}"
+        n += 1
+    os.replace(path, dest)
+    return dest

@@ -9,6 +9,7 @@ for long.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 
 from fedmq.errors import ChunkError
@@ -72,7 +73,14 @@ class Completed:
 
 
 class Reassembler:
-    """Collects chunks per (source, payload id) until a payload is whole."""
+    """Collects chunks per (source, payload id) until a payload is whole.
+
+    Every pool is bounded per source as well as in all, so one source (a device flooding
+    never-completed payloads) cannot starve the others: a source over its own quota of
+    open payloads or bytes loses its own oldest partial payloads; when the shared pools
+    are full, the source holding the most gives way first. Payloads dropped to make room
+    are counted in `evicted`, those dropped for their age in `expired`.
+    """
 
     def __init__(
         self,
@@ -82,21 +90,33 @@ class Reassembler:
         max_total_bytes: int = 256 * 1024 * 1024,
         max_chunks: int = 65536,
         max_age_s: float = 600.0,
+        max_open_per_source: int = 4,
+        max_bytes_per_source: int = 0,  # 0: max_payload_bytes
     ) -> None:
-        if min(max_payload_bytes, max_open, max_total_bytes, max_chunks) <= 0 or max_age_s <= 0:
+        bounds = (max_payload_bytes, max_open, max_total_bytes, max_chunks, max_open_per_source)
+        if min(bounds) <= 0 or max_age_s <= 0 or max_bytes_per_source < 0:
             raise ValueError("reassembly bounds must all be positive")
         self.max_payload_bytes = max_payload_bytes
         self.max_open = max_open
         self.max_total_bytes = max_total_bytes
         self.max_chunks = max_chunks
         self.max_age_s = max_age_s
-        self._open: dict[tuple[str, str], _Partial] = {}
+        self.max_open_per_source = max_open_per_source
+        self.max_bytes_per_source = max_bytes_per_source or max_payload_bytes
+        self._open: dict[tuple[str, str], _Partial] = {}  # oldest first
+        self._source_open: Counter[str] = Counter()
+        self._source_bytes: Counter[str] = Counter()
         self.held_bytes = 0
         self.expired = 0
+        self.evicted = 0
 
     @property
     def open_payloads(self) -> int:
         return len(self._open)
+
+    def held_by(self, source: str) -> tuple[int, int]:
+        """(open payloads, bytes held) of one source."""
+        return self._source_open[source], self._source_bytes[source]
 
     def add(
         self, chunk: Chunk, *, source: str, now: float, wire_bytes: int = 0
@@ -109,6 +129,9 @@ class Reassembler:
         """
         self.expire(now)
         key = (source, chunk.payload_id)
+        if not 0 <= chunk.index < chunk.count or chunk.total_size < 0:  # decode_chunk checks
+            raise ChunkError(f"payload {chunk.payload_id}: chunk {chunk.index} of {chunk.count}"
+                             f" for {chunk.total_size} bytes", device=source)  # fmt: skip
         if chunk.total_size > self.max_payload_bytes:
             raise ChunkError(
                 f"payload {chunk.payload_id}: {chunk.total_size} bytes exceeds the "
@@ -122,13 +145,10 @@ class Reassembler:
             )
         part = self._open.get(key)
         if part is None:
-            if len(self._open) >= self.max_open:
-                raise ChunkError(
-                    f"too many payloads in flight ({self.max_open}); dropped {chunk.payload_id}",
-                    device=source,
-                )
+            self._make_room_for_payload(source)
             part = _Partial(chunk.count, chunk.total_size, chunk.digest, now)
             self._open[key] = part
+            self._source_open[source] += 1
         elif (part.count, part.total_size, part.digest) != (
             chunk.count,
             chunk.total_size,
@@ -153,17 +173,18 @@ class Reassembler:
                 f"payload {chunk.payload_id}: chunks add up to more than {part.total_size} bytes",
                 device=source,
             )
-        if self.held_bytes + len(chunk.data) > self.max_total_bytes:
+        if not self._make_room_for_bytes(key, len(chunk.data)):
             self._drop(key)
             raise ChunkError(
-                f"reassembly buffer full ({self.max_total_bytes} bytes); "
-                f"dropped {chunk.payload_id}",
+                f"reassembly buffer full ({self.max_total_bytes} bytes, "
+                f"{self.max_bytes_per_source} per device); dropped {chunk.payload_id}",
                 device=source,
             )
         part.parts[chunk.index] = chunk.data
         part.held += len(chunk.data)
         part.wire_bytes += wire_bytes
         self.held_bytes += len(chunk.data)
+        self._source_bytes[source] += len(chunk.data)
         if len(part.parts) < part.count:
             return None
         self._drop(key)
@@ -174,6 +195,40 @@ class Reassembler:
                 device=source,
             )
         return Completed(key=key, payload=payload, chunks=part.count, wire_bytes=part.wire_bytes)
+
+    def _make_room_for_payload(self, source: str) -> None:
+        """Before a new payload of source opens: within its own quota, then the shared one."""
+        while self._source_open[source] >= self.max_open_per_source:
+            self._evict(self._oldest_of(source))
+        while len(self._open) >= self.max_open:
+            self._evict(self._oldest_of(max(self._source_open, key=self._source_open.__getitem__)))
+
+    def _make_room_for_bytes(self, key: tuple[str, str], n: int) -> bool:
+        """Room for n more bytes of payload key; other payloads give way (its source's own
+        first, then the biggest holder's). False when even that is not enough."""
+        source = key[0]
+        while self._source_bytes[source] + n > self.max_bytes_per_source:
+            older = self._oldest_of(source, besides=key)
+            if older is None:
+                return False
+            self._evict(older)
+        while self.held_bytes + n > self.max_total_bytes:
+            holders = [s for s in self._source_bytes if self._oldest_of(s, besides=key)]
+            if not holders:
+                return False
+            biggest = max(holders, key=self._source_bytes.__getitem__)
+            self._evict(self._oldest_of(biggest, besides=key))
+        return True
+
+    def _oldest_of(
+        self, source: str, besides: tuple[str, str] | None = None
+    ) -> tuple[str, str] | None:
+        return next((k for k in self._open if k[0] == source and k != besides), None)
+
+    def _evict(self, key: tuple[str, str] | None) -> None:
+        if key is not None:
+            self._drop(key)
+            self.evicted += 1
 
     def expire(self, now: float) -> list[tuple[str, str]]:
         """Drop payloads older than max_age_s (counted in `expired`); return their keys."""
@@ -187,3 +242,9 @@ class Reassembler:
         part = self._open.pop(key, None)
         if part is not None:
             self.held_bytes -= part.held
+            source = key[0]
+            self._source_open[source] -= 1
+            self._source_bytes[source] -= part.held
+            if self._source_open[source] <= 0:
+                del self._source_open[source]
+                self._source_bytes.pop(source, None)

@@ -65,6 +65,12 @@ AGGREGATOR_HELP = {
     "replays the journal from the last one)",
     "signing_key": "Ed25519 private key (PEM PKCS#8) that signs manifests and rounds; unset: "
     "<state_dir>/signing-key.pem, made once, its public key in signing-key.pub.pem",
+    "max_selected": "most devices one round selects (fewer when their ids would not fit one "
+    "round message of max_message_bytes)",
+    "max_devices": "most devices the aggregator tracks; offline ones give way to new ones, "
+    "a new device is refused when all are online (with fleet_file only enrolled ones count)",
+    "max_partial_updates_per_device": "chunked updates one device may have half-sent at once; "
+    "its oldest gives way, so a device flooding partial updates starves only itself",
 }
 
 AGENT_HELP = {
@@ -148,15 +154,11 @@ STATUS_HELP = {
 TLS_HELP = {k: STATUS_HELP[k] for k in ("ca_file", "cert_file", "key_file")}
 AGGREGATOR_HELP.update(TLS_HELP)
 AGGREGATOR_HELP.update({
-    "signing_key": "the Ed25519 private key (PEM) that signs global models and rounds "
-    "(default: <state-dir>/signing-key.pem, made on first start)",
     "fleet_file": "fleet.toml of enrolled devices (fedmq fleet); updates from others are refused",
     "insecure": "plain MQTT without TLS or credentials, for a network you trust",
 })
 AGENT_HELP.update(TLS_HELP)
 AGENT_HELP.update({
-    "server_key": "the aggregator's Ed25519 public key (PEM): only models and rounds it "
-    "signed are accepted",
     "insecure": "plain MQTT without TLS or credentials, unsigned models accepted",
 })
 
@@ -380,7 +382,13 @@ def _serve(service: Any) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    code = service.run(stop=stop)
+    try:
+        code = service.run(stop=stop)
+    except ConfigError:
+        raise  # e.g. a state directory of another task: configuration, exit 2
+    except Exception:  # exit 2 means configuration only: anything else that escapes is 1
+        logging.getLogger("fedmq").exception("the service failed")
+        return EXIT_FAILURE
     return EXIT_NO_BROKER if code == 2 else code
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+MAX_REASON_CHARS = 512
+
 
 class ProtocolError(Exception):
     """A message from the network was refused; carries who sent it, where, and why."""
@@ -9,6 +11,9 @@ class ProtocolError(Exception):
     reason_code = "protocol_error"
 
     def __init__(self, reason: str, *, device: str | None = None, topic: str | None = None):
+        # a reason may quote what a peer sent: bounded, as it goes into acks, the ledger, logs
+        if len(reason) > MAX_REASON_CHARS:
+            reason = reason[: MAX_REASON_CHARS - 3] + "..."
         super().__init__(reason)
         self.reason = reason
         self.device = device
@@ -69,3 +74,9 @@ class ChunkError(ProtocolError):
     """A chunk that cannot belong to a payload: inconsistent count, digest, or over a bound."""
 
     reason_code = "chunk_error"
+
+
+class OverCapacity(ProtocolError):
+    """A message that would grow a bounded table past its cap (e.g. the device table)."""
+
+    reason_code = "over_capacity"

@@ -17,14 +17,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}\Z")
 
 
 def check_name(kind: str, value: str) -> str:
-    """Return value if it can be one topic level (no wildcards, no '/'); else ValueError."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    """Return value if it can be one topic level (no wildcards, no '/') and a file name
+    (not '.' or '..'); else ValueError."""
+    if not isinstance(value, str) or not _NAME.match(value) or value in (".", ".."):
+        if isinstance(value, str):  # quoted in logs and acks: never all of a hostile one
+            shown = repr(value[:64]) + ("..." if len(value) > 64 else "")
+        else:
+            shown = type(value).__name__
         raise ValueError(
-            f"{kind} {value!r} must be 1-64 characters of letters, digits, '_', '.' or '-'"
+            f"{kind} {shown} must be 1-64 characters of letters, digits, '_', '.' or '-', "
+            "and not '.' or '..'"
         )
     return value
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from broker import free_port
 from fedmq.cli import EXIT_CONFIG, EXIT_NO_BROKER, main
@@ -80,3 +81,38 @@ def test_fleet_init_add_revoke_show(tmp_path: Path, capsys) -> None:  # noqa: AN
     out = capsys.readouterr().out
     assert "device-01" in out and "revoked" in out and "pi-9" in out
     assert main(["fleet", "show", str(tmp_path / "nothing")]) == EXIT_CONFIG
+
+
+class _Failing:
+    """A service whose run() raises what it is given."""
+
+    def __init__(self, err: Exception) -> None:
+        self.err = err
+
+    def run(self, *, stop: object) -> int:
+        raise self.err
+
+
+def test_exit_2_means_configuration_only() -> None:
+    import signal
+
+    from fedmq.cli import EXIT_FAILURE, _serve
+    from fedmq.config import ConfigError
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _check_serve_exit_codes(_serve, EXIT_FAILURE, ConfigError)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _check_serve_exit_codes(_serve: Any, EXIT_FAILURE: int, ConfigError: type) -> None:  # noqa: N803
+    # a data problem at runtime (once "does not fit float16") is a failure, not configuration
+    assert _serve(_Failing(ValueError("a value does not fit float16"))) == EXIT_FAILURE
+    try:
+        _serve(_Failing(ConfigError("state directory holds another task's model")))
+    except ConfigError:
+        pass  # main turns it into EXIT_CONFIG
+    else:
+        raise AssertionError("a configuration error must reach main")

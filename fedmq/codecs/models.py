@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedmq.codecs.pipeline import Pipeline, decode_tensors, encode_tensors, to_dense
+from fedmq.errors import ShapeMismatch
 from fedmq.wire import TensorSpec, specs_of
 
 _MODEL_SEED = 0x6D6F64656C  # "model": the full codec's rounding stream, one per version
@@ -84,12 +85,21 @@ def apply_model_delta(
     delta: Pipeline,
     version: int,
 ) -> dict[str, np.ndarray]:
-    """Version v from version v - 1 and the delta payload (what a device does)."""
-    return encode_model(_add_delta(previous, delta_body, delta), full, version=version)[1]
+    """Version v from version v - 1 and the delta payload (what a device does);
+    ProtocolError when the payload is malformed or leaves the model non-finite or beyond
+    what the full codec carries."""
+    summed = _add_delta(previous, delta_body, delta)
+    if not all(np.isfinite(w).all() for w in summed.values()):
+        raise ShapeMismatch("the delta makes the model non-finite")
+    try:
+        return encode_model(summed, full, version=version)[1]
+    except ValueError as err:  # e.g. beyond float16
+        raise ShapeMismatch(f"the delta leaves the model beyond its codec: {err}") from err
 
 
 def _add_delta(
     previous: Mapping[str, np.ndarray], delta_body: bytes, delta: Pipeline
 ) -> dict[str, np.ndarray]:
     decoded = decode_tensors(delta_body, delta.name, specs_of(previous))
-    return {name: previous[name] + to_dense(decoded[name]) for name in previous}
+    with np.errstate(over="ignore", invalid="ignore"):  # checked by the caller
+        return {name: previous[name] + to_dense(decoded[name]) for name in previous}

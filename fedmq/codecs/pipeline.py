@@ -220,7 +220,11 @@ def _decode_values(obj: Any, n: int, p: Pipeline, what: str) -> np.ndarray:
         if not np.isfinite(scales).all() or (scales < 0).any():
             raise ShapeMismatch(f"{what}: int8 scales must be finite and non-negative")
         codes = np.frombuffer(data, dtype=np.int8)
-        return dequantize_int8(codes, scales, block=block)
+        values = dequantize_int8(codes, scales, block=block)
+        # finite scales can still dequantise to inf (127 x 3e38): check the values too
+        if not np.isfinite(values).all():
+            raise ShapeMismatch(f"{what}: int8 values dequantise to non-finite numbers")
+        return values
     if enc != "dense":
         raise SchemaError(f"{what}: unknown value encoding {enc!r}")
     dtype = get_field(obj, "dtype", "str")

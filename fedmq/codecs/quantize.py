@@ -53,8 +53,9 @@ def quantize_int8(
 def dequantize_int8(codes: np.ndarray, scales: np.ndarray, *, block: int) -> np.ndarray:
     """Flat float32 values from int8 codes and their per-block scales."""
     n = codes.size
-    if block == 0 or n == 0:
-        return codes.astype(np.float32) * scales[0]
-    # index, not np.repeat(scales, block): a huge block from the wire must cost O(n) only
-    per_value = scales[np.arange(n) // block]
-    return codes.astype(np.float32) * per_value
+    with np.errstate(over="ignore"):  # a hostile scale overflows to inf; the caller checks
+        if block == 0 or n == 0:
+            return codes.astype(np.float32) * scales[0]
+        # index, not np.repeat(scales, block): a huge block from the wire must cost O(n) only
+        per_value = scales[np.arange(n) // block]
+        return codes.astype(np.float32) * per_value

@@ -29,6 +29,7 @@ from fedmq.wire.rounds import (
     encode_ack,
     encode_round,
     encode_update,
+    max_selected_ids,
 )
 from fedmq.wire.tensors import (
     TensorSpec,
@@ -89,5 +90,6 @@ __all__ = [
     "encode_state",
     "encode_update",
     "encode_weights",
+    "max_selected_ids",
     "specs_of",
 ]

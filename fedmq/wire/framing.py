@@ -127,11 +127,23 @@ def str_list(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+MAX_METRICS = 64  # entries of a metrics map
+MAX_METRIC_NAME = 64  # characters of a metric's name
+
+
 def num_map(obj: Mapping[str, Any], key: str) -> dict[str, float]:
+    """A map of at most MAX_METRICS names (1-64 characters) to finite numbers."""
     raw = get_field(obj, key, "map", optional=True) or {}
+    if len(raw) > MAX_METRICS:
+        raise SchemaError(f"{obj.get('kind')}: field {key!r} has over {MAX_METRICS} entries")
     out: dict[str, float] = {}
     for k, v in raw.items():
         if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
             raise SchemaError(f"{obj.get('kind')}: field {key!r} must map names to numbers")
+        if not 0 < len(k) <= MAX_METRIC_NAME or not math.isfinite(v):
+            raise SchemaError(
+                f"{obj.get('kind')}: field {key!r} needs names of 1-{MAX_METRIC_NAME} "
+                "characters and finite numbers"
+            )
         out[k] = float(v)
     return out

@@ -12,6 +12,7 @@ from fedmq.wire.framing import get_field, num_map, pack_message, unpack_message
 
 DEVICE_STATUSES = ("online", "training", "offline")
 MAX_REASON_CHARS = 1024
+MAX_LABEL_CHARS = 128  # device, job, profile, agent_version: a table holds one per device
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ def decode_state(payload: bytes, *, max_bytes: int = 64 * 1024) -> DeviceState:
     )
     if s.status not in DEVICE_STATUSES:
         raise SchemaError(f"state: unknown status {s.status!r}")
+    if max(len(s.device), len(s.job), len(s.profile), len(s.agent_version)) > MAX_LABEL_CHARS:
+        raise SchemaError(
+            f"state: device, job, profile and agent_version are at most {MAX_LABEL_CHARS} "
+            "characters"
+        )
     if len(s.reason) > MAX_REASON_CHARS:
         raise SchemaError(f"state: reason longer than {MAX_REASON_CHARS} characters")
     return s

@@ -60,6 +60,17 @@ class RoundAnnouncement:
 
 
 ROUND_STATES = ("open", "closed", "abandoned")
+MAX_CODEC_CHARS = 128  # a pipeline name (fedmq.codecs) is far shorter
+ROUND_MAX_BYTES = 1 << 20  # the most a device reads of a round message
+ROUND_FIXED_BYTES = 512  # a round message without its selected ids, with room to spare
+SELECTED_ID_BYTES = 66  # one id in `selected`: up to 64 characters and a 2-byte header
+
+
+def max_selected_ids(max_message_bytes: int) -> int:
+    """How many device ids a round message may list and still fit one message of
+    max_message_bytes (and a device's 1 MiB cap): the round selects at most this many."""
+    room = min(max_message_bytes, ROUND_MAX_BYTES) - ROUND_FIXED_BYTES
+    return max(1, room // SELECTED_ID_BYTES)
 
 
 def encode_round(r: RoundAnnouncement, *, sign: SignFn | None = None) -> bytes:
@@ -88,7 +99,7 @@ def encode_round(r: RoundAnnouncement, *, sign: SignFn | None = None) -> bytes:
     return pack_message("round", sign_body("round", body, sign))
 
 
-def decode_round(payload: bytes, *, max_bytes: int = 1 << 20) -> RoundAnnouncement:
+def decode_round(payload: bytes, *, max_bytes: int = ROUND_MAX_BYTES) -> RoundAnnouncement:
     """Inverse of encode_round."""
     obj = unpack_message(payload, "round", max_bytes)
     t = get_field(obj, "train", "map")
@@ -177,6 +188,8 @@ def decode_update(payload: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Upda
     )
     if not 0 < len(u.update_id) <= 64:
         raise SchemaError("update: id must be 1-64 characters")
+    if len(u.codec) > MAX_CODEC_CHARS or len(u.device) > MAX_CODEC_CHARS:
+        raise SchemaError(f"update: codec and device are at most {MAX_CODEC_CHARS} characters")
     if u.num_examples <= 0:
         raise SchemaError(f"update: num_examples must be positive, got {u.num_examples}")
     return u

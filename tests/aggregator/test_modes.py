@@ -116,16 +116,20 @@ ASYNC = BufferedRounds(policy=RoundPolicy(timeout_s=30),
                                            max_staleness=2))  # fmt: skip
 
 
-def test_async_weighs_by_staleness_and_takes_a_device_twice() -> None:
+def test_async_weighs_by_staleness_and_takes_a_device_once_per_buffer() -> None:
     r = ASYNC.open(round_id=9, version=5, online=["a", "b"], seed=0, now=0.0)
     assert r.target == 2 and r.selected == {"a", "b"}  # fewer online than the buffer size
     fresh = ASYNC.judge(r, _update(base=5, n=8), version=5, trains=True, now=1.0)
     assert fresh == Contribution(8.0, 8.0, {"staleness": 0})
     r.record("u1", "a")
-    stale = ASYNC.judge(r, _update(uid="u2", base=3, n=8), version=5, trains=None, now=1.0)
+    stale = ASYNC.judge(r, _update(uid="u2", device="b", base=3, n=8), version=5, trains=None,
+                        now=1.0)  # fmt: skip
     assert stale == Contribution(8.0 / 3, 8.0, {"staleness": 2})
+    # the attack: one id (never seen, so trains is None) filling the buffer by itself
+    with pytest.raises(DuplicateUpdate, match="already contributed"):
+        ASYNC.judge(r, _update(uid="u3", base=5), version=5, trains=None, now=1.0)
     with pytest.raises(StaleUpdate, match="3 versions stale"):
-        ASYNC.judge(r, _update(base=2), version=5, trains=True, now=1.0)
+        ASYNC.judge(r, _update(device="b", base=2), version=5, trains=True, now=1.0)
     with pytest.raises(Unauthorized, match="inference-only"):
         ASYNC.judge(r, _update(device="b"), version=5, trains=False, now=1.0)
 

@@ -103,4 +103,7 @@ def test_async_folds_the_straggler_in_with_its_staleness(fleet: Fleet, tmp_path:
     assert slow, history  # folded in, not dropped ...
     assert all(p["staleness"] >= 1 for p in slow), slow  # ... although versions moved on
     assert history[-1]["accuracy"] > history[0]["accuracy"]
-    assert not [v for v in fleet.ledger() if v["verdict"] == "rejected"]
+    # one entry per device per buffer: a device whose stale update took its slot in the open
+    # buffer has the next one it sends for that buffer refused, and nothing else is refused
+    rejected = [v for v in fleet.ledger() if v["verdict"] == "rejected"]
+    assert all(v["reason"].startswith("duplicate_update") for v in rejected), rejected

@@ -79,18 +79,54 @@ def test_bounds_on_size_open_payloads_and_age() -> None:
     with pytest.raises(ChunkError, match="exceeds"):
         r.add(split_payload(b"x" * 3000, "big", 1024)[0], source="d", now=0)
     r.add(split_payload(b"x" * 1500, "p1", 1024)[0], source="d", now=0)
-    r.add(split_payload(b"x" * 1500, "p2", 1024)[0], source="d", now=0)
-    with pytest.raises(ChunkError, match="too many"):
-        r.add(split_payload(b"x" * 1500, "p3", 1024)[0], source="d", now=1)
-    assert r.expire(now=11) and r.open_payloads == 0 and r.held_bytes == 0
-    assert r.add(split_payload(b"x" * 1500, "p3", 1024)[0], source="d", now=12) is None
+    r.add(split_payload(b"x" * 1500, "p2", 1024)[0], source="e", now=0)
+    r.add(split_payload(b"x" * 1500, "p3", 1024)[0], source="d", now=1)  # p1 gives way
+    assert r.open_payloads == 2 and r.evicted == 1 and r.held_by("d")[0] == 1
+    assert r.expire(now=12) and r.open_payloads == 0 and r.held_bytes == 0
+    assert r.add(split_payload(b"x" * 1500, "p3", 1024)[0], source="d", now=13) is None
 
 
 def test_total_bytes_bound() -> None:
     r = Reassembler(max_total_bytes=1500)
     r.add(split_payload(b"x" * 3000, "p1", 1024)[0], source="d", now=0)
+    r.add(split_payload(b"y" * 3000, "p2", 1024)[0], source="e", now=0)  # p1 gives way
+    assert r.evicted == 1 and r.held_by("d") == (0, 0)
+    tiny = Reassembler(max_total_bytes=500)  # nothing can give way to a chunk this large
     with pytest.raises(ChunkError, match="buffer full"):
-        r.add(split_payload(b"y" * 3000, "p2", 1024)[0], source="d", now=0)
+        tiny.add(split_payload(b"y" * 3000, "p2", 1024)[0], source="d", now=0)
+    assert tiny.held_bytes == 0 and tiny.open_payloads == 0
+
+
+def _first_chunks(source_payloads: int, size: int, prefix: str) -> list[Chunk]:
+    return [split_payload(bytes([i % 251]) * size, f"{prefix}{i}", 1024)[0]
+            for i in range(source_payloads)]  # fmt: skip
+
+
+def test_a_device_flooding_partial_payloads_cannot_starve_the_others() -> None:
+    """The attack: 256 never-completed payloads (24 KB in all) from one device used to make
+    the reassembler refuse every other device's update until they expired (600 s)."""
+    r = Reassembler()
+    honest = split_payload(b"h" * 3000, "honest", 1024)
+    assert r.add(honest[0], source="d", now=0.0) is None  # started before the flood
+    for c in _first_chunks(1000, 100 * 2, "m"):  # 2 chunks each at this limit; one is sent
+        c = Chunk(c.payload_id, 0, 2, c.total_size, c.digest, c.data[:100])
+        r.add(c, source="mallory", now=1.0)
+    assert r.held_by("mallory")[0] == r.max_open_per_source  # it only evicts its own
+    late = split_payload(b"z" * 3000, "other", 1024)  # a device starting after the flood
+    done = [r.add(c, source=src, now=2.0) for src, c in
+            [*(("d", c) for c in honest[1:]), *(("e", c) for c in late)]]  # fmt: skip
+    assert [x.payload for x in done if x] == [b"h" * 3000, b"z" * 3000]
+
+
+def test_a_device_flooding_bytes_cannot_starve_the_others() -> None:
+    r = Reassembler(max_payload_bytes=8000, max_total_bytes=12_000)
+    honest = split_payload(b"h" * 5000, "honest", 1024)
+    r.add(honest[0], source="d", now=0.0)
+    for c in _first_chunks(200, 7000, "m"):
+        r.add(c, source="mallory", now=1.0)
+    assert r.held_by("mallory")[1] <= r.max_bytes_per_source
+    done = [r.add(c, source="d", now=2.0) for c in honest[1:]]
+    assert done[-1] is not None and done[-1].payload == b"h" * 5000
 
 
 def test_empty_payload_is_one_chunk() -> None:
