@@ -69,3 +69,9 @@ class ChunkError(ProtocolError):
     """A chunk that cannot belong to a payload: inconsistent count, digest, or over a bound."""
 
     reason_code = "chunk_error"
+
+
+class OutOfBounds(ProtocolError):
+    """An update whose values no honest device sends: a non-finite or absurd L2 norm."""
+
+    reason_code = "out_of_bounds"

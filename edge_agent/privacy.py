@@ -1,0 +1,45 @@
+"""Local differential privacy on the device: clip the delta, add Gaussian noise, before it
+is compressed and sent. For fleets that do not trust the aggregator (or the broker):
+what leaves the device is already private, whatever the aggregator does with it.
+
+Pure numpy. The noise comes from OS entropy, never from the seeded update generator:
+noise anyone can regenerate protects nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def privatize(delta: Mapping[str, np.ndarray], *, clip: float, noise_multiplier: float,
+              rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """The delta scaled to L2 norm <= clip, plus N(0, (noise_multiplier x clip)^2) in every
+    coordinate (float32)."""
+    if not clip > 0 or noise_multiplier < 0:
+        raise ValueError("local DP needs clip > 0 and noise_multiplier >= 0")
+    rng = rng if rng is not None else np.random.default_rng()
+    norm = float(np.sqrt(sum(float(np.dot(d.reshape(-1).astype(np.float64),
+                                          d.reshape(-1).astype(np.float64)))
+                             for d in delta.values())))  # fmt: skip
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    std = noise_multiplier * clip
+    return {k: (np.asarray(d, np.float64) * scale + rng.normal(0.0, std, np.shape(d)))
+            .astype(np.float32) for k, d in delta.items()}  # fmt: skip
+
+
+def local_noise_for_epsilon(*, epsilon: float, delta: float, rounds: int) -> float:
+    """The local noise multiplier that spends epsilon at delta per device over `rounds`
+    rounds. Any two clipped deltas differ by up to 2 x clip, so the Gaussian mechanism's
+    multiplier against that sensitivity is half the one against clip."""
+    from aggregator.privacy import noise_for_epsilon
+
+    return 2.0 * noise_for_epsilon(epsilon=epsilon, delta=delta, rounds=rounds, q=1.0)
+
+
+def local_epsilon(*, noise_multiplier: float, delta: float, rounds: int) -> float:
+    """The epsilon per device after `rounds` updates privatized with this multiplier."""
+    from aggregator.privacy import epsilon_of
+
+    return epsilon_of([(noise_multiplier / 2.0, 1.0, rounds)], delta)
