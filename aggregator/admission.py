@@ -9,9 +9,11 @@ ProtocolError to refuse an update.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from aggregator.bounds import example_cap
 from fedmq.codecs import Decoded, decode_tensors
 from fedmq.errors import SchemaError, Unauthorized
 from fedmq.wire import TensorSpec, Update, decode_update
@@ -37,6 +39,14 @@ class Admission:
     max_update_bytes: int
     budget_bytes: int = 0  # the byte budget announced to devices; 0: none
     checks: Sequence[Check] = (check_examples,)
+    max_examples: int = MAX_EXAMPLES_PER_UPDATE  # the policy's cap on num_examples
+    enrolled: Mapping[str, int] = field(default_factory=dict)  # fleet file max_examples
+
+    def cap_examples(self, u: Update) -> Update:
+        """The update with num_examples (its FedAvg weight) capped by the policy and by what
+        its device enrolled with: an inflated count weighs no more than the cap."""
+        cap = example_cap(u.device, max_examples=self.max_examples, enrolled=self.enrolled)
+        return dataclasses.replace(u, num_examples=cap) if u.num_examples > cap else u
 
     def decode(self, payload: bytes, *, device: str, payload_id: str) -> Update:
         """Decode and authorise an update; ProtocolError if it lies about where it is from."""

@@ -7,7 +7,10 @@ sum bit for bit, and the same ids and stats in the ledger.
 
 from __future__ import annotations
 
-from aggregator.fedavg import RunningSum
+from collections.abc import Callable
+from typing import Any
+
+from aggregator.fedavg import AggregationRule, RunningSum
 from aggregator.journal import Journal
 from aggregator.ledger import Ledger
 from aggregator.rounds import OpenRound
@@ -18,10 +21,14 @@ from fedmq.wire import TensorSpec, decode_weights
 def recover_round(
     *, journal: Journal, ledger: Ledger, round_id: int, version: int,
     specs: tuple[TensorSpec, ...],
-) -> tuple[OpenRound, RunningSum] | None:  # fmt: skip
+    new_rule: Callable[[dict[str, Any]], AggregationRule] | None = None,
+) -> tuple[OpenRound, AggregationRule] | None:  # fmt: skip
     """The open round `round_id` on `version` and its sum, or None if there is none.
 
-    A journalled round opened on another version (one never committed) is dropped."""
+    new_rule rebuilds the round's aggregation rule from what the journal kept of it (its
+    bounds); a rule that keeps every update (not streaming) gets every body replayed, a
+    streaming one only those after its snapshot. A journalled round opened on another
+    version (one never committed) is dropped."""
     meta = journal.round_meta(round_id)
     if meta is None:
         return None
@@ -29,9 +36,9 @@ def recover_round(
         journal.close_round(round_id)
         return None
     r = OpenRound.from_meta(meta)
-    acc = RunningSum(specs=specs)
-    snap = journal.snapshot(round_id)
-    if snap is not None:
+    acc = new_rule(meta.get("rule") or {}) if new_rule is not None else RunningSum(specs=specs)
+    snap = journal.snapshot(round_id) if isinstance(acc, RunningSum) else None
+    if snap is not None and isinstance(acc, RunningSum):
         acc.sums = {k: v.copy() for k, v in decode_weights(snap.sums).items()}
         acc.total_weight, acc.count = snap.total_weight, snap.count
     for a in journal.accepted_in(round_id):

@@ -14,6 +14,7 @@ attacker makes up); in async mode each update is first scaled by its staleness d
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
 import numpy as np
 
 from aggregator.bounds import clip_scale, update_norm
@@ -163,4 +164,3 @@ def make_rule(*, specs: tuple[TensorSpec, ...], rule: str, bound: float, clip_no
         return KeptUpdates(specs=specs, rule=rule, clip_to=bound, trim=trim, krum_f=krum_f,
                            krum_m=krum_m)  # fmt: skip
     raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
-

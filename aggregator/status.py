@@ -23,6 +23,7 @@ def status_of(
     presence: Presence,
     counters: Mapping[str, int],
     now: float,
+    aggregation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The status document for this moment."""
     s = settings
@@ -66,6 +67,8 @@ def status_of(
             "known": len(presence.devices),
         },
         "counters": dict(sorted(counters.items())),
+        # rule, norm bound, example cap, privacy spent (epsilon, delta) under central DP
+        "aggregation": dict(aggregation) if aggregation is not None else None,
         "aggregator_version": __version__,
         "updated_at": round(now, 3),
         "updated": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),

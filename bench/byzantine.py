@@ -49,13 +49,13 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from aggregator.bounds import MAX_EXAMPLES_LIMIT, adaptive_bound, example_cap
-from aggregator.fedavg import ServerSGD
-from aggregator.privacy import noise_for_epsilon
-from aggregator.robust import make_rule, round_bound
-from aggregator.settings import AggregatorSettings
-from edge_agent.privacy import local_noise_for_epsilon, privatize
-from fedmq.errors import ProtocolError
+from aggregator.bounds import MAX_EXAMPLES_LIMIT, adaptive_bound, example_cap  # noqa: E402
+from aggregator.fedavg import ServerSGD  # noqa: E402
+from aggregator.privacy import noise_for_epsilon  # noqa: E402
+from aggregator.robust import make_rule, round_bound  # noqa: E402
+from aggregator.settings import AggregatorSettings  # noqa: E402
+from edge_agent.privacy import local_noise_for_epsilon, privatize  # noqa: E402
+from fedmq.errors import ProtocolError  # noqa: E402
 
 TASK = "mnist-2nn"
 ATTACKS = ("none", "replacement", "signflip", "noise", "labelflip")
@@ -96,8 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.partitions = [x for x in a.partitions.split(",") if x]
     a.attacks = [x for x in a.attacks.split(",") if x]
     a.rules = [x for x in a.rules.split(",") if x]
-    if set(a.partitions) - {"iid", "shards"} or set(a.attacks) - set(ATTACKS) or (
-        set(a.rules) - set(RULES)
+    if (
+        set(a.partitions) - {"iid", "shards"}
+        or set(a.attacks) - set(ATTACKS)
+        or (set(a.rules) - set(RULES))
     ):
         p.error("unknown partition, attack or rule")
     return a
@@ -155,8 +157,11 @@ class Fleet:
         return float(evaluate(self.model, *self.test)["accuracy"])
 
 
-def attack_update(attack: str, *, honest: dict[str, np.ndarray], weights: dict[str, np.ndarray],
-                  n: int, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], int]:  # fmt: skip
+Weights = dict[str, np.ndarray]
+
+
+def attack_update(attack: str, *, honest: Weights, weights: Weights, n: int,
+                  rng: np.random.Generator) -> tuple[Weights, int]:  # fmt: skip
     """What an attacking device sends instead of its honest (delta, examples)."""
     if attack == "replacement":
         return {k: -w for k, w in weights.items()}, MAX_EXAMPLES_LIMIT

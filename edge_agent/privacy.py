@@ -9,8 +9,22 @@ noise anyone can regenerate protects nothing.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class LocalDP:
+    """The device's own privacy: clip its delta to `clip` (L2), then add Gaussian noise of
+    std noise_multiplier x clip to every coordinate."""
+
+    clip: float
+    noise_multiplier: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.clip > 0 or self.noise_multiplier < 0:
+            raise ValueError("local DP needs clip > 0 and noise_multiplier >= 0")
 
 
 def privatize(delta: Mapping[str, np.ndarray], *, clip: float, noise_multiplier: float,
