@@ -13,7 +13,10 @@ import pytest
 from aggregator.privacy import epsilon_of
 from aggregator.store import read_history
 from fedmq.wire import decode_weights
-from tests.aggregator.test_service import _update, service  # noqa: F401 - the fixture
+from tests.aggregator import test_service
+
+_update = test_service._update
+service = test_service.service  # the service + scripted device fixture, shared
 
 DP = {"rule": "clip", "clip_norm": 1.0, "dp_noise_multiplier": 1.3, "insecure": True}
 
