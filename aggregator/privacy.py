@@ -93,3 +93,16 @@ class PrivacySpent:
         raw = obj.get("steps", [])
         steps = [(float(z), float(q), int(n)) for z, q, n in raw] if isinstance(raw, list) else []
         return cls(delta=delta, steps=steps)
+
+
+def local_noise_for_epsilon(*, epsilon: float, delta: float, rounds: int) -> float:
+    """Local DP (edge_agent.privacy): the noise multiplier that spends epsilon at delta per
+    device over `rounds` updates. Any two clipped deltas differ by up to 2 x clip, so the
+    Gaussian mechanism's multiplier against that sensitivity is half the one against clip."""
+    return 2.0 * noise_for_epsilon(epsilon=epsilon, delta=delta, rounds=rounds, q=1.0)
+
+
+def local_epsilon(*, noise_multiplier: float, delta: float, rounds: int) -> float:
+    """Local DP: the epsilon per device after `rounds` updates privatized with this
+    multiplier (every one released: no sampling amplification is claimed)."""
+    return epsilon_of([(noise_multiplier / 2.0, 1.0, rounds)], delta)

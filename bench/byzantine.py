@@ -51,10 +51,10 @@ sys.path.insert(0, str(_HERE.parent))
 
 from aggregator.bounds import MAX_EXAMPLES_LIMIT, adaptive_bound, example_cap  # noqa: E402
 from aggregator.fedavg import ServerSGD  # noqa: E402
-from aggregator.privacy import noise_for_epsilon  # noqa: E402
+from aggregator.privacy import local_noise_for_epsilon, noise_for_epsilon  # noqa: E402
 from aggregator.robust import make_rule, round_bound  # noqa: E402
 from aggregator.settings import AggregatorSettings  # noqa: E402
-from edge_agent.privacy import local_noise_for_epsilon, privatize  # noqa: E402
+from edge_agent.privacy import privatize  # noqa: E402
 from fedmq.errors import ProtocolError  # noqa: E402
 
 TASK = "mnist-2nn"

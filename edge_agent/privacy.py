@@ -3,7 +3,8 @@ is compressed and sent. For fleets that do not trust the aggregator (or the brok
 what leaves the device is already private, whatever the aggregator does with it.
 
 Pure numpy. The noise comes from OS entropy, never from the seeded update generator:
-noise anyone can regenerate protects nothing.
+noise anyone can regenerate protects nothing. The epsilon a setting spends is computed on
+the aggregator's side (aggregator.privacy.local_epsilon): a device needs no accountant.
 """
 
 from __future__ import annotations
@@ -41,19 +42,3 @@ def privatize(delta: Mapping[str, np.ndarray], *, clip: float, noise_multiplier:
     std = noise_multiplier * clip
     return {k: (np.asarray(d, np.float64) * scale + rng.normal(0.0, std, np.shape(d)))
             .astype(np.float32) for k, d in delta.items()}  # fmt: skip
-
-
-def local_noise_for_epsilon(*, epsilon: float, delta: float, rounds: int) -> float:
-    """The local noise multiplier that spends epsilon at delta per device over `rounds`
-    rounds. Any two clipped deltas differ by up to 2 x clip, so the Gaussian mechanism's
-    multiplier against that sensitivity is half the one against clip."""
-    from aggregator.privacy import noise_for_epsilon
-
-    return 2.0 * noise_for_epsilon(epsilon=epsilon, delta=delta, rounds=rounds, q=1.0)
-
-
-def local_epsilon(*, noise_multiplier: float, delta: float, rounds: int) -> float:
-    """The epsilon per device after `rounds` updates privatized with this multiplier."""
-    from aggregator.privacy import epsilon_of
-
-    return epsilon_of([(noise_multiplier / 2.0, 1.0, rounds)], delta)

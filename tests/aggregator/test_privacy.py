@@ -9,9 +9,15 @@ import pytest
 from dp_accounting import rdp
 
 from aggregator.bounds import update_norm
-from aggregator.privacy import PrivacySpent, epsilon_of, noise_for_epsilon
+from aggregator.privacy import (
+    PrivacySpent,
+    epsilon_of,
+    local_epsilon,
+    local_noise_for_epsilon,
+    noise_for_epsilon,
+)
 from aggregator.robust import make_rule
-from edge_agent.privacy import local_epsilon, local_noise_for_epsilon, privatize
+from edge_agent.privacy import privatize
 from fedmq.wire import TensorSpec
 
 SPECS = (TensorSpec("w", "float32", (200, 250)), TensorSpec("b", "float32", (50,)))
