@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-dp", action="store_true", help="skip the DP runs")
     p.add_argument("--dp-clip", type=float, default=DP_CLIP, help="C of central and local DP")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-fleet-file", action="store_true",
+                   help="bounded rules without the fleet file's per-device example caps "
+                        "(only the max_examples policy)")
     p.add_argument("--out", type=Path, default=Path("bench/results/byzantine.json"))
     # fmt: on
     a = p.parse_args(argv)
@@ -172,7 +175,9 @@ def attack_update(attack: str, *, honest: Weights, weights: Weights, n: int,
     return honest, n  # labelflip trains on flipped labels; none is honest
 
 
-def run_one(fleet: Fleet, run: Run, *, rounds: int, clip: float, seed: int) -> float:
+def run_one(
+    fleet: Fleet, run: Run, *, rounds: int, clip: float, seed: int, fleet_file: bool = True
+) -> float:
     """Final test accuracy of one configuration after `rounds` rounds."""
     s = AggregatorSettings(insecure=True)
     devices = len(fleet.data)
@@ -180,7 +185,8 @@ def run_one(fleet: Fleet, run: Run, *, rounds: int, clip: float, seed: int) -> f
     bounded = run.rule != "fedavg"
     rule = "fedavg" if run.rule == "default" else run.rule
     # each device enrolled with its dataset size; fedavg: the service before issue 9
-    enrolled = {str(i): len(fleet.data[i][0]) for i in range(devices)} if bounded else {}
+    enrolled = ({str(i): len(fleet.data[i][0]) for i in range(devices)}
+                if bounded and fleet_file else {})  # fmt: skip
     max_examples = s.max_examples if bounded else MAX_EXAMPLES_LIMIT
     rng = np.random.default_rng([seed, len(run.attack), len(run.rule)])
     weights = fleet.initial()
@@ -277,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                                           seed=args.seed)  # fmt: skip
         t0 = time.monotonic()
         acc = run_one(fleets[run.partition], run, rounds=args.rounds, clip=args.dp_clip,
-                      seed=args.seed)  # fmt: skip
+                      seed=args.seed, fleet_file=not args.no_fleet_file)  # fmt: skip
         print(f"[{k}/{len(todo)}] {run.partition} {run.attack} {run.rule} "
               f"z={run.central_z or run.local_z:.3g}: {acc:.4f} ({time.monotonic() - t0:.0f}s)",
               file=sys.stderr, flush=True)  # fmt: skip
@@ -294,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         "task": TASK, "devices": args.devices, "attackers": ATTACKERS, "rounds": args.rounds,
         "epochs": 1, "batch_size": 10, "lr": 0.05, "in_process": True,
         "default_admission": "L2 bound 3 x previous round's median norm (clipped), "
-                             "num_examples capped at each device's enrolled dataset size",
+                             "num_examples capped at each device's enrolled dataset size"
+                             if not args.no_fleet_file else
+                             "L2 bound 3 x previous round's median norm (clipped), "
+                             "num_examples capped at max_examples (no fleet file)",
         "krum_f": ATTACKERS, "trim_fraction": 0.2, "dp_partition": "iid",
         "wall_s": round(time.monotonic() - started, 1), "cpus": os.cpu_count(),
         "python": platform.python_version(),
