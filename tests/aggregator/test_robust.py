@@ -150,3 +150,23 @@ def test_median_resists_what_fedavg_does_not() -> None:
 def test_make_rule_refuses_unknown() -> None:
     with pytest.raises(ValueError, match="rule must be one of"):
         make_rule(specs=SPECS, rule="mean", bound=0.0)
+
+
+def test_settings_refuse_rules_and_dp_that_cannot_work() -> None:
+    from aggregator.settings import AggregatorSettings as S
+
+    ok = S(insecure=True)
+    assert (ok.rule, ok.norm_bound_factor, ok.max_examples) == ("fedavg", 3.0, 100_000)
+    S(insecure=True, rule="clip", clip_norm=1.0, dp_epsilon=4.0, rounds=30)
+    for bad, match in [
+        ({"rule": "mean"}, "rule must be one of"),
+        ({"norm_bound_factor": 0.5}, "at least 1"),
+        ({"max_examples": 0}, "max_examples"),
+        ({"trim_fraction": 0.5}, "trim_fraction"),
+        ({"rule": "median", "dp_noise_multiplier": 1.0}, "rule = 'clip'"),
+        ({"rule": "clip", "dp_noise_multiplier": 1.0}, "fixed clip_norm"),
+        ({"rule": "clip", "clip_norm": 1.0, "dp_epsilon": 1.0, "rounds": 0}, "number of rounds"),
+        ({"dp_noise_multiplier": 1.0, "dp_epsilon": 1.0}, "not both"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            S(insecure=True, **bad)
