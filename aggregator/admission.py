@@ -46,7 +46,10 @@ class Admission:
         """The update with num_examples (its FedAvg weight) capped by the policy and by what
         its device enrolled with: an inflated count weighs no more than the cap."""
         cap = example_cap(u.device, max_examples=self.max_examples, enrolled=self.enrolled)
-        return dataclasses.replace(u, num_examples=cap) if u.num_examples > cap else u
+        # an implausible claim is left as it is, for check_examples to refuse with a reason
+        if cap < u.num_examples <= MAX_EXAMPLES_PER_UPDATE:
+            return dataclasses.replace(u, num_examples=cap)
+        return u
 
     def decode(self, payload: bytes, *, device: str, payload_id: str) -> Update:
         """Decode and authorise an update; ProtocolError if it lies about where it is from."""

@@ -84,8 +84,10 @@ def test_example_cap_clipping_and_absurd_norms_are_counted_and_ledgered(tmp_path
     rig.send(_update("greedy", "d1", 0.1, n=5000))  # capped at the policy's 1000
     rig.send(_update("big", "d2", 1.0, n=10))  # norm 2.83: clipped to 2
     rig.send(_update("absurd", "d3", 1e5, n=10))  # norm 2.8e5 > 1e4 x bound: rejected
+    rig.send(_update("liar", "d4", 0.1, n=20_000_000))  # an implausible claim: refused
     c = rig.ledger.counters
     assert (c["examples_capped"], c["clipped"], c["rejected_out_of_bounds"]) == (2, 1, 1)
+    assert c["rejected_schema_error"] == 1
     parts = {p["device"]: p for p in rig.ledger.participants}
     assert parts["d0"]["examples"] == 50 and parts["d0"]["examples_claimed"] == 10_000_000
     assert parts["d1"]["examples"] == 1000 and parts["d2"]["clipped"] is True
@@ -93,6 +95,7 @@ def test_example_cap_clipping_and_absurd_norms_are_counted_and_ledgered(tmp_path
     verdicts = {v["update_id"]: v for v in read_ledger(tmp_path)}
     assert verdicts["absurd"]["verdict"] == "rejected"
     assert verdicts["absurd"]["reason"].startswith("out_of_bounds")
+    assert verdicts["liar"]["reason"].startswith("schema_error: num_examples")
     acc = rig.intake.sum
     assert acc is not None and acc.count == 3 and acc.total_weight == 50 + 1000 + 10
     big = 2.0 / np.sqrt(8.0)  # the clipped update's value per coordinate
