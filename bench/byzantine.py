@@ -34,10 +34,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-dp", action="store_true", help="skip the DP runs")
     p.add_argument("--dp-clip", type=float, default=DP_CLIP, help="C of central and local DP")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="runs measured at once, one process each (default: 2 or the CPUs); "
+                        "every run is seeded, so the numbers do not depend on it")
     p.add_argument("--no-fleet-file", action="store_true",
                    help="bounded rules without the fleet file's per-device example caps "
                         "(only the max_examples policy)")
@@ -227,6 +232,18 @@ def run_one(
     return fleet.accuracy(weights)
 
 
+_FLEETS: dict[tuple[str, int, int], Fleet] = {}
+
+
+def measure(run: Run, devices: int, seed: int, rounds: int, clip: float,
+            fleet_file: bool) -> float:  # fmt: skip
+    """One run in this process (the fleet's data loaded once per process and partition)."""
+    key = (run.partition, devices, seed)
+    if key not in _FLEETS:
+        _FLEETS[key] = Fleet(partition=run.partition, devices=devices, seed=seed)
+    return run_one(_FLEETS[key], run, rounds=rounds, clip=clip, seed=seed, fleet_file=fleet_file)
+
+
 def plan(args: argparse.Namespace) -> list[Run]:
     """Every configuration to run, in order."""
     runs = [Run(p, a, r) for p in args.partitions for a in args.attacks for r in args.rules]
@@ -270,32 +287,39 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def result_row(result: dict[str, Any], run: Run, acc: float, clip: float) -> None:
+    """File one run's final accuracy under runs, or dp for a DP run."""
+    if run.central_z or run.local_z:
+        result["dp"].append({"mode": "central" if run.central_z else "local",
+                             "epsilon": run.epsilon, "delta": DP_DELTA, "final_accuracy": acc,
+                             "noise_multiplier": run.central_z or run.local_z,
+                             "clip_norm": clip})  # fmt: skip
+    else:
+        result["runs"].append({"partition": run.partition, "attack": run.attack,
+                               "rule": run.rule, "final_accuracy": acc})  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every configuration, write the JSON, print the table."""
     args = parse_args(argv)
-    fleets: dict[str, Fleet] = {}
     result: dict[str, Any] = {"runs": [], "dp": [], "tls": tls_round_times()}
     started = time.monotonic()
     todo = plan(args)
-    for k, run in enumerate(todo, 1):
-        if run.partition not in fleets:
-            fleets[run.partition] = Fleet(partition=run.partition, devices=args.devices,
-                                          seed=args.seed)  # fmt: skip
-        t0 = time.monotonic()
-        acc = run_one(fleets[run.partition], run, rounds=args.rounds, clip=args.dp_clip,
-                      seed=args.seed, fleet_file=not args.no_fleet_file)  # fmt: skip
-        print(f"[{k}/{len(todo)}] {run.partition} {run.attack} {run.rule} "
-              f"z={run.central_z or run.local_z:.3g}: {acc:.4f} ({time.monotonic() - t0:.0f}s)",
-              file=sys.stderr, flush=True)  # fmt: skip
-        if run.central_z or run.local_z:
-            mode = "central" if run.central_z else "local"
-            result["dp"].append({"mode": mode, "epsilon": run.epsilon, "delta": DP_DELTA,
-                                 "final_accuracy": acc,
-                                 "noise_multiplier": run.central_z or run.local_z,
-                                 "clip_norm": args.dp_clip})  # fmt: skip
-        else:
-            result["runs"].append({"partition": run.partition, "attack": run.attack,
-                                   "rule": run.rule, "final_accuracy": acc})  # fmt: skip
+    job = (args.devices, args.seed, args.rounds, args.dp_clip, not args.no_fleet_file)
+    with ProcessPoolExecutor(
+        max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        futures = [pool.submit(measure, run, *job) for run in todo]
+        for k, (run, future) in enumerate(zip(todo, futures, strict=True), 1):
+            acc = future.result()
+            print(
+                f"[{k}/{len(todo)}] {run.partition} {run.attack} {run.rule} "
+                f"z={run.central_z or run.local_z:.3g}: {acc:.4f} "
+                f"({time.monotonic() - started:.0f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            result_row(result, run, acc, args.dp_clip)
     result["workload"] = {
         "task": TASK, "devices": args.devices, "attackers": ATTACKERS, "rounds": args.rounds,
         "epochs": 1, "batch_size": 10, "lr": 0.05, "in_process": True,
@@ -304,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                              if not args.no_fleet_file else
                              "L2 bound 3 x previous round's median norm (clipped), "
                              "num_examples capped at max_examples (no fleet file)",
-        "krum_f": ATTACKERS, "trim_fraction": 0.2, "dp_partition": "iid",
+        "krum_f": ATTACKERS, "trim_fraction": 0.2, "dp_partition": "iid", "jobs": args.jobs,
         "wall_s": round(time.monotonic() - started, 1), "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
