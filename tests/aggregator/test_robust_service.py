@@ -73,3 +73,29 @@ def test_adaptive_bound_comes_from_the_previous_round(service: tuple[Any, Any]) 
     for k in w1:
         np.testing.assert_allclose(w2[k] - w1[k], 0.04, rtol=1e-4)
     assert agg.ledger.counters["clipped"] == 1
+
+
+def test_fleet_file_caps_examples_and_sets_the_sampling_rate(tmp_path: Any) -> None:
+    from aggregator.service import Aggregator
+    from aggregator.settings import AggregatorSettings
+
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('job = "svc"\n'
+                     '[[device]]\nid = "a"\nmax_examples = 600\n'
+                     '[[device]]\nid = "b"\n'
+                     '[[device]]\nid = "c"\nmax_examples = 5\nrevoked = true\n'
+                     '[[device]]\nid = "d"\n')  # fmt: skip
+    s = AggregatorSettings(job="svc", task="digits-mlp", state_dir=tmp_path / "agg",
+                           fleet_file=fleet, insecure=True, publish_onnx=False,
+                           devices_per_round=2, rule="clip", clip_norm=1.0,
+                           dp_epsilon=2.0, rounds=10)  # fmt: skip
+    agg = Aggregator(settings=s)
+    try:
+        assert dict(agg.admission.enrolled) == {"a": 600}  # the revoked device's entry is gone
+        assert agg.enrolled_count == 3 and agg._sample_rate(2) == pytest.approx(2 / 3)
+        # z was calibrated for 10 rounds at q = 2 / 3: spending them all gives epsilon 2
+        spent = epsilon_of([(agg.noise_multiplier, 2 / 3, 10)], 1e-5)
+        assert spent == pytest.approx(2.0, rel=1e-2)
+    finally:
+        agg.journal.close()
+        agg.intake.close()
