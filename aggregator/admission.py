@@ -9,9 +9,11 @@ ProtocolError to refuse an update.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from aggregator.bounds import example_cap
 from fedmq.codecs import Decoded, decode_tensors
 from fedmq.errors import SchemaError, Unauthorized
 from fedmq.topics import check_name
@@ -61,6 +63,17 @@ class Admission:
         device = check_device_id(device)
         check_enrolled(device, self.enrolled)
         return device
+    max_examples: int = MAX_EXAMPLES_PER_UPDATE  # the policy's cap on num_examples
+    example_caps: Mapping[str, int] = field(default_factory=dict)  # fleet file max_examples
+
+    def cap_examples(self, u: Update) -> Update:
+        """The update with num_examples (its FedAvg weight) capped by the policy and by what
+        its device enrolled with: an inflated count weighs no more than the cap."""
+        cap = example_cap(u.device, max_examples=self.max_examples, enrolled=self.example_caps)
+        # an implausible claim is left as it is, for check_examples to refuse with a reason
+        if cap < u.num_examples <= MAX_EXAMPLES_PER_UPDATE:
+            return dataclasses.replace(u, num_examples=cap)
+        return u
 
     def decode(self, payload: bytes, *, device: str, payload_id: str) -> Update:
         """Decode and authorise an update; ProtocolError if it lies about where it is from."""

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from aggregator.bounds import clip_scale, update_norm
 from fedmq.codecs import Decoded, SparseTensor
 from fedmq.wire import TensorSpec
 
@@ -26,18 +27,37 @@ class Prepared:
 
     parts: dict[str, Contribution]
     norm: float
+    l2: float = 0.0  # the update's L2 norm as sent (before clipping)
+    clipped: bool = False  # scaled down to the round's norm bound
 
 
 class RunningSum:
-    """A weighted sum of deltas, one float64 accumulator per tensor."""
+    """A weighted sum of deltas, one float64 accumulator per tensor.
 
-    def __init__(self, *, specs: tuple[TensorSpec, ...]) -> None:
+    clip_to > 0 scales every update down to that L2 norm first (the admission bound, or
+    the `clip` rule's C). uniform: every update weighs 1 (times its staleness discount)
+    whatever examples it claims: the `clip` rule and central DP, where one device's
+    influence must be bounded by C. noise_std > 0 adds Gaussian noise of that standard
+    deviation to every coordinate of the sum before it is divided (central DP)."""
+
+    streaming = True  # memory O(model): the journal's snapshots hold its whole state
+
+    def __init__(self, *, specs: tuple[TensorSpec, ...], clip_to: float = 0.0,
+                 uniform: bool = False, noise_std: float = 0.0,
+                 rng: np.random.Generator | None = None) -> None:  # fmt: skip
         if not specs:
             raise ValueError("a running sum needs at least one tensor spec")
+        if clip_to < 0 or noise_std < 0:
+            raise ValueError("clip_to and noise_std must be >= 0")
         self.specs = specs
         self.sums = {s.name: np.zeros(s.shape, dtype=np.float64) for s in specs}
         self.total_weight = 0.0  # what mean() divides by
         self.count = 0
+        self.clip_to = clip_to
+        self.uniform = uniform
+        self.noise_std = noise_std
+        # the noise must be unpredictable to devices: OS entropy unless a test passes a seed
+        self.rng = rng if rng is not None else np.random.default_rng()
 
     def add(
         self, delta: Mapping[str, Decoded], weight: float, *, norm: float | None = None
@@ -57,14 +77,20 @@ class RunningSum:
         on another thread while the sum takes earlier updates (the same numbers either way)."""
         if not weight > 0:
             raise ValueError(f"update weight must be positive, got {weight}")
+        divisor = weight if norm is None else norm
+        if self.uniform:  # one vote each, discounted by staleness (weight / norm) in async
+            weight, divisor = weight / divisor, 1.0
+        l2 = update_norm(delta)
+        scale = clip_scale(l2, self.clip_to)
+        factor = weight * scale
         parts: dict[str, Contribution] = {}
         for name in self.sums:
             t = delta[name]
             if isinstance(t, SparseTensor):
-                parts[name] = (t.indices, weight * t.values.astype(np.float64))
+                parts[name] = (t.indices, factor * t.values.astype(np.float64))
             else:
-                parts[name] = weight * np.asarray(t, dtype=np.float64)
-        return Prepared(parts=parts, norm=weight if norm is None else norm)
+                parts[name] = factor * np.asarray(t, dtype=np.float64)
+        return Prepared(parts=parts, norm=divisor, l2=l2, clipped=scale < 1.0)
 
     def add_prepared(self, p: Prepared) -> None:
         """Fold in a prepared contribution."""
@@ -83,6 +109,9 @@ class RunningSum:
         """The weighted mean delta; ValueError if nothing was added."""
         if self.count == 0 or not self.total_weight > 0:
             raise ValueError("no updates were added, there is no mean")
+        if self.noise_std > 0:
+            return {name: (acc + self.rng.normal(0.0, self.noise_std, size=acc.shape))
+                    / self.total_weight for name, acc in self.sums.items()}  # fmt: skip
         return {name: acc / self.total_weight for name, acc in self.sums.items()}
 
 
@@ -111,11 +140,12 @@ def aggregate(
 
 
 class AggregationRule(Protocol):
-    """What the service folds admitted updates into (FedAvg's running sum today; robust
-    rules, clipping + noise or secure aggregation plug in here)."""
+    """What the service folds admitted updates into: FedAvg's running sum (with clipping
+    and noise) or a robust rule of aggregator.robust; secure aggregation plugs in here."""
 
     total_weight: float
     count: int
+    streaming: bool  # False: it keeps every update, a restart replays them all
 
     def add(self, delta: Mapping[str, Decoded], weight: float, *, norm: float | None = None
             ) -> None: ...  # fmt: skip

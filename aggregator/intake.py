@@ -14,13 +14,14 @@ says only what went wrong, so it does not grow by a line per update).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from aggregator.admission import Admission
-from aggregator.fedavg import Prepared, RunningSum
+from aggregator.fedavg import AggregationRule, Prepared
 from aggregator.journal import Accepted
 from aggregator.ledger import Ledger
 from aggregator.modes import Contribution, Mode
@@ -50,18 +51,18 @@ class Intake:
         self.reassembler = Reassembler(max_payload_bytes=admission.max_update_bytes,
                                        max_open_per_source=max_partial_per_device)  # fmt: skip
         self.round: OpenRound | None = None
-        self.sum: RunningSum | None = None
+        self.sum: AggregationRule | None = None
         self.acks: list[tuple[str, Ack]] = []  # answers waiting for the journal commit
         self.folded = 0  # updates folded into the sum since the counter was last reset
         self.max_pending = 2 * threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self._pending: list[Pending] = []
 
-    def begin(self, r: OpenRound, acc: RunningSum) -> None:
+    def begin(self, r: OpenRound, acc: AggregationRule) -> None:
         """Fill this round (or buffer) from now on."""
         self.round, self.sum = r, acc
 
-    def end(self) -> tuple[OpenRound, RunningSum]:
+    def end(self) -> tuple[OpenRound, AggregationRule]:
         """Stop filling the round; every update it counted is folded in."""
         self.drain()
         r, acc = self.round, self.sum
@@ -129,8 +130,14 @@ class Intake:
             return
         if r is None and u.round_id >= next_round:
             raise SchemaError(f"no round is open (update for round {u.round_id})")
+        claimed = u.num_examples
+        u = self.admission.cap_examples(u)
         given = None if r is None else self.mode.judge(r, u, version=version, trains=trains,
                                                        now=now)  # fmt: skip
+        if given is not None and u.num_examples < claimed:
+            self.ledger.counters["examples_capped"] += 1
+            given = dataclasses.replace(given, record={**given.record,
+                                                       "examples_claimed": claimed})  # fmt: skip
         if r is None or given is None:
             self.ledger.verdict(update_id=u.update_id, device=u.device, round_id=u.round_id,
                                 verdict="late", reason="round already closed")  # fmt: skip
@@ -145,7 +152,7 @@ class Intake:
         while len(self._pending) > self.max_pending:
             self._fold_next()
 
-    def _decode(self, acc: RunningSum, u: Update, given: Contribution) -> Prepared:
+    def _decode(self, acc: AggregationRule, u: Update, given: Contribution) -> Prepared:
         """On a worker thread: the update's tensors, checked and weighted (prepare reads no
         state of the sum, so the loop may go on adding to it meanwhile)."""
         return acc.prepare(self.admission.validate(u), given.weight, norm=given.norm)
@@ -174,6 +181,11 @@ class Intake:
         # the device's own metrics under their own key: they cannot overwrite bookkeeping
         record = {**given.record, "device": u.device, "examples": u.num_examples,
                   "metrics": dict(u.metrics)}  # fmt: skip
+        # the norm as sent (the next adaptive bound is k x the round's median of these)
+        record["l2"] = prepared.l2
+        if prepared.clipped:
+            record["clipped"] = True
+            self.ledger.counters["clipped"] += 1
         self.ledger.accept(Accepted(
             update_id=u.update_id, round_id=r.round_id, device=u.device, codec=u.codec,
             body=u.body, weight=given.weight, norm=given.norm, wire_bytes=wire_bytes,

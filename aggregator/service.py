@@ -4,6 +4,7 @@
     dedupe, verdicts, counters, round stats  -> aggregator.ledger (durable in the journal)
     the mode's rules (sync rounds / FedBuff) -> aggregator.modes
     the aggregation rule (running sum)       -> aggregator.fedavg.RunningSum
+      or a robust rule, bounds, central DP   -> aggregator.robust, .bounds, .privacy
     the server optimiser on the mean delta   -> aggregator.fedavg.ServerSGD
     presence and dropouts                    -> aggregator.presence
     the status document                      -> aggregator.status
@@ -23,14 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.admission import Admission, check_device_id
-from aggregator.fedavg import RunningSum, ServerSGD
+from aggregator.bounds import adaptive_bound
+from aggregator.fedavg import AggregationRule, RunningSum, ServerSGD
 from aggregator.globals import GlobalModel, ModelRefused, StoredVersionError
 from aggregator.intake import Intake
 from aggregator.journal import Journal, Snapshot
 from aggregator.ledger import Ledger
 from aggregator.modes import BufferedRounds, Mode, SyncRounds
 from aggregator.presence import Presence
+from aggregator.privacy import PrivacySpent, noise_for_epsilon
 from aggregator.recovery import recover_round
+from aggregator.robust import make_rule, round_bound
 from aggregator.rounds import OpenRound
 from aggregator.settings import AggregatorSettings
 from aggregator.status import status_of
@@ -39,7 +43,7 @@ from aggregator.watch import OwnTopics
 from fedmq.atomicfile import move_aside
 from fedmq.config import ConfigError
 from fedmq.errors import ProtocolError, Unauthorized
-from fedmq.fleetfile import read_fleet
+from fedmq.fleetfile import FleetFile, read_fleet
 from fedmq.link import Connected, Disconnected, Link, Message
 from fedmq.signing import Signer, aggregator_key, verify
 from fedmq.tasks import Task, get_task
@@ -90,10 +94,22 @@ class Aggregator:
                                  downlink_delta=s.downlink_delta_pipeline)  # fmt: skip
         self.mode: Mode = (BufferedRounds(policy=s.policy, buffer=s.buffer)
                            if s.mode == "async" else SyncRounds(policy=s.policy))  # fmt: skip
-        self.enrolled = _enrolled(s)  # None: no fleet file, any valid id may take part
+        fleet = _fleet(s)
+        # the devices the fleet file enrols (revoked ones left out); None: any valid id
+        self.enrolled = (frozenset(d for d in fleet.devices if fleet.enrolled(d) is not None)
+                         if fleet else None)  # fmt: skip
+        caps = {d.id: d.max_examples for d in fleet.devices.values()
+                if not d.revoked and d.max_examples is not None} if fleet else {}  # fmt: skip
+        # devices a round could have sampled (q = selected / enrolled); 0: unknown
+        self.enrolled_count = len(self.enrolled) if self.enrolled is not None else 0
         self.admission = Admission(specs=self.model.specs, max_update_bytes=s.max_update_bytes,
-                                   budget_bytes=s.update_budget_bytes,
-                                   enrolled=self.enrolled)  # fmt: skip
+                                   budget_bytes=s.update_budget_bytes, enrolled=self.enrolled,
+                                   max_examples=s.max_examples, example_caps=caps)  # fmt: skip
+        self.median_norm = 0.0  # the median L2 norm of the last closed round's updates
+        self.privacy = PrivacySpent(delta=s.dp_delta)
+        self.noise_multiplier = s.dp_noise_multiplier or (noise_for_epsilon(
+            epsilon=s.dp_epsilon, delta=s.dp_delta, rounds=s.rounds,
+            q=self._sample_rate(self._expected_selected())) if s.dp_epsilon else 0.0)  # fmt: skip
         self.optimizer = ServerSGD(lr=s.server_lr)
         self.presence = Presence(job=s.job, grace_s=s.drop_grace_s, enrolled=self.enrolled,
                                  max_devices=s.max_devices)  # fmt: skip
@@ -115,9 +131,35 @@ class Aggregator:
         return self.intake.round
 
     @property
-    def sum(self) -> RunningSum | None:
-        """The running sum of the open round (or buffer), if one is open."""
+    def sum(self) -> AggregationRule | None:
+        """The aggregation rule (FedAvg's running sum) of the open round, if one is open."""
         return self.intake.sum
+
+    def _new_rule(self, bounds: dict[str, Any]) -> AggregationRule:
+        """The round's aggregation rule with the bounds it opened with (kept in the journal
+        so that a restart rebuilds the same rule)."""
+        s = self.s
+        return make_rule(specs=self.model.specs, rule=s.rule, bound=float(bounds.get("bound", 0)),
+                         clip_norm=s.clip_norm, median_norm=float(bounds.get("median_norm", 0)),
+                         noise_multiplier=self.noise_multiplier, trim=s.trim_fraction,
+                         krum_f=s.krum_f, krum_m=s.krum_m)  # fmt: skip
+
+    def _bounds(self) -> dict[str, float]:
+        """The next round's norm bound: fixed, or k x the last round's median norm."""
+        bound = round_bound(fixed=self.s.norm_bound, factor=self.s.norm_bound_factor,
+                            median_norm=self.median_norm)  # fmt: skip
+        return {"bound": bound, "median_norm": self.median_norm}
+
+    def _expected_selected(self) -> int:
+        p = self.s.policy
+        n = self.enrolled_count or p.target
+        return min(n, int(p.target * (1 + p.over_select) + 0.999999)) if p.target else n
+
+    def _sample_rate(self, selected: int) -> float:
+        """q = selected / enrolled; 1 without a fleet file (no amplification is claimed)."""
+        if not self.enrolled_count or selected <= 0:
+            return 1.0
+        return min(1.0, selected / self.enrolled_count)
 
     # ------------------------------------------------------------ the loop
 
@@ -180,7 +222,8 @@ class Aggregator:
             self.link.ack(msg)
         self._handled = []
         r, acc = self.round, self.sum
-        if r is not None and acc is not None and self.intake.folded >= self.s.snapshot_every:
+        if (r is not None and isinstance(acc, RunningSum)  # a kept-updates rule replays all
+                and self.intake.folded >= self.s.snapshot_every):  # fmt: skip
             self.journal.save_snapshot(r.round_id, Snapshot(
                 seq=self.journal.last_seq(), count=acc.count, total_weight=acc.total_weight,
                 sums=encode_weights(acc.sums)))  # fmt: skip
@@ -304,10 +347,11 @@ class Aggregator:
     def _open_round(self, online: list[str], now: float) -> None:
         r = self.mode.open(round_id=self.next_round_id, version=self.model.version,
                            online=online, seed=self.s.seed, now=now)  # fmt: skip
-        self.intake.begin(r, RunningSum(specs=self.model.specs))
+        bounds = self._bounds()
+        self.intake.begin(r, self._new_rule(bounds))
         self.ledger.begin_round()
         self.intake.folded = 0
-        self.journal.open_round(r.round_id, r.meta())
+        self.journal.open_round(r.round_id, {**r.meta(), "rule": bounds})
         self._flush()  # durable before devices hear of it
         self._announce("open")
         log.info("round %d open (%s): version %d, %d selected of %d online, target %d, "
@@ -347,7 +391,8 @@ class Aggregator:
                 outcome = "abandoned"
                 record.update(outcome=outcome, reason=refused)
             else:
-                record.update(version=self.model.version, **self.model.metrics)
+                record.update(version=self.model.version, **self.model.metrics,
+                              **self._account(r))  # fmt: skip
                 counters["rounds_closed"] += 1
                 log.info("round %d %s with %d updates: version %d, accuracy %.4f, loss %.4f",
                          r.round_id, outcome, len(r.accepted), self.model.version,
@@ -372,7 +417,7 @@ class Aggregator:
             self.done_reason = f"reached accuracy {self.model.metrics['accuracy']:.4f}"
         self._publish_status(now, force=True)
 
-    def _advance(self, r: OpenRound, acc: RunningSum) -> str:
+    def _advance(self, r: OpenRound, acc: AggregationRule) -> str:
         """Make the round's mean the next version and publish it; "" when done, else the
         reason it was refused (the version stays: no input may stop the service)."""
         try:
@@ -389,6 +434,19 @@ class Aggregator:
             return f"internal_error: {err.__class__.__name__}: {err}"
         self._publish_model()
         return ""
+
+    def _account(self, r: OpenRound) -> dict[str, Any]:
+        """After a round closed: the next adaptive bound and, with central DP, the privacy
+        it spent; what the round's history line says of both."""
+        norms = [float(p["l2"]) for p in self.ledger.participants if "l2" in p]
+        self.median_norm = adaptive_bound(norms, 1.0) or self.median_norm
+        out: dict[str, Any] = {"rule": self.s.rule, "median_l2": round(self.median_norm, 6)}
+        if self.noise_multiplier:
+            q = self._sample_rate(len(r.selected))
+            eps = self.privacy.record(noise_multiplier=self.noise_multiplier, q=q)
+            out.update(dp_epsilon=eps, dp_delta=self.s.dp_delta,
+                       dp_noise_multiplier=self.noise_multiplier, dp_sample_rate=q)  # fmt: skip
+        return out
 
     def _publish_model(self) -> None:
         pub = self.model.publication(
@@ -417,6 +475,8 @@ class Aggregator:
         # versions start over) announces a newer epoch that signed-downlink agents follow
         self.epoch = int(state.get("epoch") or time.time() * 1000)
         self.ledger.counters.update(state.get("counters", {}))
+        self.median_norm = float(state.get("median_norm", 0.0))
+        self.privacy = PrivacySpent.from_json(state.get("privacy"), delta=self.s.dp_delta)
         if state:
             log.info("resumed from %s: version %d, next round %d",
                      self.s.state_dir, self.model.version, self.next_round_id)  # fmt: skip
@@ -424,7 +484,7 @@ class Aggregator:
         try:
             found = recover_round(journal=self.journal, ledger=self.ledger,
                                   round_id=self.next_round_id, version=self.model.version,
-                                  specs=self.model.specs)  # fmt: skip
+                                  specs=self.model.specs, new_rule=self._new_rule)  # fmt: skip
         except Exception as err:  # a poisoned snapshot or body: the round is lost, not us
             found = None
             self._quarantine_round(self.next_round_id, err)
@@ -508,7 +568,9 @@ class Aggregator:
         self.store.save_state({"job": self.s.job, "task": self.task.name,
                                "version": self.model.version, "next_round": self.next_round_id,
                                "epoch": self.epoch,
-                               "counters": dict(self.ledger.counters)})  # fmt: skip
+                               "counters": dict(self.ledger.counters),
+                               "median_norm": self.median_norm,
+                               "privacy": self.privacy.to_json()})  # fmt: skip
 
     def status(self, now: float) -> dict[str, Any]:
         """What the retained status topic says: readable by people and monitoring tools."""
@@ -516,7 +578,19 @@ class Aggregator:
                          version=self.model.version, metrics=self.model.metrics,
                          round_=self.round, presence=self.presence,
                          counters=self.ledger.counters, now=now,
-                         signing_key=self.signer.key_id)  # fmt: skip
+                         signing_key=self.signer.key_id,
+                         aggregation=self.aggregation_status())  # fmt: skip
+
+    def aggregation_status(self) -> dict[str, Any]:
+        """The rule, the next norm bound, and the privacy spent so far (central DP)."""
+        s = self.s
+        out: dict[str, Any] = {"rule": s.rule, "norm_bound": self._bounds()["bound"],
+                               "max_examples": s.max_examples, "privacy": None}  # fmt: skip
+        if self.noise_multiplier:
+            out["privacy"] = {"epsilon": self.privacy.epsilon, "delta": s.dp_delta,
+                              "noise_multiplier": self.noise_multiplier,
+                              "clip_norm": s.clip_norm, "rounds": self.privacy.rounds}  # fmt: skip
+        return out
 
     def _publish_status(self, now: float, *, force: bool = False) -> None:
         if not force and (not self._status_dirty or now - self._status_at < STATUS_EVERY_S):
@@ -532,11 +606,11 @@ def _shown(text: str, limit: int = 96) -> str:
     return short if short.isprintable() else ascii(short)
 
 
-def _enrolled(s: AggregatorSettings) -> frozenset[str] | None:
-    """The devices the fleet file enrols (revoked ones left out); None without one."""
+def _fleet(s: AggregatorSettings) -> FleetFile | None:
+    """The fleet file's enrolment (ConfigError when it is another job's); None without one."""
     if s.fleet_file is None:
         return None
     fleet = read_fleet(s.fleet_file)
     if fleet.job != s.job:
         raise ConfigError(f"{s.fleet_file} is the fleet of job {fleet.job!r}, not {s.job!r}")
-    return frozenset(d for d in fleet.devices if fleet.enrolled(d) is not None)
+    return fleet

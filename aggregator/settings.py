@@ -59,6 +59,19 @@ class AggregatorSettings:
     max_devices: int = 10_000  # the device table (without a fleet file: anyone may appear)
     max_partial_updates_per_device: int = 4  # chunked updates one device may have in flight
 
+    # admission bounds and robust aggregation (docs/robustness.md)
+    rule: str = "fedavg"  # fedavg | median | trimmed_mean | krum | clip
+    norm_bound: float = 0.0  # fixed L2 bound on an update's delta; 0: adaptive
+    norm_bound_factor: float = 3.0  # adaptive bound: k x the previous round's median norm
+    max_examples: int = 100_000  # cap on num_examples (the fleet file's max_examples if lower)
+    trim_fraction: float = 0.2  # trimmed_mean: fraction dropped at each end per coordinate
+    krum_f: int = 2  # krum: Byzantine updates tolerated per round
+    krum_m: int = 0  # krum: updates averaged (1: Krum; 0: n - f, Multi-Krum)
+    clip_norm: float = 0.0  # clip: C; 0: the previous round's median norm (not with DP)
+    dp_noise_multiplier: float = 0.0  # central DP: noise std z x clip_norm on the sum
+    dp_epsilon: float = 0.0  # central DP: derive z to spend this epsilon over `rounds`
+    dp_delta: float = 1e-5  # central DP: the delta epsilon is reported at
+
     # trust (docs/security.md): TLS files, the Ed25519 key that signs the downlink, the fleet
     # file of enrolled devices; insecure = plain MQTT, no credentials, unsigned downlink
     ca_file: Path | None = None
@@ -105,11 +118,38 @@ class AggregatorSettings:
             raise ValueError(
                 "keep_versions must be 0 (keep all) or at least 2, snapshot_every at least 1"
             )
+        self._check_robustness()
         try:
             self.update_pipeline  # noqa: B018
             check_downlink(self.downlink_pipeline, self.downlink_delta_pipeline)
         except ValueError as err:
             raise ValueError(f"codec settings: {err}") from None
+
+    def _check_robustness(self) -> None:
+        from aggregator.bounds import MAX_EXAMPLES_LIMIT
+        from aggregator.robust import RULES
+
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.norm_bound < 0 or self.norm_bound_factor < 0 or self.clip_norm < 0:
+            raise ValueError("norm_bound, norm_bound_factor and clip_norm must be >= 0")
+        if self.norm_bound_factor and self.norm_bound_factor < 1:
+            raise ValueError("norm_bound_factor must be 0 (off) or at least 1: below the "
+                             "median it would clip most honest updates")  # fmt: skip
+        if not 1 <= self.max_examples <= MAX_EXAMPLES_LIMIT:
+            raise ValueError(f"max_examples must be in [1, {MAX_EXAMPLES_LIMIT}]")
+        if not 0 <= self.trim_fraction < 0.5 or self.krum_f < 0 or self.krum_m < 0:
+            raise ValueError("trim_fraction must be in [0, 0.5), krum_f and krum_m >= 0")
+        if self.dp_noise_multiplier < 0 or self.dp_epsilon < 0 or not 0 < self.dp_delta < 1:
+            raise ValueError("dp_noise_multiplier and dp_epsilon must be >= 0, dp_delta in (0, 1)")
+        if self.dp_noise_multiplier and self.dp_epsilon:
+            raise ValueError("set dp_noise_multiplier or dp_epsilon, not both")
+        if self.dp_noise_multiplier or self.dp_epsilon:
+            if self.rule != "clip" or not self.clip_norm > 0:
+                raise ValueError("central DP needs rule = 'clip' and a fixed clip_norm > 0: "
+                                 "a bound learnt from the updates would leak them")  # fmt: skip
+            if self.dp_epsilon and not self.rounds:
+                raise ValueError("dp_epsilon needs a number of rounds to spread it over")
 
     @property
     def update_pipeline(self) -> Pipeline:

@@ -24,6 +24,7 @@ def status_of(
     counters: Mapping[str, int],
     now: float,
     signing_key: str = "",
+    aggregation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The status document for this moment."""
     s = settings
@@ -68,6 +69,8 @@ def status_of(
         },
         "counters": dict(sorted(counters.items())),
         "signing_key": signing_key,
+        # rule, norm bound, example cap, privacy spent (epsilon, delta) under central DP
+        "aggregation": dict(aggregation) if aggregation is not None else None,
         "aggregator_version": __version__,
         "updated_at": round(now, 3),
         "updated": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),

@@ -64,6 +64,9 @@ class Agent:
         self.topics = settings.topics
         self.profile: Profile = load_profile(settings.profile)
         self.log = logging.LoggerAdapter(logging.getLogger("fedmq.agent"), {"device": self.device})
+        if settings.local_dp is not None:
+            self.log.info("local DP: every delta clipped to L2 %g, noise std %g per coordinate",
+                          settings.local_dp_clip, settings.local_dp_clip * settings.local_dp_noise)
         self.infer_only = settings.infer_only or not self.profile.can_train
         self.task = task or get_task(settings.task)
         self.x, self.y = device_data(
@@ -337,6 +340,7 @@ class Agent:
             # FedAvg weight n_k: the local dataset, or what a budget-stopped run got through
             num_examples=min(len(self.x), max(1, result.examples)), metrics=metrics,
             fetched_bytes=self.fetched_bytes, rng=update_rng(r.round_id, self.device),
+            local_dp=self.s.local_dp,
         )  # fmt: skip
         if not isinstance(built, BuiltUpdate):
             self.log.error("round %d: no update sent: %s", r.round_id, built.reason)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.privacy import LocalDP
 from fedmq.link import BrokerAddress
 from fedmq.topics import Topics, check_name
 
@@ -48,6 +49,11 @@ class AgentSettings:
     # (0: no limit); signed ones are ordered by their epoch and version alone
     max_version_jump: int = 1000
 
+    # local differential privacy (docs/robustness.md): clip the delta to this L2 norm and
+    # add N(0, (noise x clip)^2) per coordinate before upload; 0: off
+    local_dp_clip: float = 0.0
+    local_dp_noise: float = 0.0
+
     def __post_init__(self) -> None:
         check_name("device id", self.device_id)
         if not self.insecure and self.ca_file is None and self.username is None:
@@ -75,8 +81,17 @@ class AgentSettings:
             raise ValueError("torch_threads must be 0 (profile's) or positive")
         if self.max_version_jump < 0:
             raise ValueError("max_version_jump must be >= 0 (0: no limit)")
+        if self.local_dp_clip < 0 or self.local_dp_noise < 0:
+            raise ValueError("local_dp_clip and local_dp_noise must be >= 0")
+        if self.local_dp_noise and not self.local_dp_clip:
+            raise ValueError("local_dp_noise needs local_dp_clip > 0: noise is scaled to it")
         if self.extra_delay_s < 0 or self.alpha <= 0:
             raise ValueError("extra_delay_s must be >= 0 and alpha positive")
+
+    @property
+    def local_dp(self) -> LocalDP | None:
+        """Local DP as configured, or None when off."""
+        return LocalDP(self.local_dp_clip, self.local_dp_noise) if self.local_dp_clip else None
 
     @property
     def topics(self) -> Topics:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_agent.fetch import same_specs
+from edge_agent.privacy import LocalDP, privatize
 from fedmq.codecs import Pipeline, compress_update, parse_pipeline
 from fedmq.wire import RoundAnnouncement, Update, encode_update, specs_of
 
@@ -79,9 +80,13 @@ def build_update(
     metrics: Mapping[str, float],
     fetched_bytes: int,
     rng: np.random.Generator,
+    local_dp: LocalDP | None = None,
 ) -> BuiltUpdate | NoUpdate:
     """The update of (trained - base) + residual for the announced round, within the
-    smaller of the round's and the profile's byte budget; NoUpdate(reason) if it cannot be."""
+    smaller of the round's and the profile's byte budget; NoUpdate(reason) if it cannot be.
+
+    With local_dp the delta is clipped and noised before anything else sees it (its noise
+    from OS entropy, not rng: seeded noise could be regenerated and taken off)."""
     r = announcement
     try:
         pipeline = parse_pipeline(r.codec)
@@ -90,6 +95,8 @@ def build_update(
     if set(trained) != set(base):
         return NoUpdate(f"round {r.round_id}: the trained model's tensors are not the global's")
     delta = {name: np.asarray(trained[name], np.float32) - base[name] for name in base}
+    if local_dp is not None:
+        delta = privatize(delta, clip=local_dp.clip, noise_multiplier=local_dp.noise_multiplier)
     reset = residual is not None and not same_specs(specs_of(dict(residual)), specs_of(delta))
     update = Update(
         update_id=update_id,

@@ -71,6 +71,25 @@ AGGREGATOR_HELP = {
     "a new device is refused when all are online (with fleet_file only enrolled ones count)",
     "max_partial_updates_per_device": "chunked updates one device may have half-sent at once; "
     "its oldest gives way, so a device flooding partial updates starves only itself",
+    "rule": "aggregation rule: fedavg (weighted mean), median, trimmed_mean, krum (Multi-Krum) "
+    "or clip (norm-clipped, unweighted mean; with dp_* central DP); median, trimmed_mean and "
+    "krum keep every update of a round in memory (docs/robustness.md)",
+    "norm_bound": "fixed L2 bound on an update's delta; larger ones are scaled down to it "
+    "(0 = adaptive, see norm_bound_factor)",
+    "norm_bound_factor": "adaptive L2 bound: this many times the median norm of the previous "
+    "round's accepted updates (0 = no bound; the first round has none unless norm_bound)",
+    "max_examples": "cap on the num_examples (FedAvg weight) an update may claim; a device's "
+    "max_examples in the fleet file caps it lower",
+    "trim_fraction": "trimmed_mean: fraction of values dropped at each end of every coordinate",
+    "krum_f": "krum: Byzantine updates to tolerate per round (set it to the attackers you expect)",
+    "krum_m": "krum: updates averaged (1 = Krum, 0 = n - f, Multi-Krum)",
+    "clip_norm": "clip: L2 norm C each update is clipped to (0 = the previous round's median "
+    "norm; central DP needs a fixed C)",
+    "dp_noise_multiplier": "central DP: Gaussian noise of std z x clip_norm on the sum of "
+    "clipped updates (needs rule clip; 0 = off)",
+    "dp_epsilon": "central DP: derive the noise multiplier that spends this epsilon over "
+    "`rounds` rounds (0 = off; or set dp_noise_multiplier)",
+    "dp_delta": "central DP: the delta (epsilon, delta) is reported at, in history and status",
 }
 
 AGENT_HELP = {
@@ -103,6 +122,9 @@ AGENT_HELP = {
     "once HOLD_DIR/<device>.release exists (which it then deletes: the next update is held "
     "again); a release file with JSON {\"up_to_round\": N} lets go only of updates for rounds "
     "up to N",
+    "local_dp_clip": "local DP: clip this device's delta to this L2 norm before upload (0 = off)",
+    "local_dp_noise": "local DP: add Gaussian noise of std local_dp_noise x local_dp_clip to "
+    "every coordinate before upload, for fleets that do not trust the aggregator (0 = none)",
 }
 
 

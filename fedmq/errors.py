@@ -80,3 +80,9 @@ class OverCapacity(ProtocolError):
     """A message that would grow a bounded table past its cap (e.g. the device table)."""
 
     reason_code = "over_capacity"
+
+
+class OutOfBounds(ProtocolError):
+    """An update whose values no honest device sends: a non-finite or absurd L2 norm."""
+
+    reason_code = "out_of_bounds"
