@@ -18,7 +18,7 @@ from tests.aggregator import test_service
 _update = test_service._update
 service = test_service.service  # the service + scripted device fixture, shared
 
-DP = {"rule": "clip", "clip_norm": 1.0, "dp_noise_multiplier": 1.3, "insecure": True}
+DP = {"rule": "clip", "clip_norm": 1.0, "dp_noise_multiplier": 1.3}
 
 
 def _weights(dev: Any, version: int) -> dict[str, np.ndarray]:
@@ -50,7 +50,7 @@ def test_central_dp_reports_epsilon_after_every_round(service: tuple[Any, Any]) 
     assert status["privacy"]["epsilon"] == pytest.approx(eps[-1])
 
 
-@pytest.mark.parametrize("service", [{"rule": "median", "insecure": True}], indirect=True)
+@pytest.mark.parametrize("service", [{"rule": "median"}], indirect=True)
 def test_adaptive_bound_comes_from_the_previous_round(service: tuple[Any, Any]) -> None:
     agg, dev = service
     dev.online("a", "b")
@@ -91,7 +91,8 @@ def test_fleet_file_caps_examples_and_sets_the_sampling_rate(tmp_path: Any) -> N
                            dp_epsilon=2.0, rounds=10)  # fmt: skip
     agg = Aggregator(settings=s)
     try:
-        assert dict(agg.admission.enrolled) == {"a": 600}  # the revoked device's entry is gone
+        assert dict(agg.admission.example_caps) == {"a": 600}  # the revoked device is gone
+        assert agg.admission.enrolled == frozenset({"a", "b", "d"})
         assert agg.enrolled_count == 3 and agg._sample_rate(2) == pytest.approx(2 / 3)
         # z was calibrated for 10 rounds at q = 2 / 3: spending them all gives epsilon 2
         spent = epsilon_of([(agg.noise_multiplier, 2 / 3, 10)], 1e-5)
