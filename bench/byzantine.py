@@ -257,10 +257,15 @@ def plan(args: argparse.Namespace) -> list[Run]:
     return runs
 
 
-def tls_round_times() -> dict[str, float] | None:
-    """Median round wall time of a plain and an mTLS fleet: for the integrator to fill in
-    once mTLS provisioning is merged (bench/fleet.py over a generated secure broker)."""
-    return None
+def tls_round_times(path: Path = Path("bench/results/tls.json")) -> dict[str, float] | None:
+    """Median round wall time of a plain and an mTLS fleet, as bench/tls_cost.py measured
+    them side by side (real processes over two Mosquittos; this benchmark runs in-process
+    and cannot); None until that has run."""
+    try:
+        measured = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: measured[k] for k in ("median_round_s_plain", "median_round_s_mtls")}
 
 
 def format_table(result: dict[str, Any]) -> str:
