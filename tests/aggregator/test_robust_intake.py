@@ -48,7 +48,8 @@ class Rig:
         self.journal = Journal(root=root)
         self.ledger = Ledger(journal=self.journal)
         self.admission = Admission(specs=SPECS, max_update_bytes=1 << 20,
-                                   max_examples=max_examples, example_caps=enrolled or {})  # fmt: skip
+                                   max_examples=max_examples,
+                                   example_caps=enrolled or {})  # fmt: skip
         self.intake = Intake(admission=self.admission, mode=mode, ledger=self.ledger,
                              max_message_bytes=65536, threads=2)  # fmt: skip
 
