@@ -56,6 +56,8 @@ class Admission:
     budget_bytes: int = 0  # the byte budget announced to devices; 0: none
     checks: Sequence[Check] = (check_examples,)
     enrolled: frozenset[str] | None = None  # the fleet file's devices; None: any valid id
+    max_examples: int = MAX_EXAMPLES_PER_UPDATE  # the policy's cap on num_examples
+    example_caps: Mapping[str, int] = field(default_factory=dict)  # fleet file max_examples
 
     def sender(self, device: str | None) -> str:
         """The topic's device id, checked before anything else is done with the message:
@@ -63,13 +65,14 @@ class Admission:
         device = check_device_id(device)
         check_enrolled(device, self.enrolled)
         return device
-    max_examples: int = MAX_EXAMPLES_PER_UPDATE  # the policy's cap on num_examples
-    example_caps: Mapping[str, int] = field(default_factory=dict)  # fleet file max_examples
 
-    def cap_examples(self, u: Update) -> Update:
-        """The update with num_examples (its FedAvg weight) capped by the policy and by what
-        its device enrolled with: an inflated count weighs no more than the cap."""
+    def cap_examples(self, u: Update, round_cap: int = 0) -> Update:
+        """The update with num_examples (its FedAvg weight) capped by the policy, by what
+        its device enrolled with and by the round's adaptive cap (round_cap, 0: none): an
+        inflated count weighs no more than the cap."""
         cap = example_cap(u.device, max_examples=self.max_examples, enrolled=self.example_caps)
+        if round_cap > 0:
+            cap = min(cap, round_cap)
         # an implausible claim is left as it is, for check_examples to refuse with a reason
         if cap < u.num_examples <= MAX_EXAMPLES_PER_UPDATE:
             return dataclasses.replace(u, num_examples=cap)

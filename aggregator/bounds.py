@@ -55,6 +55,24 @@ def adaptive_bound(norms: Iterable[float], factor: float) -> float:
     return float(factor * np.median(values))
 
 
+def first_round_bound(weights: Mapping[str, np.ndarray]) -> float:
+    """The L2 bound before any round has shown what an honest update's norm is: the global
+    model's own norm (an update that moves the model by more than the model itself is not
+    training; delta = -global, model replacement, is at it, and is refused far beyond it)."""
+    return update_norm(weights)
+
+
+def round_example_cap(factor: float, median_examples: float) -> int:
+    """The round's adaptive cap on the examples an update may claim: factor x the median
+    claim of the previous round's accepted updates; 1 (updates weigh alike) before any
+    round has shown what an honest claim is; 0 (no adaptive cap) when factor is 0."""
+    if factor <= 0:
+        return 0
+    if median_examples <= 0:
+        return 1
+    return max(1, int(factor * median_examples))
+
+
 def example_cap(device: str, *, max_examples: int, enrolled: Mapping[str, int]) -> int:
     """The most examples (FedAvg weight) an update from device may claim: the policy's cap,
     or what the device enrolled with in the fleet file when that is lower."""

@@ -131,7 +131,7 @@ class Intake:
         if r is None and u.round_id >= next_round:
             raise SchemaError(f"no round is open (update for round {u.round_id})")
         claimed = u.num_examples
-        u = self.admission.cap_examples(u)
+        u = self.admission.cap_examples(u, round_cap=r.example_cap if r is not None else 0)
         given = None if r is None else self.mode.judge(r, u, version=version, trains=trains,
                                                        now=now)  # fmt: skip
         if given is not None and u.num_examples < claimed:

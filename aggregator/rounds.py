@@ -89,6 +89,9 @@ class OpenRound:
     accepted: dict[str, str] = field(default_factory=dict)  # update id -> device, in order
     dropped: set[str] = field(default_factory=set)
     contributors: set[str] = field(default_factory=set)  # devices in accepted (derived)
+    # most examples one update may claim in this round (adaptive, see service._example_cap);
+    # 0: only the admission's caps
+    example_cap: int = 0
 
     def record(self, update_id: str, device: str) -> None:
         """Count an accepted update."""
@@ -125,7 +128,7 @@ class OpenRound:
         return {"round": self.round_id, "model_version": self.model_version,
                 "selected": sorted(self.selected), "opened_at": self.opened_at,
                 "deadline": self.deadline, "target": self.target,
-                "min_devices": self.min_devices}  # fmt: skip
+                "min_devices": self.min_devices, "example_cap": self.example_cap}  # fmt: skip
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> OpenRound:
@@ -134,5 +137,5 @@ class OpenRound:
             round_id=int(meta["round"]), model_version=int(meta["model_version"]),
             selected=frozenset(meta["selected"]), opened_at=float(meta["opened_at"]),
             deadline=float(meta["deadline"]), target=int(meta["target"]),
-            min_devices=int(meta["min_devices"]),
+            min_devices=int(meta["min_devices"]), example_cap=int(meta.get("example_cap", 0)),
         )  # fmt: skip

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.admission import Admission, check_device_id
-from aggregator.bounds import adaptive_bound
+from aggregator.bounds import adaptive_bound, first_round_bound, round_example_cap
 from aggregator.fedavg import AggregationRule, RunningSum, ServerSGD
 from aggregator.globals import GlobalModel, ModelRefused, StoredVersionError
 from aggregator.intake import Intake
@@ -106,6 +106,7 @@ class Aggregator:
                                    budget_bytes=s.update_budget_bytes, enrolled=self.enrolled,
                                    max_examples=s.max_examples, example_caps=caps)  # fmt: skip
         self.median_norm = 0.0  # the median L2 norm of the last closed round's updates
+        self.median_examples = 0.0  # and their median example count (after the caps)
         self.privacy = PrivacySpent(delta=s.dp_delta)
         self.noise_multiplier = s.dp_noise_multiplier or (noise_for_epsilon(
             epsilon=s.dp_epsilon, delta=s.dp_delta, rounds=s.rounds,
@@ -148,7 +149,14 @@ class Aggregator:
         """The next round's norm bound: fixed, or k x the last round's median norm."""
         bound = round_bound(fixed=self.s.norm_bound, factor=self.s.norm_bound_factor,
                             median_norm=self.median_norm)  # fmt: skip
+        if not bound and self.s.norm_bound_factor and not self.median_norm:
+            bound = first_round_bound(self.model.base_weights)  # no median to learn from yet
         return {"bound": bound, "median_norm": self.median_norm}
+
+    def _example_cap(self) -> int:
+        """The next round's adaptive example cap: k x the median claim of the last closed
+        round's accepted updates; 1 (alike) before the first round closed."""
+        return round_example_cap(self.s.examples_factor, self.median_examples)
 
     def _expected_selected(self) -> int:
         p = self.s.policy
@@ -347,6 +355,7 @@ class Aggregator:
     def _open_round(self, online: list[str], now: float) -> None:
         r = self.mode.open(round_id=self.next_round_id, version=self.model.version,
                            online=online, seed=self.s.seed, now=now)  # fmt: skip
+        r.example_cap = self._example_cap()
         bounds = self._bounds()
         self.intake.begin(r, self._new_rule(bounds))
         self.ledger.begin_round()
@@ -440,7 +449,12 @@ class Aggregator:
         it spent; what the round's history line says of both."""
         norms = [float(p["l2"]) for p in self.ledger.participants if "l2" in p]
         self.median_norm = adaptive_bound(norms, 1.0) or self.median_norm
-        out: dict[str, Any] = {"rule": self.s.rule, "median_l2": round(self.median_norm, 6)}
+        # claims, not what they were capped to: the median of the honest majority's claims
+        examples = [float(p.get("examples_claimed", p.get("examples", 0)))
+                    for p in self.ledger.participants]  # fmt: skip
+        self.median_examples = adaptive_bound(examples, 1.0) or self.median_examples
+        out: dict[str, Any] = {"rule": self.s.rule, "median_l2": round(self.median_norm, 6),
+                               "example_cap": r.example_cap}  # fmt: skip
         if self.noise_multiplier:
             q = self._sample_rate(len(r.selected))
             eps = self.privacy.record(noise_multiplier=self.noise_multiplier, q=q)
@@ -476,6 +490,7 @@ class Aggregator:
         self.epoch = int(state.get("epoch") or time.time() * 1000)
         self.ledger.counters.update(state.get("counters", {}))
         self.median_norm = float(state.get("median_norm", 0.0))
+        self.median_examples = float(state.get("median_examples", 0.0))
         self.privacy = PrivacySpent.from_json(state.get("privacy"), delta=self.s.dp_delta)
         if state:
             log.info("resumed from %s: version %d, next round %d",
@@ -570,6 +585,7 @@ class Aggregator:
                                "epoch": self.epoch,
                                "counters": dict(self.ledger.counters),
                                "median_norm": self.median_norm,
+                               "median_examples": self.median_examples,
                                "privacy": self.privacy.to_json()})  # fmt: skip
 
     def status(self, now: float) -> dict[str, Any]:

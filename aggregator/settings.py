@@ -64,6 +64,7 @@ class AggregatorSettings:
     norm_bound: float = 0.0  # fixed L2 bound on an update's delta; 0: adaptive
     norm_bound_factor: float = 3.0  # adaptive bound: k x the previous round's median norm
     max_examples: int = 100_000  # cap on num_examples (the fleet file's max_examples if lower)
+    examples_factor: float = 3.0  # adaptive cap: k x the previous round's median num_examples
     trim_fraction: float = 0.2  # trimmed_mean: fraction dropped at each end per coordinate
     krum_f: int = 2  # krum: Byzantine updates tolerated per round
     krum_m: int = 0  # krum: updates averaged (1: Krum; 0: n - f, Multi-Krum)
@@ -136,6 +137,9 @@ class AggregatorSettings:
         if self.norm_bound_factor and self.norm_bound_factor < 1:
             raise ValueError("norm_bound_factor must be 0 (off) or at least 1: below the "
                              "median it would clip most honest updates")  # fmt: skip
+        if self.examples_factor and self.examples_factor < 1:
+            raise ValueError("examples_factor must be 0 (off) or at least 1: below the median "
+                             "it would cap half of the honest devices")
         if not 1 <= self.max_examples <= MAX_EXAMPLES_LIMIT:
             raise ValueError(f"max_examples must be in [1, {MAX_EXAMPLES_LIMIT}]")
         if not 0 <= self.trim_fraction < 0.5 or self.krum_f < 0 or self.krum_m < 0:

@@ -51,7 +51,13 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from aggregator.bounds import MAX_EXAMPLES_LIMIT, adaptive_bound, example_cap  # noqa: E402
+from aggregator.bounds import (  # noqa: E402
+    MAX_EXAMPLES_LIMIT,
+    adaptive_bound,
+    example_cap,
+    first_round_bound,
+    round_example_cap,
+)
 from aggregator.fedavg import ServerSGD  # noqa: E402
 from aggregator.privacy import local_noise_for_epsilon, noise_for_epsilon  # noqa: E402
 from aggregator.robust import make_rule, round_bound  # noqa: E402
@@ -197,17 +203,21 @@ def run_one(
     weights = fleet.initial()
     specs = fleet.specs
     optimizer = ServerSGD(lr=s.server_lr)
-    median = 0.0
+    median = median_examples = 0.0
     for round_id in range(1, rounds + 1):
+        # the service's adaptive example cap (examples_factor x the last round's median)
+        round_cap = round_example_cap(s.examples_factor, median_examples) if bounded else 0
         bound = round_bound(fixed=0.0, factor=s.norm_bound_factor if bounded else 0.0,
                             median_norm=median)  # fmt: skip
+        if bounded and not bound and not median:  # the service's first round
+            bound = first_round_bound(weights)
         if run.central_z:
             acc = make_rule(specs=specs, rule="clip", bound=bound, clip_norm=clip,
                             noise_multiplier=run.central_z, rng=rng)  # fmt: skip
         else:
             acc = make_rule(specs=specs, rule=rule, bound=bound, median_norm=median,
                             trim=s.trim_fraction, krum_f=ATTACKERS, krum_m=s.krum_m)  # fmt: skip
-        norms = []
+        norms, counts = [], []
         for i in range(devices):
             attacking = run.attack != "none" and i in attackers
             delta = fleet.train(weights, i, round_id,
@@ -218,15 +228,20 @@ def run_one(
             if run.local_z:
                 delta = privatize(delta, clip=clip, noise_multiplier=run.local_z, rng=rng)
             n = min(n, example_cap(str(i), max_examples=max_examples, enrolled=enrolled))
+            claimed = n
+            if round_cap:
+                n = min(n, round_cap)
             try:
                 p = acc.prepare(delta, float(n))
             except ProtocolError:  # refused (non-finite or absurd), as the service would
                 continue
             acc.add_prepared(p)
             norms.append(p.l2)
+            counts.append(float(claimed))
         if acc.count:  # otherwise the round is abandoned and the model kept
             weights = optimizer.step(weights, acc.mean())
             median = adaptive_bound(norms, 1.0)
+            median_examples = adaptive_bound(counts, 1.0)
         if os.environ.get("BYZANTINE_TRACE"):
             print(f"  round {round_id}: median norm {median:.3f}", file=sys.stderr)
     return fleet.accuracy(weights)

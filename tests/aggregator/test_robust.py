@@ -60,6 +60,24 @@ def test_example_cap_takes_the_enrolled_maximum_when_lower() -> None:
     assert example_cap("b", max_examples=1000, enrolled={"a": 600}) == 1000
 
 
+def test_the_round_cap_bounds_what_an_update_may_claim() -> None:
+    from aggregator.admission import Admission
+    from aggregator.rounds import OpenRound
+    from fedmq.wire import Update
+
+    admission = Admission(specs=(), max_update_bytes=1024, max_examples=100_000,
+                          example_caps={"a": 400})  # fmt: skip
+    claim = Update("u1", "b", 1, 0, 90_000, "float32", b"")
+    assert admission.cap_examples(claim).num_examples == 90_000  # under max_examples
+    assert admission.cap_examples(claim, round_cap=600).num_examples == 600
+    own = Update("u2", "a", 1, 0, 500, "float32", b"")
+    assert admission.cap_examples(own, round_cap=600).num_examples == 400  # enrolled is lower
+    # the round's cap travels with the round through the journal (a restart keeps it)
+    r = OpenRound(round_id=3, model_version=2, selected=frozenset({"a"}), opened_at=0.0,
+                  deadline=9.0, target=1, min_devices=1, example_cap=600)  # fmt: skip
+    assert OpenRound.from_meta(r.meta()).example_cap == 600
+
+
 def test_running_sum_clips_each_update_to_the_bound() -> None:
     acc = RunningSum(specs=SPECS, clip_to=1.0)
     p = acc.prepare(_u([3, 0, 0, 0], 4), 2.0)  # norm 5: scaled by 1/5, weight 2

@@ -50,7 +50,10 @@ def test_central_dp_reports_epsilon_after_every_round(service: tuple[Any, Any]) 
     assert status["privacy"]["epsilon"] == pytest.approx(eps[-1])
 
 
-@pytest.mark.parametrize("service", [{"rule": "median"}], indirect=True)
+ADAPTIVE = {"norm_bound_factor": 3.0, "examples_factor": 3.0}  # the defaults
+
+
+@pytest.mark.parametrize("service", [{"rule": "median", **ADAPTIVE}], indirect=True)
 def test_adaptive_bound_comes_from_the_previous_round(service: tuple[Any, Any]) -> None:
     agg, dev = service
     dev.online("a", "b")
@@ -73,6 +76,40 @@ def test_adaptive_bound_comes_from_the_previous_round(service: tuple[Any, Any]) 
     for k in w1:
         np.testing.assert_allclose(w2[k] - w1[k], 0.04, rtol=1e-4)
     assert agg.ledger.counters["clipped"] == 1
+
+
+@pytest.mark.parametrize("service", [ADAPTIVE], indirect=True)
+def test_an_inflated_example_count_is_capped_at_k_times_the_last_median(
+    service: tuple[Any, Any],
+) -> None:
+    """No fleet file caps these devices: round 1 weighs updates alike (no claim is known to
+    be normal yet), round 2's cap comes from round 1's median claim, so a device claiming
+    1,000,000 examples (model replacement's lever) weighs 3 x 10."""
+    agg, dev = service
+    dev.online("a", "b")
+    dev.open_round(1)
+    w = _weights(dev, 0)
+    for d in ("a", "b"):
+        dev.send(d, _update(f"{d}1", d, 1, 0, {k: np.full_like(v, 0.01) for k, v in w.items()}))
+        assert dev.ack_for(f"{d}1").status == "accepted"
+    dev.open_round(2)
+    w1 = _weights(dev, 1)
+    dev.send("a", _update("a2", "a", 2, 1, {k: np.full_like(v, 0.02) for k, v in w1.items()},
+                          n=1_000_000))  # fmt: skip
+    dev.send("b", _update("b2", "b", 2, 1, {k: np.full_like(v, 0.01) for k, v in w1.items()}))
+    assert dev.ack_for("a2").status == "accepted" and dev.ack_for("b2").status == "accepted"
+    w2 = _weights(dev, 2)
+    # weights 30 (capped) and 10: the mean delta is (30 x 0.02 + 10 x 0.01) / 40
+    for k in w1:
+        np.testing.assert_allclose(w2[k] - w1[k], 0.0175, rtol=1e-3)
+    from fedmq.report import read_history
+
+    history = dev.pump(lambda: len(read_history(agg.s.state_dir)) >= 2
+                       and read_history(agg.s.state_dir))  # fmt: skip
+    assert [r["example_cap"] for r in history] == [1, 30]  # round 1: no median, alike
+    (capped,) = [p for p in history[1]["participants"] if p["device"] == "a"]
+    assert capped["examples"] == 30 and capped["examples_claimed"] == 1_000_000
+    assert agg.ledger.counters["examples_capped"] == 3  # both of round 1, a's of round 2
 
 
 def test_fleet_file_caps_examples_and_sets_the_sampling_rate(tmp_path: Any) -> None:
