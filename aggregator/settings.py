@@ -64,7 +64,7 @@ class AggregatorSettings:
     norm_bound: float = 0.0  # fixed L2 bound on an update's delta; 0: adaptive
     norm_bound_factor: float = 3.0  # adaptive bound: k x the previous round's median norm
     max_examples: int = 100_000  # cap on num_examples (the fleet file's max_examples if lower)
-    examples_factor: float = 3.0  # adaptive cap: k x the previous round's median num_examples
+    examples_factor: float = 1.0  # adaptive cap: k x the previous round's median num_examples
     trim_fraction: float = 0.2  # trimmed_mean: fraction dropped at each end per coordinate
     krum_f: int = 2  # krum: Byzantine updates tolerated per round
     krum_m: int = 0  # krum: updates averaged (1: Krum; 0: n - f, Multi-Krum)

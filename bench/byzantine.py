@@ -343,11 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     result["workload"] = {
         "task": TASK, "devices": args.devices, "attackers": ATTACKERS, "rounds": args.rounds,
         "epochs": 1, "batch_size": 10, "lr": 0.05, "in_process": True,
-        "default_admission": "L2 bound 3 x previous round's median norm (clipped), "
-                             "num_examples capped at each device's enrolled dataset size"
-                             if not args.no_fleet_file else
-                             "L2 bound 3 x previous round's median norm (clipped), "
-                             "num_examples capped at max_examples (no fleet file)",
+        "default_admission": "L2 bound 3 x previous round's median norm (clipped; round 1: the "
+                             "model's norm), num_examples capped at examples_factor x the "
+                             "previous round's median claim (round 1: alike)"
+                             + (", and at each device's enrolled dataset size (fleet file)"
+                                if not args.no_fleet_file else " (no fleet file)"),
         "krum_f": ATTACKERS, "trim_fraction": 0.2, "dp_partition": "iid", "jobs": args.jobs,
         "wall_s": round(time.monotonic() - started, 1), "cpus": os.cpu_count(),
         "python": platform.python_version(),

@@ -81,8 +81,8 @@ AGGREGATOR_HELP = {
     "max_examples": "cap on the num_examples (FedAvg weight) an update may claim; a device's "
     "max_examples in the fleet file caps it lower",
     "examples_factor": "adaptive example cap: an update may claim at most this many times the "
-    "median num_examples of the previous round's accepted updates (0 = off; round 1 has "
-    "only max_examples and the fleet file's caps)",
+    "median num_examples claimed in the previous round (0 = off; in round 1 updates weigh "
+    "alike)",
     "trim_fraction": "trimmed_mean: fraction of values dropped at each end of every coordinate",
     "krum_f": "krum: Byzantine updates to tolerate per round (set it to the attackers you expect)",
     "krum_m": "krum: updates averaged (1 = Krum, 0 = n - f, Multi-Krum)",

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import queue
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -174,6 +175,7 @@ class Link:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_socket_open = _no_delay
 
     # ------------------------------------------------------------ lifecycle
 
@@ -333,6 +335,14 @@ class Inbox(queue.Queue["Event"]):
             self._put(item)
             self.unfinished_tasks += 1
             self.not_empty.notify()
+
+
+def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
+    """Send each packet at once (TCP_NODELAY). Over TLS a large packet leaves as several
+    records, one write each; with Nagle's algorithm the second waits for the ACK of the
+    first, which the receiver delays by up to 40 ms: measured, +80 ms on a 0.26 s round."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
 
 
 def _settled(info: mqtt.MQTTMessageInfo) -> bool:
