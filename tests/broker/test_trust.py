@@ -27,6 +27,17 @@ from tests.integration.fleet import fleet_dir_of
 WAIT = 10.0
 
 
+def wait_until(check: Any, what: str) -> Any:
+    """check()'s first truthy value, polled for up to WAIT seconds; fails naming what."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 class Client:
     """A paho client recording what the broker answers: connect result, PUBACK reasons,
     granted subscriptions and messages."""
@@ -93,24 +104,19 @@ class Client:
     def publish(self, topic: str, payload: bytes) -> str:
         """Publish at QoS 1 and return the PUBACK's reason (MQTT 5)."""
         info = self.client.publish(topic, payload, qos=1)
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            with self._lock:
-                if info.mid in self.pubacks:
-                    return self.pubacks[info.mid]
-            time.sleep(0.02)
-        raise AssertionError(f"no PUBACK for {topic}")
+        return str(wait_until(lambda: self._locked(lambda: self.pubacks.get(info.mid)),
+                              f"a PUBACK for {topic}"))  # fmt: skip
 
     def subscribe(self, topic: str) -> list[str]:
         count = len(self.subacks)
         self.client.subscribe(topic, 1)
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            with self._lock:
-                if len(self.subacks) > count:
-                    return self.subacks[-1]
-            time.sleep(0.02)
-        raise AssertionError(f"no SUBACK for {topic}")
+        return list(wait_until(lambda: self._locked(
+            lambda: self.subacks[-1] if len(self.subacks) > count else None),
+            f"a SUBACK for {topic}"))  # fmt: skip
+
+    def _locked(self, read: Any) -> Any:
+        with self._lock:
+            return read()
 
     def received(self) -> list[tuple[str, bytes]]:
         with self._lock:
@@ -191,9 +197,7 @@ def test_device_may_publish_only_its_own_topics(secured: tuple[Any, FleetDir, To
             assert d0.publish(topic, b"forged") == "Not authorized", topic
         assert d0.publish(t.update("d0"), b"mine") == "Success"
         # the aggregator got d0's own update and none of the forgeries
-        deadline = time.monotonic() + WAIT
-        while not aggregator.received() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(aggregator.received, "d0's own update at the aggregator")
         assert aggregator.received() == [(t.update("d0"), b"mine")]
         assert all(payload != b"forged" for _, payload in operator.received())
         # the read-only operator may not publish anything
@@ -216,9 +220,7 @@ def test_device_reads_only_the_downlink_and_its_own_acks(
         for topic in (t.ack("d1"), t.ack("d0"), t.round()):
             sent = aggregator.publish(topic, topic.encode())
             assert sent in ("Success", "No matching subscribers")
-        deadline = time.monotonic() + WAIT
-        while len(d0.received()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: len(d0.received()) >= 2, "d0's ack and the round")
         topics = sorted(topic for topic, _ in d0.received())
         assert topics == sorted([t.ack("d0"), t.round()])  # never d1's ack
     finally:
@@ -235,9 +237,7 @@ def test_mqtt311_forgery_is_silently_dropped(secured: tuple[Any, FleetDir, Topic
         aggregator.subscribe(t.updates_filter())
         d0.publish(t.update("d1"), b"forged")  # 3.1.1 has no reason code: PUBACK, dropped
         d0.publish(t.update("d0"), b"mine")  # after the forgery: once it arrives, both were
-        deadline = time.monotonic() + WAIT
-        while not aggregator.received() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(aggregator.received, "d0's own update at the aggregator")
         assert aggregator.received() == [(t.update("d0"), b"mine")]
     finally:
         aggregator.close()
@@ -255,9 +255,8 @@ def test_enrol_live_and_revoke(secured: tuple[Any, FleetDir, Topics]) -> None:
     aggregator.subscribe(t.updates_filter())
     newcomer = Client(broker, bundle=bundle)
     assert not newcomer.refused()
-    deadline = time.monotonic() + WAIT
-    while newcomer.publish(t.update("newcomer"), b"hello") != "Success":
-        assert time.monotonic() < deadline, "the reloaded ACL never let the newcomer publish"
+    wait_until(lambda: newcomer.publish(t.update("newcomer"), b"hello") == "Success",
+               "the reloaded ACL to let the newcomer publish")  # fmt: skip
     newcomer.close()
 
     revoked_bundle = fleet.bundle("d1")
@@ -277,9 +276,8 @@ def test_enrol_live_and_revoke(secured: tuple[Any, FleetDir, Topics]) -> None:
 
     d1 = Client(broker, bundle=Stolen)
     if not d1.refused():
-        deadline = time.monotonic() + WAIT
-        while d1.publish(t.update("d1"), b"revoked") != "Not authorized":
-            assert time.monotonic() < deadline, "a revoked device kept its ACL after SIGHUP"
+        wait_until(lambda: d1.publish(t.update("d1"), b"revoked") == "Not authorized",
+                   "the revoked device to lose its ACL after SIGHUP")  # fmt: skip
         d1.close()
     broker.restart()  # from its next start the CRL refuses the certificate itself
     assert Client(broker, bundle=Stolen).refused()
