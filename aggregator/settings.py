@@ -9,7 +9,7 @@ from aggregator.fedbuff import BufferPolicy
 from aggregator.rounds import RoundPolicy
 from fedmq.chunks import DEFAULT_MAX_MESSAGE_BYTES
 from fedmq.codecs import Pipeline, check_downlink, parse_pipeline
-from fedmq.link import BrokerAddress
+from fedmq.link import BrokerAddress, require_credentials
 from fedmq.topics import Topics
 from fedmq.wire import TrainConfig, max_selected_ids
 
@@ -88,12 +88,9 @@ class AggregatorSettings:
         self.policy  # noqa: B018
         self.train  # noqa: B018
         self.buffer  # noqa: B018
-        if not self.insecure and self.ca_file is None and self.username is None:
-            raise ValueError(
-                "no broker credentials: give ca_file, cert_file and key_file (the aggregator "
-                "bundle of `fedmq fleet init`, e.g. --config bundles/aggregator.<job>/"
-                "aggregator.toml) or, on a network you trust, --insecure"
-            )
+        require_credentials(self.broker, insecure=self.insecure, bundle="the aggregator bundle "
+                            "of `fedmq fleet init`, e.g. --config bundles/aggregator.<job>/"
+                            "aggregator.toml")  # fmt: skip
         if self.mode not in ("sync", "async"):
             raise ValueError(f"mode must be 'sync' or 'async', got {self.mode!r}")
         if self.rounds < 0:

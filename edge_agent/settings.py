@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.privacy import LocalDP
-from fedmq.link import BrokerAddress
+from fedmq.link import BrokerAddress, require_credentials
 from fedmq.topics import Topics, check_name
 
 
@@ -56,12 +56,8 @@ class AgentSettings:
 
     def __post_init__(self) -> None:
         check_name("device id", self.device_id)
-        if not self.insecure and self.ca_file is None and self.username is None:
-            raise ValueError(
-                "no broker credentials: give ca_file, cert_file and key_file (the device's "
-                "bundle from `fedmq fleet`: --config agent.toml) or, on a network you trust, "
-                "--insecure"
-            )
+        require_credentials(self.broker, insecure=self.insecure,
+                            bundle="the device's bundle from `fedmq fleet`: --config agent.toml")
         if not self.insecure and self.server_key is None:
             raise ValueError(
                 "no server_key: agents pin the aggregator's public key to verify the models "

@@ -149,13 +149,10 @@ class StatusSettings:
     timeout: float = 5.0
 
     def __post_init__(self) -> None:
-        self.address  # noqa: B018 - validates host, port, version, TLS files
-        if not self.insecure and self.ca_file is None and self.username is None:
-            raise ValueError(
-                "no broker credentials: give ca_file, cert_file and key_file (the operator "
-                "bundle of `fedmq fleet init`: --config bundles/operator.<job>/operator.toml) "
-                "or, on a network you trust, --insecure"
-            )
+        from fedmq.link import require_credentials
+
+        require_credentials(self.address, insecure=self.insecure, bundle="the operator bundle "
+                            "of `fedmq fleet init`: --config bundles/operator.<job>/operator.toml")
 
     @property
     def address(self) -> Any:

@@ -77,6 +77,16 @@ class BrokerAddress:
         return self.ca_file is not None
 
 
+def require_credentials(address: BrokerAddress, *, insecure: bool, bundle: str) -> None:
+    """ValueError unless the connection authenticates (TLS files or a user name) or the
+    operator asked for plain MQTT; bundle says where this role's credentials come from."""
+    if not insecure and address.ca_file is None and address.username is None:
+        raise ValueError(
+            f"no broker credentials: give ca_file, cert_file and key_file ({bundle}) or, on a "
+            "network you trust, --insecure"
+        )
+
+
 @dataclass(frozen=True)
 class Connected:
     """The broker accepted the connection."""
