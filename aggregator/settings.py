@@ -49,8 +49,9 @@ class AggregatorSettings:
     max_staleness: int = 20  # async: updates older than this many versions are rejected
     codec: str = "topk:0.1+int8+zstd"  # the update pipeline announced to devices
     update_budget_bytes: int = 0  # byte budget of one update, announced; 0: none
-    downlink: str = "float32"  # codec of each version's full payload
-    downlink_delta: str = ""  # also publish a delta from the previous version in this codec
+    # compressed by default, the same defaults as `fedmq demo` (README "Choosing a codec")
+    downlink: str = "fp16"  # codec of each version's full payload
+    downlink_delta: str = "int8+zstd"  # also publish a delta from the previous version ("": off)
     drop_grace_s: float = 8.0  # a Will counts as a dropout after this long (see presence.py)
     keep_versions: int = 10  # global versions kept in the state directory; 0 keeps all
     snapshot_every: int = 500  # accepted updates between snapshots of the open round's sum

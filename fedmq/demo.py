@@ -8,6 +8,7 @@ on the way out, also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,7 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aggregator.settings import AggregatorSettings
 from fedmq.processes import spawn_agents, spawn_fedmq, stop_all
+
+_AGGREGATOR_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AggregatorSettings)}
 
 
 def add_demo_flags(p: argparse.ArgumentParser) -> None:
@@ -42,17 +46,13 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--round-timeout-s", type=float, default=30.0, help="round deadline in seconds (default 30)"
     )
-    p.add_argument(
-        "--codec",
-        default="topk:0.1+int8+zstd",
-        help="update pipeline (default topk:0.1+int8+zstd; float32 sends updates uncompressed)",
-    )
-    p.add_argument(
-        "--downlink",
-        default="fp16+int8+zstd",
-        help="global models: FULL or FULL+DELTA, e.g. float32 (uncompressed), fp16 (half), "
-        "fp16+int8+zstd (default: fp16 models, int8+zstd deltas from the previous version)",
-    )
+    # the codec settings are the aggregator's own: the same names, defaults and help
+    from fedmq.cli import AGGREGATOR_HELP
+
+    for name in ("codec", "update_budget_bytes", "downlink", "downlink_delta"):
+        default = _AGGREGATOR_DEFAULTS[name]
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                       help=f"{AGGREGATOR_HELP[name]} (default: {default!r})")  # fmt: skip
     p.add_argument(
         "--broker",
         default="auto",
@@ -75,20 +75,18 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
 
 
 def check_codecs(args: argparse.Namespace) -> None:
-    """ValueError, before anything starts, for a --codec or --downlink that cannot work."""
+    """ValueError, before anything starts, for codec settings that cannot work together."""
     from fedmq.codecs import check_downlink, parse_pipeline
 
     parse_pipeline(args.codec)
-    _, full, _, delta = downlink_flags(args.downlink)
-    check_downlink(parse_pipeline(full), parse_pipeline(delta) if delta else None)
+    delta = parse_pipeline(args.downlink_delta) if args.downlink_delta else None
+    check_downlink(parse_pipeline(args.downlink), delta)
 
 
-def downlink_flags(text: str) -> list[str]:
-    """Aggregator flags for the demo's --downlink: 'FULL' or 'FULL+DELTA-PIPELINE'."""
-    full, _, delta = text.partition("+")
-    if full not in ("float32", "fp16", "int8"):
-        raise ValueError(f"--downlink must start with float32, fp16 or int8, got {text!r}")
-    return ["--downlink", full, "--downlink-delta", delta]
+def codec_flags(args: argparse.Namespace) -> list[str]:
+    """The aggregator flags that carry the demo's codec settings, one for one."""
+    return ["--codec", args.codec, "--update-budget-bytes", str(args.update_budget_bytes),
+            "--downlink", args.downlink, "--downlink-delta", args.downlink_delta]  # fmt: skip
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -132,8 +130,8 @@ def run_demo(args: argparse.Namespace) -> int:
              "--min-devices", str(max(1, args.devices // 2)),
              "--round-timeout-s", str(args.round_timeout_s), "--start-wait-s", "60",
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-             "--lr", str(args.lr), "--seed", str(args.seed), "--codec", args.codec,
-             *downlink_flags(args.downlink), *credential_flags(fleet, aggregator_identity("demo"))],
+             "--lr", str(args.lr), "--seed", str(args.seed), *codec_flags(args),
+             *credential_flags(fleet, aggregator_identity("demo"))],
             run_dir / "aggregator.log",
         ))  # fmt: skip
         procs += spawn_agents(
@@ -141,9 +139,10 @@ def run_demo(args: argparse.Namespace) -> int:
             state_dir=run_dir / "agents", log_dir=run_dir, extra=["--data-seed", str(args.seed)],
             credentials=lambda device: credential_flags(fleet, device),
         )  # fmt: skip
+        deltas = f" + {args.downlink_delta} deltas" if args.downlink_delta else ""
         print(f"started 1 aggregator and {args.devices} agents "
               f"({args.task}, {args.partition} partition; updates {args.codec}, "
-              f"models {args.downlink})")  # fmt: skip
+              f"models {args.downlink}{deltas})")  # fmt: skip
         agg_code = _watch(broker, fleet, procs[0], args)
         rounds = read_history(run_dir / "aggregator")
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -121,7 +121,9 @@ def service(
     mosquitto = plain_broker
     # FedAvg's arithmetic as such: without the admission's adaptive bounds (the first round
     # weighs updates alike and bounds them by the model's norm), which test_robust*.py judge
-    extra = {"norm_bound_factor": 0, "examples_factor": 0, **getattr(request, "param", {})}
+    # and float32 models, so the scripted devices' deltas are the exact values they chose
+    extra = {"norm_bound_factor": 0, "examples_factor": 0, "downlink": "float32",
+             "downlink_delta": "", **getattr(request, "param", {})}  # fmt: skip
     settings = AggregatorSettings(
         job="svc", prefix=topic_prefix, port=mosquitto.port, task="digits-mlp",
         state_dir=tmp_path / "agg", rounds=2, devices_per_round=2, min_devices=2,
