@@ -37,15 +37,16 @@ from aggregator.recovery import recover_round
 from aggregator.robust import make_rule, round_bound
 from aggregator.rounds import OpenRound
 from aggregator.settings import AggregatorSettings
-from aggregator.status import status_of
+from aggregator.status import done_reason, status_of
 from aggregator.store import Store
 from aggregator.watch import OwnTopics
 from fedmq.atomicfile import move_aside
 from fedmq.config import ConfigError
 from fedmq.errors import ProtocolError, Unauthorized
 from fedmq.fleetfile import FleetFile, read_fleet
-from fedmq.link import Connected, Disconnected, Link, Message
+from fedmq.link import Connected, Link, Message
 from fedmq.signing import Signer, aggregator_key, verify
+from fedmq.startup import LinkWatch
 from fedmq.tasks import Task, get_task
 from fedmq.wire import (
     RoundAnnouncement,
@@ -89,6 +90,8 @@ class Aggregator:
             max_message_bytes=s.max_message_bytes,
             manual_ack=True,  # an update is acknowledged to the broker once it is durable
         )
+        self.watch = LinkWatch(link=self.link, identity=f"the aggregator of job {s.job}",
+                               connect_timeout_s=s.connect_timeout_s, log=log)  # fmt: skip
         self.model = GlobalModel(task=self.task, store=self.store, seed=s.seed,
                                  downlink=s.downlink_pipeline,
                                  downlink_delta=s.downlink_delta_pipeline)  # fmt: skip
@@ -171,18 +174,17 @@ class Aggregator:
 
     # ------------------------------------------------------------ the loop
 
-    def run(self, *, stop: Any = None, connect_timeout: float = 30.0) -> int:
-        """Serve until the configured rounds or accuracy are reached (0) or stop is set (0)."""
+    def run(self, *, stop: Any = None) -> int:
+        """Serve until the rounds or accuracy are reached (0) or stop is set (0); FatalError
+        when no broker answers in connect_timeout_s or another aggregator takes over."""
         self._resume()
         where = f", its public key in {self.public_key_file}" if self.public_key_file else ""
         log.info("%s the downlink with Ed25519 key %s%s (agents pin it: server_key)",
                  "created a key and signing" if self.key_created else "signing",
                  self.signer.key_id, where)  # fmt: skip
         self.link.start()
-        if not self.link.wait_connected(connect_timeout):
-            log.error("no broker at %s:%s after %.0fs", self.s.host, self.s.port, connect_timeout)
-            self.link.stop()
-            return 2
+        if not self.watch.wait_connected(stop):  # progress lines; gives up after the timeout
+            return 0
         log.info("connected to %s:%s (MQTT %s), job %s, task %s, %s mode, %d parameters",
                  self.s.host, self.s.port, self.s.mqtt_version, self.s.job, self.task.name,
                  self.mode.name, self.model.num_params)  # fmt: skip
@@ -201,10 +203,10 @@ class Aggregator:
                         self._close_if_due(now)
                     elif isinstance(event, Connected):
                         self._on_reconnected(event)
-                    elif isinstance(event, Disconnected):
-                        log.warning("broker connection lost (%s); reconnecting", event.reason)
+                    self.watch.on_event(event)  # lost, back, taken over by another aggregator
                 self._flush()
                 self._tick(time.time())
+                self.watch.tick()
         finally:
             self._flush()
             self._publish_status(time.time(), force=True)
@@ -376,7 +378,7 @@ class Aggregator:
             opened_at=r.opened_at, deadline=r.deadline, selected=tuple(sorted(r.selected)),
             target=r.target, min_devices=r.min_devices, train=self.s.train,
             codec=self.s.update_pipeline.name, max_update_bytes=self.s.update_budget_bytes,
-            task=self.task.name, epoch=self.epoch,
+            task=self.task.name, epoch=self.epoch, done=bool(self.done_reason),
         )  # fmt: skip
         topic = self.topics.round()
         self._publish_own(topic, encode_round(msg, sign=self.signer.for_topic(topic)))
@@ -413,17 +415,15 @@ class Aggregator:
                         r.round_id, len(r.accepted), r.min_devices, self.model.version)  # fmt: skip
         if outcome == "abandoned":
             counters["rounds_abandoned"] += 1
+        # a last round says so: its devices learn that the job is done (done in the message)
+        self.done_reason = done_reason(self.s, r.round_id, counters["rounds_closed"],
+                                       self.model.metrics)  # fmt: skip
         self._announce("closed" if outcome != "abandoned" else "abandoned", r)
         self.store.append_round(record)
         self.next_round_id = r.round_id + 1
         self._save_state()  # the commit point: a restart now starts the next round
         self.journal.close_round(r.round_id)
         self.waiting_since = now
-        if self.s.rounds and r.round_id >= self.s.rounds:
-            self.done_reason = f"ran {r.round_id} rounds"
-        elif (self.s.target_accuracy and counters["rounds_closed"]
-              and self.model.metrics.get("accuracy", 0.0) >= self.s.target_accuracy):  # fmt: skip
-            self.done_reason = f"reached accuracy {self.model.metrics['accuracy']:.4f}"
         self._publish_status(now, force=True)
 
     def _advance(self, r: OpenRound, acc: AggregationRule) -> str:

@@ -82,6 +82,7 @@ class AggregatorSettings:
     signing_key: Path | None = None
     fleet_file: Path | None = None
     insecure: bool = False
+    connect_timeout_s: float = 60.0  # give up when no broker answered by then; 0: never
 
     def __post_init__(self) -> None:
         self.topics  # noqa: B018 - validates job and prefix
@@ -110,6 +111,8 @@ class AggregatorSettings:
             )
         if self.max_devices < 1 or self.max_partial_updates_per_device < 1:
             raise ValueError("max_devices and max_partial_updates_per_device must be at least 1")
+        if self.connect_timeout_s < 0:
+            raise ValueError("connect_timeout_s must be >= 0 (0: wait forever)")
         if not 0 <= self.drop_grace_s <= 3600:
             raise ValueError(f"drop_grace_s must be in [0, 3600], got {self.drop_grace_s}")
         if self.keep_versions < 0 or self.keep_versions == 1 or self.snapshot_every < 1:

@@ -12,6 +12,17 @@ from aggregator.settings import AggregatorSettings
 from fedmq import __version__
 
 
+def done_reason(s: AggregatorSettings, round_id: int, rounds_closed: int,
+                metrics: Mapping[str, float]) -> str:  # fmt: skip
+    """Why the job is done once round round_id has ended ("" while it goes on)."""
+    if s.rounds and round_id >= s.rounds:
+        return f"ran {round_id} rounds"
+    accuracy = metrics.get("accuracy", 0.0)
+    if s.target_accuracy and rounds_closed and accuracy >= s.target_accuracy:
+        return f"reached accuracy {accuracy:.4f}"
+    return ""
+
+
 def status_of(
     *,
     settings: AggregatorSettings,

@@ -29,8 +29,9 @@ from edge_agent.uplink import Uplink
 from fedmq import __version__
 from fedmq.codecs import parse_or_schema_error
 from fedmq.errors import DecodeError, ProtocolError
-from fedmq.link import Connected, Disconnected, Link, Message
+from fedmq.link import Connected, Link, Message
 from fedmq.signing import load_public_key
+from fedmq.startup import LinkWatch
 from fedmq.tasks import Task, get_task
 from fedmq.tasks.partition import device_data
 from fedmq.wire import (
@@ -116,7 +117,7 @@ class Agent:
             max_message_bytes=settings.max_message_bytes or self.profile.max_message_bytes,
         )
         self.pending: RoundAnnouncement | None = None
-        self.rounds_trained = 0
+        self.rounds_trained, self.done_round, self.done = 0, 0, False  # done: exit the loop
         hold = None  # the hold_dir hook: updates kept back until released (tests)
         if settings.hold_dir is not None:
             ids = [uid for uid, _ in self.store.outbox.pending()]
@@ -131,23 +132,16 @@ class Agent:
     # ------------------------------------------------------------ the loop
 
     def run(self, *, stop: Any = None, max_rounds: int = 0) -> int:
-        """Serve until stop is set (or max_rounds were trained); 0 on a clean stop."""
-        self.log.info(
-            "starting: %d local examples, profile %s, %s",
-            len(self.x), self.profile.name, "inference only" if self.infer_only else "training",
-        )  # fmt: skip
-        if self.trust.server_key is not None:
-            also = " (insecure: unsigned accepted too)" if self.s.insecure else ""
-            self.log.info("downlink must be signed by key %s%s", self.trust.key_id, also)
-        elif self.s.insecure:
-            self.log.warning("insecure: manifests and rounds are accepted unsigned, from "
-                             "anyone who can publish on the broker")  # fmt: skip
-        else:
-            self.log.warning("no server_key pinned: manifests and rounds cannot be verified and "
-                             "are accepted unsigned (counted as unverified_*)")  # fmt: skip
+        """Serve until stop, the job's end (on_done) or max_rounds; FatalError: see startup."""
+        self.log.info("starting: %d local examples, profile %s, %s", len(self.x), self.profile.name,
+                      "inference only" if self.infer_only else "training")  # fmt: skip
+        self.log.log(*self.trust.describe(insecure=self.s.insecure))
+        watch = LinkWatch(link=self.link, identity=f"device {self.device}",
+                          connect_timeout_s=self.s.connect_timeout_s, log=self.log)  # fmt: skip
         self.link.start()
         try:
-            while not (stop is not None and stop.is_set()):
+            ready = watch.wait_connected(stop)  # progress lines; gives up after the timeout
+            while ready and not self.done and not (stop is not None and stop.is_set()):
                 if max_rounds and self.rounds_trained >= max_rounds and not len(self.store.outbox):
                     break
                 event = self.link.next_event(TICK_S)
@@ -155,8 +149,8 @@ class Agent:
                     self._contain(f"message on {event.topic}", self._on_message, event)
                 elif isinstance(event, Connected):
                     self._contain("a connection", self._on_connected, event)
-                elif isinstance(event, Disconnected):
-                    self.log.warning("broker connection lost (%s); reconnecting", event.reason)
+                watch.on_event(event)  # lost, back, or another agent with this device id
+                watch.tick()
                 now = time.time()
                 self._contain("the fetch timer", self._fetch_tick, now)
                 self._contain("training", self._maybe_train, now)
@@ -283,6 +277,12 @@ class Agent:
             self._count("unverified_round")
         if self.gate.last != before:
             self._save_progress()
+        if r.done and r.state != "open" and r.round_id != self.done_round:  # the job is done
+            self.done_round, on_done = r.round_id, self.s.on_done
+            self.done = on_done == "exit" or (on_done == "auto" and not self.infer_only)
+            self.log.info("job %s is done after %d rounds, model version %d; %s", self.s.job,
+                          r.round_id, self.fetch.version, "exiting" if self.done
+                          else f"idling (on_done = {on_done})")  # fmt: skip
         if r.state != "open" or self.device not in r.selected or self.infer_only:
             if self.pending and r.round_id >= self.pending.round_id and r.state != "open":
                 self.pending = None  # the round we waited to train for has ended

@@ -9,6 +9,8 @@ from edge_agent.privacy import LocalDP
 from fedmq.link import BrokerAddress, require_credentials
 from fedmq.topics import Topics, check_name
 
+ON_DONE = ("auto", "exit", "idle")
+
 
 @dataclass(frozen=True)
 class AgentSettings:
@@ -54,6 +56,12 @@ class AgentSettings:
     local_dp_clip: float = 0.0
     local_dp_noise: float = 0.0
 
+    # the operator's side (fedmq/startup.py): how long to wait for a first connection
+    # (0: forever), and what to do once the job is done: exit, idle, or auto (trainers
+    # exit, inference-only devices keep serving the last version)
+    connect_timeout_s: float = 60.0
+    on_done: str = "auto"
+
     def __post_init__(self) -> None:
         check_name("device id", self.device_id)
         require_credentials(self.broker, insecure=self.insecure,
@@ -81,6 +89,9 @@ class AgentSettings:
             raise ValueError("local_dp_clip and local_dp_noise must be >= 0")
         if self.local_dp_noise and not self.local_dp_clip:
             raise ValueError("local_dp_noise needs local_dp_clip > 0: noise is scaled to it")
+        if self.connect_timeout_s < 0 or self.on_done not in ON_DONE:
+            raise ValueError(f"connect_timeout_s must be >= 0 (0: wait forever) and on_done "
+                             f"one of {', '.join(ON_DONE)}, got {self.on_done!r}")
         if self.extra_delay_s < 0 or self.alpha <= 0:
             raise ValueError("extra_delay_s must be >= 0 and alpha positive")
 

@@ -4,6 +4,7 @@ clock or file)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -40,6 +41,17 @@ class DownlinkTrust:
     @property
     def key_id(self) -> str:
         return key_id(self.server_key) if self.server_key is not None else ""
+
+    def describe(self, *, insecure: bool) -> tuple[int, str]:
+        """(log level, line) saying at start what this device trusts."""
+        if self.server_key is not None:
+            also = " (insecure: unsigned accepted too)" if insecure else ""
+            return logging.INFO, f"downlink must be signed by key {self.key_id}{also}"
+        if insecure:
+            return logging.WARNING, ("insecure: manifests and rounds are accepted unsigned, "
+                                     "from anyone who can publish on the broker")
+        return logging.WARNING, ("no server_key pinned: manifests and rounds cannot be "
+                                 "verified and are accepted unsigned (counted as unverified_*)")
 
     def judge(self, sig: Signature | None, topic: str, what: str) -> tuple[bool, Refusal | None]:
         """(verified, refusal): whether the message on topic verified, or why it is refused."""

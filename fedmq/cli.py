@@ -1,8 +1,12 @@
 """The `fedmq` command: demo, aggregator, agent, broker, status, tasks.
 
-Settings come from a TOML file (--config), then FEDMQ_* environment variables, then flags.
-Exit codes: 0 done, 1 unexpected failure, 2 bad configuration or usage, 3 the demo ran
-but missed its accuracy target, 4 no broker could be reached or started.
+Settings come from a TOML file (--config), then FEDMQ_* environment variables, then flags;
+a TOML table, key or FEDMQ_* variable that no command knows is an error. Exit codes (every
+failure to start is one line on stderr, fedmq/cli_errors.py): 0 done, 1 unexpected failure,
+2 bad configuration or usage, 3 the demo ran but missed its accuracy target, 4 no broker could
+be reached or started, 5 this host is not ready (a missing optional package, an unusable state
+directory, a port in use), 6 another agent with this device id (or another aggregator of
+this job) is connected.
 """
 
 from __future__ import annotations
@@ -16,9 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from fedmq import __version__
+from fedmq.cli_errors import (  # noqa: F401 - the exit codes are part of this module's API
+    EXIT_CODES_HELP,
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_IDENTITY_IN_USE,
+    EXIT_NO_BROKER,
+    EXIT_NOT_READY,
+    EXIT_OK,
+    EXIT_TARGET_MISSED,
+    FatalError,
+    missing_package,
+)
 from fedmq.config import ConfigError, load_settings
-
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_TARGET_MISSED, EXIT_NO_BROKER = 0, 1, 2, 3, 4
 
 AGGREGATOR_HELP = {
     "job": "job name; topics live under <prefix>/<job>/",
@@ -93,6 +107,9 @@ AGGREGATOR_HELP = {
     "dp_epsilon": "central DP: derive the noise multiplier that spends this epsilon over "
     "`rounds` rounds (0 = off; or set dp_noise_multiplier)",
     "dp_delta": "central DP: the delta (epsilon, delta) is reported at, in history and status",
+    "connect_timeout_s": "give up (exit 4) when no broker answered within this many seconds, "
+    "with a progress line at 10, 30 and 60 s (0 = wait forever); a broker lost later is "
+    "retried for ever",
 }
 
 AGENT_HELP = {
@@ -128,6 +145,9 @@ AGENT_HELP = {
     "local_dp_clip": "local DP: clip this device's delta to this L2 norm before upload (0 = off)",
     "local_dp_noise": "local DP: add Gaussian noise of std local_dp_noise x local_dp_clip to "
     "every coordinate before upload, for fleets that do not trust the aggregator (0 = none)",
+    "connect_timeout_s": AGGREGATOR_HELP["connect_timeout_s"],
+    "on_done": "when the aggregator's last round ends: exit (0), idle (keep serving the last "
+    "version), or auto: training devices exit, inference-only devices idle",
 }
 
 
@@ -229,9 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated learning for fleets of small devices that talk over MQTT.",
         epilog=(
             "Settings: --config FILE (TOML; top-level keys and an [aggregator] or [agent] "
-            "table), then FEDMQ_<SETTING> environment variables, then flags. "
-            "Exit codes: 0 ok, 1 failure, 2 bad configuration, 3 demo missed its target, "
-            "4 no broker."
+            "table), then FEDMQ_<SETTING> environment variables, then flags; an unknown "
+            "table, key or FEDMQ_ variable is an error. " + EXIT_CODES_HELP
         ),
     )
     parser.add_argument("--version", action="version", version=f"fedmq {__version__}")
@@ -351,6 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         return _dispatch(args)
+    except FatalError as err:  # the operator can act on it: one line, its exit code
+        print(f"fedmq: {err.message}", file=sys.stderr)
+        return err.exit_code
+    except ImportError as err:
+        fatal = missing_package(err)
+        if fatal is None:
+            raise
+        print(f"fedmq: {fatal.message}", file=sys.stderr)
+        return fatal.exit_code
     except ConfigError as err:
         print(f"fedmq: configuration error: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -369,13 +397,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "aggregator":
         from aggregator.service import Aggregator
         from aggregator.settings import AggregatorSettings
+        from fedmq.startup import preflight_aggregator
 
-        return _serve(Aggregator(settings=_settings(AggregatorSettings, args, "aggregator")))
+        settings = _settings(AggregatorSettings, args, "aggregator")
+        return _serve(Aggregator(settings=preflight_aggregator(settings)))
     if args.command == "agent":
         from edge_agent.agent import Agent
         from edge_agent.settings import AgentSettings
+        from fedmq.startup import preflight_agent
 
-        return _serve(Agent(settings=_settings(AgentSettings, args, "agent")))
+        return _serve(Agent(settings=preflight_agent(_settings(AgentSettings, args, "agent"))))
     if args.command == "broker":
         return _run_broker(args)
     if args.command == "fleet":
@@ -405,13 +436,17 @@ def _serve(service: Any) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        code = service.run(stop=stop)
-    except ConfigError:
-        raise  # e.g. a state directory of another task: configuration, exit 2
+        return int(service.run(stop=stop))
+    except (ConfigError, FatalError):
+        raise  # e.g. a state directory of another task (exit 2), no broker (exit 4)
+    except ImportError as err:
+        if missing_package(err) is None:
+            logging.getLogger("fedmq").exception("the service failed")
+            return EXIT_FAILURE
+        raise
     except Exception:  # exit 2 means configuration only: anything else that escapes is 1
         logging.getLogger("fedmq").exception("the service failed")
         return EXIT_FAILURE
-    return EXIT_NO_BROKER if code == 2 else code
 
 
 def _run_broker(args: argparse.Namespace) -> int:

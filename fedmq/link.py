@@ -14,6 +14,8 @@ import logging
 import queue
 import random
 import socket
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -149,6 +151,8 @@ class Link:
         self.configured_max_message_bytes = max_message_bytes
         self.broker_max_packet_size: int | None = None
         self.dropped_events = 0
+        # why the last connection attempt failed, for people ("" until one failed)
+        self.last_error = ""
         self._in_flight: list[mqtt.MQTTMessageInfo] = []
         self._manual_ack = manual_ack
         self.receive_maximum = receive_maximum
@@ -184,6 +188,7 @@ class Link:
         self._session_expiry_s = session_expiry_s
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = self._on_message
         self.client.on_socket_open = _no_delay
 
@@ -317,6 +322,7 @@ class Link:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
             log.warning("%s: broker refused connection: %s", self.client_id, reason_code)
+            self.last_error = f"the broker refused the connection: {reason_code}"
             return
         size = getattr(properties, "MaximumPacketSize", None) if properties else None
         self.broker_max_packet_size = int(size) if size else None
@@ -326,6 +332,12 @@ class Link:
             client.subscribe(subs)
         self._connected.set()
         self._put(Connected(bool(flags.session_present), self.broker_max_packet_size))
+
+    def _on_connect_fail(self, client, userdata) -> None:  # noqa: ANN001
+        # paho calls this from inside its `except OSError` around the connect: the error
+        # (refused, unknown host, TLS handshake) is the one being handled
+        err = sys.exc_info()[1]
+        self.last_error = _describe(err) if err is not None else "the connection failed"
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         self._connected.clear()
@@ -353,6 +365,17 @@ def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
     first, which the receiver delays by up to 40 ms: measured, +80 ms on a 0.26 s round."""
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
+
+
+def _describe(err: BaseException) -> str:
+    """An OSError from connecting, for people: 'connection refused', not '[Errno 111] ...'."""
+    if isinstance(err, socket.gaierror):
+        return f"cannot resolve the host name ({err.strerror})"
+    if isinstance(err, ssl.SSLError):
+        return f"TLS handshake failed ({err.reason or err})"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror.lower() if err.strerror[0].isupper() else err.strerror
+    return str(err) or type(err).__name__
 
 
 def _settled(info: mqtt.MQTTMessageInfo) -> bool:

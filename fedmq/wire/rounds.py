@@ -55,6 +55,7 @@ class RoundAnnouncement:
     max_update_bytes: int = 0  # byte budget of one update payload; 0: no budget
     task: str = ""  # the job's task; "" from aggregators before signed downlink
     epoch: int = 0  # the aggregator state directory's lineage (ms since 1970); 0: unknown
+    done: bool = False  # the job's last round: its devices may stop (optional on the wire)
     # set by decode_round when the message was signed; never compared
     sig: Signature | None = field(default=None, compare=False, repr=False)
 
@@ -96,6 +97,8 @@ def encode_round(r: RoundAnnouncement, *, sign: SignFn | None = None) -> bytes:
         "task": r.task,
         "epoch": r.epoch,
     }
+    if r.done:  # absent unless true: older devices ignore it, and verify the rest as before
+        body["done"] = True
     return pack_message("round", sign_body("round", body, sign))
 
 
@@ -128,6 +131,7 @@ def decode_round(payload: bytes, *, max_bytes: int = ROUND_MAX_BYTES) -> RoundAn
         # optional: aggregators before signed downlink do not send them
         task=get_field(obj, "task", "str", optional=True) or "",
         epoch=get_field(obj, "epoch", "int", optional=True) or 0,
+        done=bool(get_field(obj, "done", "bool", optional=True)),
         sig=read_signature(obj),
     )
     if r.state not in ROUND_STATES:
