@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from broker.mosquitto import file_tail, free_port
+from broker.mosquitto import BrokerStartError, check_port_free, file_tail, free_port, log_reason
 from fedmq import processes
 
 CONSOLE_NAME = "embedded.log"
@@ -130,6 +130,7 @@ class EmbeddedBroker:
             raise RuntimeError(
                 "amqtt is not installed: pip install 'fedmq[demo]', or install Mosquitto"
             )
+        check_port_free("the embedded broker", self._host, self._port)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._port == 0:
             self._port = free_port(self._host)
@@ -151,9 +152,13 @@ class EmbeddedBroker:
             code = self._proc.poll()
             if code is not None:
                 self._proc = None
-                raise RuntimeError(
+                reason = log_reason(self.log_tail(5))
+                raise BrokerStartError(
                     f"the embedded broker exited with {processes.describe_exit(code)} while "
-                    f"starting on {self._host}:{self._port}; log tail:\n{self.log_tail()}"
+                    f"starting on {self._host}:{self._port}; log tail:\n{self.log_tail()}",
+                    summary=f"the embedded broker could not start on {self._host}:{self._port}: "
+                    f"{reason}",
+                    port_in_use="address already in use" in reason.lower(),
                 )
             if ready.exists():
                 return self
@@ -227,7 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(serve(args.host, args.port, args.ready_file))
+    try:
+        asyncio.run(serve(args.host, args.port, args.ready_file))
+    except Exception as err:  # one line for the parent to show, not amqtt's traceback
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

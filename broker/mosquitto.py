@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -166,6 +167,51 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+class BrokerStartError(RuntimeError):
+    """A broker that could not start; `summary` is one line with the broker's own reason
+    (str() keeps the log tail), `port_in_use` when another program holds the port."""
+
+    def __init__(self, message: str, *, summary: str, port_in_use: bool = False) -> None:
+        super().__init__(message)
+        self.summary = summary
+        self.port_in_use = port_in_use
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why a broker could not listen on host:port (bound as brokers bind), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            return err
+    return None
+
+
+def check_port_free(kind: str, host: str, port: int) -> None:
+    """BrokerStartError, before launching, when host:port cannot be listened on: another
+    program has the port, or host is not an address of this machine."""
+    err = bind_error(host, port) if port else None
+    if err is None or err.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+        return  # a name to resolve, a privileged port: the broker says for itself
+    in_use = err.errno == errno.EADDRINUSE
+    fix = (f"another program has the port (ss -ltnp 'sport = :{port}'); stop it or choose "
+           "another --port" if in_use else "not an address of this machine; choose another "
+           "--host")  # fmt: skip
+    raise BrokerStartError(f"{kind} cannot listen on {host}:{port}: {err.strerror}",
+                           summary=f"{kind} cannot listen on {host}:{port}: {err.strerror} "
+                           f"({fix})", port_in_use=in_use)  # fmt: skip
+
+
+def log_reason(tail: str) -> str:
+    """The broker's own reason in its log tail: the last error line, else the last line."""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    last = (errors or lines or ["no log output"])[-1]
+    # "1796202103: Error: Address already in use" -> "Address already in use"
+    return last.split("Error:", 1)[-1].strip() if "Error:" in last else last
+
+
 def port_accepts(host: str, port: int, timeout: float = 0.2) -> bool:
     """Return True when a TCP connection to host:port succeeds."""
     try:
@@ -265,6 +311,7 @@ class MosquittoBroker:
             raise RuntimeError(
                 "Mosquitto is not installed: apt-get install mosquitto, or use --broker embedded"
             )
+        check_port_free("mosquitto", self.host, self._port)
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         pick_port = self._port == 0
         attempts = _PORT_RETRIES if pick_port else 1
@@ -295,9 +342,12 @@ class MosquittoBroker:
             code = self._proc.poll()
             if code is not None:
                 self._proc = None
-                raise RuntimeError(
+                reason = log_reason(self.log_tail(5))
+                raise BrokerStartError(
                     f"mosquitto exited with {processes.describe_exit(code)} while starting on "
-                    f"{self.host}:{self._port}; log tail:\n{self.log_tail()}"
+                    f"{self.host}:{self._port}; log tail:\n{self.log_tail()}",
+                    summary=f"mosquitto could not start on {self.host}:{self._port}: {reason}",
+                    port_in_use="Address already in use" in reason,
                 )
             if port_accepts(self.host, self._port):
                 return

@@ -454,6 +454,7 @@ def _run_broker(args: argparse.Namespace) -> int:
     import threading
 
     from broker import start_broker
+    from broker.mosquitto import BrokerStartError, log_reason
 
     if (args.fleet is None) == (not args.insecure):
         print("fedmq: the broker needs --fleet DIR (made by fedmq fleet init) or --insecure",
@@ -471,6 +472,9 @@ def _run_broker(args: argparse.Namespace) -> int:
             message_size_limit=args.message_size_limit,
             fleet_dir=args.fleet,
         )
+    except BrokerStartError as err:  # the broker's own reason, one line
+        print(f"fedmq: {err.summary}", file=sys.stderr)
+        return EXIT_NOT_READY if err.port_in_use else EXIT_NO_BROKER
     except RuntimeError as err:
         print(f"fedmq: {err}", file=sys.stderr)
         return EXIT_NO_BROKER
@@ -481,7 +485,8 @@ def _run_broker(args: argparse.Namespace) -> int:
     try:
         while not stop.wait(1.0):
             if not broker.running:
-                print("fedmq: the broker exited", file=sys.stderr)
+                print(f"fedmq: the broker exited: {log_reason(broker.log_tail(5))}",
+                      file=sys.stderr)  # fmt: skip
                 return EXIT_FAILURE
     finally:
         broker.stop()

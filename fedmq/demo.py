@@ -74,15 +74,6 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def check_codecs(args: argparse.Namespace) -> None:
-    """ValueError, before anything starts, for codec settings that cannot work together."""
-    from fedmq.codecs import check_downlink, parse_pipeline
-
-    parse_pipeline(args.codec)
-    delta = parse_pipeline(args.downlink_delta) if args.downlink_delta else None
-    check_downlink(parse_pipeline(args.downlink), delta)
-
-
 def codec_flags(args: argparse.Namespace) -> list[str]:
     """The aggregator flags that carry the demo's codec settings, one for one."""
     return ["--codec", args.codec, "--update-budget-bytes", str(args.update_budget_bytes),
@@ -93,13 +84,12 @@ def run_demo(args: argparse.Namespace) -> int:
     """Run the demo end to end; 0 when it reached the target accuracy, 3 when not."""
     from broker.launch import start_fleet_broker
     from broker.provision import aggregator_identity, credential_flags
+    from fedmq.demo_checks import check_demo_args
     from fedmq.processes import device_id
     from fedmq.report import format_table, read_history, write_report
 
-    if args.devices < 1:
-        raise ValueError("--devices must be at least 1")
-    check_codecs(args)
     run_dir = args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    check_demo_args(args, run_dir)  # every argument, before anything starts or is made
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         broker, fleet = start_fleet_broker(
@@ -157,7 +147,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"final accuracy {final if final is None else f'{final:.4f}'} after "
               f"{summary['rounds_closed']} rounds; uplink {summary['bytes_up'] / 1e6:.1f} MB, "
               f"downlink {summary['bytes_down'] / 1e6:.1f} MB")  # fmt: skip
-        print(f"wrote {run_dir / 'metrics.json'} and {run_dir / 'accuracy.png'}")
+        wrote = [p for p in (run_dir / "metrics.json", run_dir / "accuracy.png") if p.exists()]
+        print(f"wrote {' and '.join(str(p) for p in wrote)}")
         if agg_code != 0:
             print(f"fedmq demo: the aggregator exited with {agg_code}; see "
                   f"{run_dir / 'aggregator.log'}", file=sys.stderr)  # fmt: skip
@@ -180,9 +171,8 @@ def run_demo(args: argparse.Namespace) -> int:
 def _watch(broker: Any, fleet: Any, aggregator: subprocess.Popen[bytes],
            args: argparse.Namespace) -> int:  # fmt: skip
     """Show progress from the status topic until the aggregator exits; its exit code."""
-    from tqdm import tqdm
-
     from broker.provision import operator_identity
+    from fedmq.demo_checks import DemoProgress
     from fedmq.link import BrokerAddress, Link, Message
     from fedmq.topics import Topics
 
@@ -197,25 +187,14 @@ def _watch(broker: Any, fleet: Any, aggregator: subprocess.Popen[bytes],
         persistent=False,
     )
     link.start()
-    bar = tqdm(total=args.rounds, unit="round", desc="training", dynamic_ncols=True)
+    progress = DemoProgress(rounds=args.rounds, target=args.target_accuracy,
+                            devices=args.devices)  # fmt: skip
     try:
         while aggregator.poll() is None:
             event = link.next_event(0.5)
-            if not isinstance(event, Message) or not event.payload:
-                continue
-            status = json.loads(event.payload)
-            bar.n = status.get("rounds_closed", 0)
-            r = status.get("round") or {}
-            acc = status.get("accuracy")
-            bar.set_postfix_str(
-                f"acc {acc:.3f} | round {r.get('id', '-')}: "
-                f"{r.get('received', 0)}/{r.get('target', 0)} updates | "
-                f"{status['devices']['online']}/{args.devices} devices online"
-                if acc is not None
-                else f"{status['devices']['online']}/{args.devices} devices online",
-                refresh=True,
-            )
+            if isinstance(event, Message) and event.payload:
+                progress.update(json.loads(event.payload))
         return aggregator.wait()
     finally:
-        bar.close()
+        progress.close()
         link.stop()
