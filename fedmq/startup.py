@@ -9,11 +9,13 @@ Disconnected events and a tick, and log the lines it returns. It says
 - when a connection is lost: at once, then at growing intervals while paho keeps retrying
   (10 s, 30 s, 60 s, then every 5 minutes), and when it is back, after how long;
 - when another client connects with this one's identity (two agents with one device id):
-  MQTT 5 brokers hand the session to the newcomer and tell the old connection why ("Session
-  taken over"); MQTT 3.1.1 brokers just drop it. A client taken over within
-  TAKEOVER_WINDOW_S of connecting is the newcomer, and gives up (FatalError, exit 6): the
-  one that was there first reconnects and keeps running. Under 3.1.1, where nothing says
-  why, SHORT_CONNECTIONS connections in a row each dropped within TAKEOVER_WINDOW_S give up.
+  the broker hands the session to the newcomer and drops the old connection; an MQTT 5
+  broker may say why ("Session taken over", 0x8E), Mosquitto 2.0 and MQTT 3.1.1 brokers
+  just drop it. The old one reconnects after its backoff (1-2 s) and takes the session
+  back, and so on. A client taken over within TAKEOVER_WINDOW_S of connecting, or dropped
+  that fast SHORT_CONNECTIONS times in a row (when nothing says why), is the newcomer and
+  gives up (FatalError, exit 6); the one that was there first is dropped once, reconnects
+  and keeps running.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from fedmq.cli_errors import EXIT_IDENTITY_IN_USE, EXIT_NO_BROKER, FatalError
 
 REPORT_AFTER_S = (10.0, 30.0, 60.0)  # then every REPORT_EVERY_S
 REPORT_EVERY_S = 300.0
-TAKEOVER_WINDOW_S = 10.0
+TAKEOVER_WINDOW_S = 5.0
 SHORT_CONNECTIONS = 3
 SESSION_TAKEN_OVER = "Session taken over"  # MQTT 5 reason code 0x8E, as paho names it
 
@@ -45,7 +47,7 @@ def duration(seconds: float) -> str:
     s = int(round(seconds))
     if s < 120:
         return f"{s} s"
-    if s < 7200:
+    if s < 3600:
         return f"{s // 60} min"
     return f"{s // 3600} h {s % 3600 // 60} min"
 
@@ -94,11 +96,11 @@ class BrokerWatch:
                 )
             return [f"another client connected to {self.where} as {self.identity} and took "
                     "over this session; reconnecting (the newcomer should stop)"]  # fmt: skip
-        if not self.v5 and self.short_in_a_row >= SHORT_CONNECTIONS:
+        if self.short_in_a_row >= SHORT_CONNECTIONS:
             raise FatalError(
                 f"the broker at {self.where} dropped this connection right after accepting "
-                f"it {self.short_in_a_row} times in a row: another client is probably "
-                f"connected as {self.identity} (MQTT 3.1.1 does not say why); {fix}",
+                f"it {self.short_in_a_row} times in a row ({reason}): another client is "
+                f"probably connected as {self.identity}; {fix}",
                 exit_code=EXIT_IDENTITY_IN_USE,
             )
         return [f"broker connection to {self.where} lost ({reason}); reconnecting"]

@@ -15,8 +15,8 @@ def test_layers_in_order(tmp_path: Path) -> None:
     cfg = tmp_path / "fedmq.toml"
     cfg.write_text('job = "plant7"\nport = 1884\ndevice_id = "x"\n[aggregator]\nrounds = 12\n'
                    'lr = 0.1\n[agent]\ndevice_id = "y"\n')  # fmt: skip
-    env = {"FEDMQ_ROUNDS": "20", "FEDMQ_PUBLISH_ONNX": "false", "FEDMQ_UNRELATED": "x",
-           "FEDMQ_INSECURE": "1"}
+    env = {"FEDMQ_ROUNDS": "20", "FEDMQ_PUBLISH_ONNX": "false", "FEDMQ_INSECURE": "1",
+           "OTHER_UNRELATED": "x"}
     s = load_settings(AggregatorSettings, sections=("aggregator",), config_file=cfg,
                       flags={"lr": 0.2, "seed": None}, environ=env)  # fmt: skip
     assert s.job == "plant7" and s.port == 1884  # TOML top level
@@ -65,7 +65,34 @@ def test_errors_name_their_source(tmp_path: Path) -> None:
                                                  "insecure": True}, environ={})  # fmt: skip
     typo = tmp_path / "typo.toml"
     typo.write_text("[aggregator]\nround = 3\n")
-    with pytest.raises(ConfigError, match=r"unknown keys \['round'\]"):
+    with pytest.raises(ConfigError, match=r"unknown key 'round' \(did you mean 'rounds'\?\)"):
         load_settings(AggregatorSettings, sections=("aggregator",), config_file=typo, environ={})
     with pytest.raises(ConfigError, match="device id"):
         load_settings(AgentSettings, flags={"device_id": "a/b", "insecure": True}, environ={})
+
+
+@pytest.mark.parametrize(("toml", "env", "message"), [
+    ("[agnet]\ndevice_id = 'x'\n", {}, r"unknown table \[agnet\] \(did you mean \[agent\]\?\)"),
+    ("[nonsense]\nx = 1\n", {}, r"unknown table \[nonsense\]; tables: \[agent\], "),
+    ("roundz = 3\n", {}, r"unknown setting 'roundz' \(did you mean 'rounds'\?\) at the top"),
+    ("", {"FEDMQ_ROUNDZ": "3"}, r"unknown variable 'FEDMQ_ROUNDZ' \(did you mean 'FEDMQ_ROUNDS'"),
+])  # fmt: skip
+def test_typos_are_errors_with_the_closest_name(tmp_path: Path, toml: str, env: dict[str, str],
+                                                message: str) -> None:  # fmt: skip
+    cfg = tmp_path / "typo.toml"
+    cfg.write_text(toml + "insecure = true\n")
+    with pytest.raises(ConfigError, match=message):
+        load_settings(AgentSettings, sections=("agent",), config_file=cfg, environ=env)
+
+
+def test_a_file_and_an_environment_may_serve_every_role(tmp_path: Path) -> None:
+    # the top level and FEDMQ_* hold settings of any role: an aggregator's rounds do not
+    # stop an agent reading the same file and environment
+    cfg = tmp_path / "fleet.toml"
+    cfg.write_text("insecure = true\nrounds = 5\ndevice_id = 'd1'\n[aggregator]\nlr = 0.1\n"
+                   "[status]\ntimeout = 2\n")  # fmt: skip
+    env = {"FEDMQ_DEVICES_PER_ROUND": "3", "FEDMQ_ON_DONE": "idle"}
+    agent = load_settings(AgentSettings, sections=("agent",), config_file=cfg, environ=env)
+    assert agent.device_id == "d1" and agent.on_done == "idle"
+    agg = load_settings(AggregatorSettings, sections=("aggregator",), config_file=cfg, environ=env)
+    assert agg.rounds == 5 and agg.devices_per_round == 3 and agg.lr == 0.1

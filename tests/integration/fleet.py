@@ -76,8 +76,9 @@ class Fleet:
     def agent(self, index: int, num_devices: int, **flags: Any) -> processes.Child:
         """Start agent number index of num_devices (device id d<index>)."""
         device = flags.get("device_id", f"d{index}")
+        # idle when the job is done: tests restart aggregators with more rounds after it
         opts = {"device_id": device, "device_index": index, "num_devices": num_devices,
-                "partition": "iid", "state_dir": self.root / "agents",
+                "partition": "iid", "state_dir": self.root / "agents", "on_done": "idle",
                 **self.credentials(device), **flags}  # fmt: skip
         return self._spawn(f"agent-{index}", ["agent", *self._common(), *_flags(opts)])
 
