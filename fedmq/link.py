@@ -338,6 +338,10 @@ class Link:
         # (refused, unknown host, TLS handshake) is the one being handled
         err = sys.exc_info()[1]
         self.last_error = _describe(err) if err is not None else "the connection failed"
+        if self.address.tls and isinstance(err, (ConnectionResetError, ssl.SSLError)):
+            self.last_error = (f"TLS handshake failed ({self.last_error}): is port "
+                               f"{self.address.port} the broker's TLS listener, and ca_file "
+                               "the CA that signed its certificate?")  # fmt: skip
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         self._connected.clear()
@@ -372,7 +376,7 @@ def _describe(err: BaseException) -> str:
     if isinstance(err, socket.gaierror):
         return f"cannot resolve the host name ({err.strerror})"
     if isinstance(err, ssl.SSLError):
-        return f"TLS handshake failed ({err.reason or err})"
+        return str(err.reason or err).lower().replace("_", " ")
     if isinstance(err, OSError) and err.strerror:
         return err.strerror.lower() if err.strerror[0].isupper() else err.strerror
     return str(err) or type(err).__name__

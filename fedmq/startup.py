@@ -167,6 +167,7 @@ class LinkWatch:
         """Block until the first connection (True), or stop is set (False); progress lines
         meanwhile, FatalError after connect_timeout_s; the link is stopped unless it
         connected. The Connected event stays queued for the shell's loop."""
+        self.watch.started = time.monotonic()  # the wait starts now, not at construction
         try:
             while not self.link.wait_connected(poll_s):
                 if stop is not None and stop.is_set():
