@@ -151,8 +151,10 @@ class Link:
         self.configured_max_message_bytes = max_message_bytes
         self.broker_max_packet_size: int | None = None
         self.dropped_events = 0
-        # why the last connection attempt failed, for people ("" until one failed)
+        # why the last connection attempt failed, for people ("" until one failed), and
+        # how many have failed (an outage with failed attempts was the broker's)
         self.last_error = ""
+        self.connect_failures = 0
         self._in_flight: list[mqtt.MQTTMessageInfo] = []
         self._manual_ack = manual_ack
         self.receive_maximum = receive_maximum
@@ -323,6 +325,7 @@ class Link:
         if reason_code.is_failure:
             log.warning("%s: broker refused connection: %s", self.client_id, reason_code)
             self.last_error = f"the broker refused the connection: {reason_code}"
+            self.connect_failures += 1
             return
         size = getattr(properties, "MaximumPacketSize", None) if properties else None
         self.broker_max_packet_size = int(size) if size else None
@@ -337,6 +340,7 @@ class Link:
         # paho calls this from inside its `except OSError` around the connect: the error
         # (refused, unknown host, TLS handshake) is the one being handled
         err = sys.exc_info()[1]
+        self.connect_failures += 1
         self.last_error = _describe(err) if err is not None else "the connection failed"
         if self.address.tls and isinstance(err, (ConnectionResetError, ssl.SSLError)):
             self.last_error = (f"TLS handshake failed ({self.last_error}): is port "

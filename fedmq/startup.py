@@ -13,7 +13,8 @@ Disconnected events and a tick, and log the lines it returns. It says
   broker may say why ("Session taken over", 0x8E), Mosquitto 2.0 and MQTT 3.1.1 brokers
   just drop it. The old one reconnects after its backoff (1-2 s) and takes the session
   back, and so on. A client taken over within TAKEOVER_WINDOW_S of connecting, or dropped
-  that fast SHORT_CONNECTIONS times in a row (when nothing says why), is the newcomer and
+  that fast SHORT_CONNECTIONS times in a row with the broker up all along (every reconnect
+  succeeded at once: a broker that crashes refuses some), is the newcomer and
   gives up (FatalError, exit 6); the one that was there first is dropped once, reconnects
   and keeps running.
 """
@@ -68,9 +69,12 @@ class BrokerWatch:
     short_in_a_row: int = 0
     last_reason: str = ""
 
-    def connected(self, now: float) -> list[str]:
-        """A connection came up; a line when it ends an outage."""
+    def connected(self, now: float, *, failed_attempts: int = 0) -> list[str]:
+        """A connection came up; a line when it ends an outage. failed_attempts: connects
+        that failed during the outage: the broker was down, nobody took this one's place."""
         out = []
+        if failed_attempts:
+            self.short_in_a_row = 0
         if self.lost_at is not None:
             out.append(f"broker at {self.where} is back after {duration(now - self.lost_at)}")
         self.connected_at, self.lost_at, self.reported = now, None, 0
@@ -103,7 +107,7 @@ class BrokerWatch:
                 f"probably connected as {self.identity}; {fix}",
                 exit_code=EXIT_IDENTITY_IN_USE,
             )
-        return [f"broker connection to {self.where} lost ({reason}); reconnecting"]
+        return [f"broker connection lost ({reason}); reconnecting to {self.where}"]
 
     def tick(self, now: float, why: str = "") -> list[str]:
         """Progress while there is no connection; FatalError once the first connection
@@ -140,6 +144,7 @@ class LinkWatch:
         a = link.address
         self.link = link
         self.log = log
+        self.failures_at_loss = 0
         self.watch = BrokerWatch(where=f"{a.host}:{a.port}", identity=identity,
                                  connect_timeout_s=connect_timeout_s, started=time.monotonic(),
                                  v5=a.mqtt_version == "5")  # fmt: skip
@@ -148,10 +153,12 @@ class LinkWatch:
         """Feed a link event (Connected / Disconnected; others are ignored)."""
         from fedmq.link import Connected, Disconnected
 
-        now = time.monotonic()
+        now, failures = time.monotonic(), self.link.connect_failures
         if isinstance(event, Connected):
-            lines, level = self.watch.connected(now), logging.INFO
+            lines = self.watch.connected(now, failed_attempts=failures - self.failures_at_loss)
+            level = logging.INFO
         elif isinstance(event, Disconnected):
+            self.failures_at_loss = failures
             lines, level = self.watch.disconnected(event.reason, now), logging.WARNING
         else:
             return

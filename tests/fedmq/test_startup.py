@@ -52,7 +52,7 @@ def test_a_lost_broker_is_retried_for_ever_and_reported_until_it_is_back() -> No
     w = _watch()
     w.connected(1.0)
     assert w.disconnected("Unspecified error", 100.0) == [
-        "broker connection to mqtt.lan:8883 lost (Unspecified error); reconnecting"]
+        "broker connection lost (Unspecified error); reconnecting to mqtt.lan:8883"]
     lines = [line for t in range(100, 100 + 4000) for line in w.tick(float(t))]
     assert len(lines) == 3 + 13 and "10 s after losing it: Unspecified error" in lines[0]
     assert w.connected(4200.0) == ["broker at mqtt.lan:8883 is back after 1 h 8 min"]
@@ -86,6 +86,10 @@ def test_three_connections_dropped_at_once_mean_another_client_has_the_id() -> N
                                              "it 3 times in a row") as err:  # fmt: skip
             w.disconnected("Unspecified error", 511.0)
         assert err.value.exit_code == EXIT_IDENTITY_IN_USE
+    crashing = _watch()  # a broker that crashes right after each connect refuses some
+    for t in (0.0, 10.0, 20.0, 30.0):
+        crashing.connected(t, failed_attempts=1 if t else 0)
+        crashing.disconnected("Unspecified error", t + 1.0)
     patient = _watch()  # connections that lasted a while are no verdict, however many
     for t in (0.0, 10.0, 20.0, 30.0):
         patient.connected(t)
