@@ -123,7 +123,7 @@ class Intake:
             self.ledger.verdict(update_id=u.update_id, device=u.device, round_id=u.round_id,
                                 verdict="duplicate", reason=f"counted in round {counted}",
                                 counter="duplicates")  # fmt: skip
-            log.info("update %s from %s was already counted; acknowledged again",
+            log.debug("update %s from %s was already counted; acknowledged again",
                      u.update_id, u.device)  # fmt: skip
             self._ack(u.device, Ack(u.update_id, u.round_id, "accepted",
                                     f"duplicate: already counted in round {counted}"))  # fmt: skip
@@ -141,7 +141,7 @@ class Intake:
         if r is None or given is None:
             self.ledger.verdict(update_id=u.update_id, device=u.device, round_id=u.round_id,
                                 verdict="late", reason="round already closed")  # fmt: skip
-            log.info("late update %s from %s for round %d", u.update_id, u.device, u.round_id)
+            log.debug("late update %s from %s for round %d", u.update_id, u.device, u.round_id)
             self._ack(u.device, Ack(u.update_id, u.round_id, "late", "round already closed"))
             return
         # counted now, so the mode's rules see it; folded in once its tensors are decoded

@@ -29,7 +29,7 @@ from aggregator.fedavg import AggregationRule, RunningSum, ServerSGD
 from aggregator.globals import GlobalModel, ModelRefused, StoredVersionError
 from aggregator.intake import Intake
 from aggregator.journal import Journal, Snapshot
-from aggregator.ledger import Ledger
+from aggregator.ledger import Ledger, verdict_summary
 from aggregator.modes import BufferedRounds, Mode, SyncRounds
 from aggregator.presence import Presence
 from aggregator.privacy import PrivacySpent, noise_for_epsilon
@@ -403,14 +403,16 @@ class Aggregator:
                 record.update(version=self.model.version, **self.model.metrics,
                               **self._account(r))  # fmt: skip
                 counters["rounds_closed"] += 1
-                log.info("round %d %s with %d updates: version %d, accuracy %.4f, loss %.4f",
-                         r.round_id, outcome, len(r.accepted), self.model.version,
-                         self.model.metrics["accuracy"], self.model.metrics["loss"])  # fmt: skip
+                log.info("round %d %s with %d updates%s: version %d, accuracy %.4f, loss %.4f",
+                         r.round_id, outcome, len(r.accepted), verdict_summary(record),
+                         self.model.version, self.model.metrics["accuracy"],
+                         self.model.metrics["loss"])  # fmt: skip
         else:
             record["reason"] = (f"quorum_missed: {len(r.accepted)} of {r.min_devices} needed "
                                 "updates arrived")  # fmt: skip
-            log.warning("round %d abandoned: %d of %d needed updates arrived; keeping version %d",
-                        r.round_id, len(r.accepted), r.min_devices, self.model.version)  # fmt: skip
+            log.warning("round %d abandoned: %d of %d needed updates arrived%s; keeping "
+                        "version %d", r.round_id, len(r.accepted), r.min_devices,
+                        verdict_summary(record), self.model.version)  # fmt: skip
         if outcome == "abandoned":
             counters["rounds_abandoned"] += 1
         self._announce("closed" if outcome != "abandoned" else "abandoned", r)
