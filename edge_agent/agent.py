@@ -237,7 +237,7 @@ class Agent:
                 if a.attempt == 1 and not a.verified:
                     self._count("unverified_global")
                 if a.attempt == 1:
-                    self.log.info("fetching global version %d (%s, %d chunks)",
+                    self.log.debug("fetching global version %d (%s, %d chunks)",
                                   a.version, a.what, len(a.topics))  # fmt: skip
             elif isinstance(a, Unsubscribe):
                 for topic in a.topics:
