@@ -26,6 +26,8 @@ class Ledger:
         self.bytes_down = 0
         self.participants: list[dict[str, Any]] = []
         self.round_verdicts: Counter[str] = Counter()  # the open round's non-accept verdicts
+        # (verdict, reason code) of every verdict given since the start, for the metrics
+        self.verdicts: Counter[tuple[str, str]] = Counter()
 
     def counted_in(self, update_id: str) -> int | None:
         """The round an update was already folded into, or None."""
@@ -41,6 +43,7 @@ class Ledger:
         if not replayed:
             self.journal.stage_accept(a)
             self.counters["accepted"] += 1
+            self.verdicts["accepted", ""] += 1
         self.counted[a.update_id] = a.round_id
         while len(self.counted) > self.journal.keep_ids:
             self.counted.pop(next(iter(self.counted)))
@@ -54,6 +57,7 @@ class Ledger:
         assert verdict in VERDICTS and verdict != "accepted", verdict
         self.counters[counter or verdict] += 1
         self.round_verdicts[counter or verdict] += 1
+        self.verdicts[verdict, reason.split(":", 1)[0] if verdict == "rejected" else ""] += 1
         self.journal.stage_verdict(update_id, device, round_id, verdict, reason)
 
     def round_stats(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from aggregator.globals import GlobalModel, ModelRefused, StoredVersionError
 from aggregator.intake import Intake
 from aggregator.journal import Journal, Snapshot
 from aggregator.ledger import Ledger, verdict_summary
+from aggregator.metrics import metrics_for
 from aggregator.modes import BufferedRounds, Mode, SyncRounds
 from aggregator.presence import Presence
 from aggregator.privacy import PrivacySpent, noise_for_epsilon
@@ -102,6 +103,7 @@ class Aggregator:
                 if not d.revoked and d.max_examples is not None} if fleet else {}  # fmt: skip
         # devices a round could have sampled (q = selected / enrolled); 0: unknown
         self.enrolled_count = len(self.enrolled) if self.enrolled is not None else 0
+        self.metrics = metrics_for(s, fleet)  # Prometheus (docs/metrics.md); off by default
         self.admission = Admission(specs=self.model.specs, max_update_bytes=s.max_update_bytes,
                                    budget_bytes=s.update_budget_bytes, enrolled=self.enrolled,
                                    max_examples=s.max_examples, example_caps=caps)  # fmt: skip
@@ -174,6 +176,7 @@ class Aggregator:
     def run(self, *, stop: Any = None, connect_timeout: float = 30.0) -> int:
         """Serve until the configured rounds or accuracy are reached (0) or stop is set (0)."""
         self._resume()
+        self.metrics.start(self)
         where = f", its public key in {self.public_key_file}" if self.public_key_file else ""
         log.info("%s the downlink with Ed25519 key %s%s (agents pin it: server_key)",
                  "created a key and signing" if self.key_created else "signing",
@@ -211,6 +214,7 @@ class Aggregator:
             self.link.stop()
             self.journal.close()
             self.intake.close()
+            self.metrics.stop()
         log.info("stopped: %s", self.done_reason or "asked to stop")
         return 0
 
@@ -226,6 +230,7 @@ class Aggregator:
             except ValueError:
                 continue  # not a device id we could answer on
             self.link.publish(topic, encode_ack(ack), qos=1)
+        self.metrics.acks_sent(self.intake.ack_delays(acks, time.time()))
         for msg in self._handled:
             self.link.ack(msg)
         self._handled = []
@@ -269,6 +274,7 @@ class Aggregator:
                 if self.mode.policy.should_open(len(online), waited=waited):
                     self._open_round(online, now)
         self._publish_status(now)
+        self.metrics.observe(self, now)
 
     # ------------------------------------------------------------ messages
 
@@ -418,6 +424,7 @@ class Aggregator:
         self._announce("closed" if outcome != "abandoned" else "abandoned", r)
         self.store.append_round(record)
         self.next_round_id = r.round_id + 1
+        self.metrics.round_ended(self, record)
         self._save_state()  # the commit point: a restart now starts the next round
         self.journal.close_round(r.round_id)
         self.waiting_since = now
@@ -474,6 +481,7 @@ class Aggregator:
                 self.own.published(topic, payload)
             self.link.publish(topic, payload, qos=1, retain=True)
         self.store.save_manifest(pub.version, pub.manifest)
+        self.metrics.model_published(pub.nbytes)
         log.info("published version %d (%s): %d weight, %d onnx, %d delta chunks, %d bytes",
                  pub.version, self.model.downlink.name, *pub.chunks, pub.nbytes)  # fmt: skip
 

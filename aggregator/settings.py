@@ -74,6 +74,11 @@ class AggregatorSettings:
     dp_epsilon: float = 0.0  # central DP: derive z to spend this epsilon over `rounds`
     dp_delta: float = 1e-5  # central DP: the delta epsilon is reported at
 
+    # the Prometheus endpoint (docs/metrics.md): off by default, so several aggregators and
+    # the tests on one host never collide on a port
+    metrics_port: int = 0  # 0: off
+    metrics_host: str = "127.0.0.1"
+
     # trust (docs/security.md): TLS files, the Ed25519 key that signs the downlink, the fleet
     # file of enrolled devices; insecure = plain MQTT, no credentials, unsigned downlink
     ca_file: Path | None = None
@@ -117,6 +122,8 @@ class AggregatorSettings:
             raise ValueError(
                 "keep_versions must be 0 (keep all) or at least 2, snapshot_every at least 1"
             )
+        if not 0 <= self.metrics_port <= 65535 or not self.metrics_host:
+            raise ValueError("metrics_port must be in [0, 65535] (0 = off), metrics_host set")
         self._check_robustness()
         try:
             self.update_pipeline  # noqa: B018

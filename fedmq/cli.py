@@ -1,4 +1,4 @@
-"""The `fedmq` command: demo, aggregator, agent, broker, status, tasks.
+"""The `fedmq` command: demo, aggregator, agent, broker, status, report, tasks.
 
 Settings come from a TOML file (--config), then FEDMQ_* environment variables, then flags.
 Exit codes: 0 done, 1 unexpected failure, 2 bad configuration or usage, 3 the demo ran
@@ -93,6 +93,9 @@ AGGREGATOR_HELP = {
     "dp_epsilon": "central DP: derive the noise multiplier that spends this epsilon over "
     "`rounds` rounds (0 = off; or set dp_noise_multiplier)",
     "dp_delta": "central DP: the delta (epsilon, delta) is reported at, in history and status",
+    "metrics_port": "serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (0 = off; "
+    "docs/metrics.md)",
+    "metrics_host": "address the metrics endpoint listens on (0.0.0.0: every interface)",
 }
 
 AGENT_HELP = {
@@ -340,6 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", type=Path, help="TOML config file ([status] table)")
     _add_settings_flags(status, StatusSettings, STATUS_HELP)
 
+    report = sub.add_parser(
+        "report",
+        help="write an HTML report of a run from its state directory",
+        description="Read an aggregator's state directory (history.jsonl, state.json, the "
+        "ledger) and write one self-contained HTML page: a summary, plots of accuracy, loss, "
+        "bytes and participation per round, and a table with a row per round.",
+    )
+    report.add_argument("state_dir", type=Path, metavar="STATE_DIR",
+                        help="the aggregator's --state-dir")  # fmt: skip
+    report.add_argument("--out", type=Path, default=None, metavar="FILE",
+                        help="the HTML file to write (default: STATE_DIR/report.html)")  # fmt: skip
+
     sub.add_parser("tasks", help="list built-in tasks and firmware profiles")
     return parser
 
@@ -382,6 +397,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _fleet(args)
     if args.command == "status":
         return _print_status(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "tasks":
         from fedmq.tasks import get_task, list_tasks
         from firmware_profiles import list_profiles, load_profile
@@ -412,6 +429,18 @@ def _serve(service: Any) -> int:
         logging.getLogger("fedmq").exception("the service failed")
         return EXIT_FAILURE
     return EXIT_NO_BROKER if code == 2 else code
+
+
+def _report(args: argparse.Namespace) -> int:
+    from aggregator.run_report import ReportError, write_run_report
+
+    try:
+        out = write_run_report(args.state_dir, args.out)
+    except ReportError as err:
+        print(f"fedmq report: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"wrote {out}")
+    return EXIT_OK
 
 
 def _run_broker(args: argparse.Namespace) -> int:
