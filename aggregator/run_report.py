@@ -165,7 +165,6 @@ def _figure() -> tuple[Any, Any]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5, 3.4))
@@ -300,9 +299,7 @@ def _page(
     head = "".join(f"<th>{c}</th>" for c in COLUMNS)
     body = "\n".join(
         f'<tr class="round {esc(r["outcome"])}" data-round="{r["round"]}" '
-        f'title="{esc(r["reason"])}">'
-        + "".join(f"<td>{c}</td>" for c in _cells(r))
-        + "</tr>"
+        f'title="{esc(r["reason"])}">' + "".join(f"<td>{c}</td>" for c in _cells(r)) + "</tr>"
         for r in rows
     )
     return f"""<!DOCTYPE html>
