@@ -176,15 +176,16 @@ class Aggregator:
     def run(self, *, stop: Any = None, connect_timeout: float = 30.0) -> int:
         """Serve until the configured rounds or accuracy are reached (0) or stop is set (0)."""
         self._resume()
-        self.metrics.start(self)
         where = f", its public key in {self.public_key_file}" if self.public_key_file else ""
         log.info("%s the downlink with Ed25519 key %s%s (agents pin it: server_key)",
                  "created a key and signing" if self.key_created else "signing",
                  self.signer.key_id, where)  # fmt: skip
+        self.metrics.start(self)  # before the broker: a taken port is a ConfigError at once
         self.link.start()
         if not self.link.wait_connected(connect_timeout):
             log.error("no broker at %s:%s after %.0fs", self.s.host, self.s.port, connect_timeout)
             self.link.stop()
+            self.metrics.stop()
             return 2
         log.info("connected to %s:%s (MQTT %s), job %s, task %s, %s mode, %d parameters",
                  self.s.host, self.s.port, self.s.mqtt_version, self.s.job, self.task.name,

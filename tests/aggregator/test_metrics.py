@@ -227,3 +227,28 @@ def test_dashboard_asks_only_for_exported_series() -> None:
         "fedmq_journal_seconds_bucket",
     }
     assert panels <= used, f"no panel for {sorted(panels - used)}"
+
+
+def test_a_taken_metrics_port_is_one_line_and_exit_2(tmp_path: Path, capsys: Any) -> None:
+    # before the broker is tried: no broker listens on port 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(
+            [
+                "aggregator",
+                "--insecure",
+                "--port",
+                "1",
+                "--task",
+                "digits-mlp",
+                "--state-dir",
+                str(tmp_path / "agg"),
+                "--metrics-port",
+                str(port),
+            ]
+        )
+    assert code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("fedmq: ") and f"127.0.0.1:{port} (metrics_port)" in last, last
