@@ -66,6 +66,9 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
         help="where logs, metrics.json and accuracy.png go (default runs/demo-<time>)",
     )
     p.add_argument("--seed", type=int, default=0)  # fmt: skip
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve the aggregator's Prometheus metrics on this port (default 0: off; "
+                   "docs/metrics.md)")  # fmt: skip
     p.add_argument(
         "--insecure",
         action="store_true",
@@ -98,6 +101,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.devices < 1:
         raise ValueError("--devices must be at least 1")
+    if not 0 <= args.metrics_port <= 65535:
+        raise ValueError("--metrics-port must be in [0, 65535] (0 = off)")
     check_codecs(args)
     run_dir = args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +136,8 @@ def run_demo(args: argparse.Namespace) -> int:
              "--round-timeout-s", str(args.round_timeout_s), "--start-wait-s", "60",
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
              "--lr", str(args.lr), "--seed", str(args.seed), *codec_flags(args),
-             *credential_flags(fleet, aggregator_identity("demo"))],
+             *credential_flags(fleet, aggregator_identity("demo")),
+             "--metrics-port", str(args.metrics_port)],
             run_dir / "aggregator.log",
         ))  # fmt: skip
         procs += spawn_agents(
@@ -139,6 +145,8 @@ def run_demo(args: argparse.Namespace) -> int:
             state_dir=run_dir / "agents", log_dir=run_dir, extra=["--data-seed", str(args.seed)],
             credentials=lambda device: credential_flags(fleet, device),
         )  # fmt: skip
+        if args.metrics_port:
+            print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics")
         deltas = f" + {args.downlink_delta} deltas" if args.downlink_delta else ""
         print(f"started 1 aggregator and {args.devices} agents "
               f"({args.task}, {args.partition} partition; updates {args.codec}, "
