@@ -182,6 +182,7 @@ def _plot_metrics(rows: Sequence[dict[str, Any]]) -> list[str]:
         ax.plot(xs, [r[key] for r in closed], marker=".", color=color)
         ax.set_xlabel("round")
         ax.set_ylabel(f"test {key}")
+        ax.set_title(f"test {key} of each new version")
         ax.grid(alpha=0.3)
         out.append(_png(fig))
     return out
@@ -199,6 +200,7 @@ def _plot_bytes(rows: Sequence[dict[str, Any]]) -> list[str]:
     )
     ax.set_xlabel("round")
     ax.set_ylabel("KiB")
+    ax.set_title("bytes per round")
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     return [_png(fig)]
@@ -226,6 +228,7 @@ def _plot_participation(rows: Sequence[dict[str, Any]]) -> list[str]:
         )
     ax.set_xlabel("round")
     ax.set_ylabel("devices / updates")
+    ax.set_title("participation per round")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3, axis="y")
