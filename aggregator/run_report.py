@@ -10,10 +10,12 @@ round is whatever its sender wrote).
 from __future__ import annotations
 
 import base64
+import bisect
 import html
 import io
 import json
 import sqlite3
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +59,8 @@ def render_report(state_dir: Path) -> str:
         ledger: list[dict[str, Any]] | None = read_ledger(state_dir)
     except sqlite3.Error:
         ledger = None  # the report says so rather than showing zeros
-    rows = [_row(r, ledger) for r in rounds]
+    given = sorted((v["at"], v["verdict"]) for v in ledger) if ledger is not None else None
+    rows = [_row(r, given) for r in rounds]
     summary = _summary(rounds, rows, state, ledger)
     plots = {
         "accuracy and loss": _plot_metrics(rows),
@@ -78,9 +81,13 @@ def _state(state_dir: Path) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def _row(r: dict[str, Any], ledger: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """What the table and the plots show of one round."""
-    window = [v for v in ledger or () if r["opened_at"] <= v["at"] <= r["closed_at"]]
+def _row(r: dict[str, Any], given: list[tuple[float, str]] | None) -> dict[str, Any]:
+    """What the table and the plots show of one round; given: the ledger's (time, verdict),
+    sorted (a run keeps up to a million verdicts: each round looks up its own window)."""
+    pool = given or []
+    lo = bisect.bisect_left(pool, (r["opened_at"], ""))
+    hi = bisect.bisect_right(pool, (r["closed_at"], "~"))  # "~": after every verdict name
+    window = Counter(v for _, v in pool[lo:hi])
     return {
         "round": r["round"],
         "outcome": r["outcome"],
@@ -90,8 +97,8 @@ def _row(r: dict[str, Any], ledger: list[dict[str, Any]] | None) -> dict[str, An
         "selected": len(r.get("selected", ())),
         "accepted": r.get("accepted", 0),
         "dropped": len(r.get("dropped", ())),
-        "rejected": None if ledger is None else sum(v["verdict"] == "rejected" for v in window),
-        "late": None if ledger is None else sum(v["verdict"] == "late" for v in window),
+        "rejected": None if given is None else window["rejected"],
+        "late": None if given is None else window["late"],
         "accuracy": r.get("accuracy"),
         "loss": r.get("loss"),
         "wall_s": r.get("wall_s", 0.0),
