@@ -116,23 +116,17 @@ class Metrics:
             ) from None
         self.registry = pc.CollectorRegistry(auto_describe=False)
         self.registry.register(_Snapshot(self))
-        j = ["fedmq_job"]
-        self._round_s = pc.Histogram("fedmq_round_duration_seconds", SERIES[
-            "fedmq_round_duration_seconds"][1], [*j, "outcome"], buckets=ROUND_BUCKETS,
-            registry=self.registry)  # fmt: skip
-        self._ack_s = pc.Histogram("fedmq_ack_latency_seconds", SERIES[
-            "fedmq_ack_latency_seconds"][1], j, buckets=ACK_BUCKETS,
-            registry=self.registry).labels(job)  # fmt: skip
-        journal = pc.Histogram(
-            "fedmq_journal_seconds",
-            SERIES["fedmq_journal_seconds"][1],
-            [*j, "op"],
-            buckets=JOURNAL_BUCKETS,
-            registry=self.registry,
-        )
-        self._journal_s = {op: journal.labels(job, op) for op in JOURNAL_OPS}
+
+        def histogram(name: str, labels: list[str], buckets: tuple[float, ...]) -> Any:
+            return pc.Histogram(name, SERIES[name][1], ["fedmq_job", *labels], buckets=buckets,
+                                registry=self.registry)  # fmt: skip
+
+        self._round_s = histogram("fedmq_round_duration_seconds", ["outcome"], ROUND_BUCKETS)
         for outcome in ("complete", "quorum", "buffered", "abandoned"):
-            self._round_s.labels(job, outcome)  # series from the start: dashboards show 0
+            self._round_s.labels(job, outcome)  # each from the start: a dashboard shows 0
+        self._ack_s = histogram("fedmq_ack_latency_seconds", [], ACK_BUCKETS).labels(job)
+        journal = histogram("fedmq_journal_seconds", ["op"], JOURNAL_BUCKETS)
+        self._journal_s = {op: journal.labels(job, op) for op in JOURNAL_OPS}
 
     @property
     def url(self) -> str:
@@ -164,7 +158,9 @@ class Metrics:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-            self._server = None
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self._server, self._thread = None, None
 
     def observe(self, agg: Aggregator, now: float = 0.0, *, force: bool = False) -> None:
         """Take a snapshot of the service's bookkeeping (at most once a second, unless forced)."""
