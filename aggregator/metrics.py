@@ -239,7 +239,7 @@ class Metrics:
         yield counter("fedmq_round_bytes_down", self.round_bytes_down)
 
         states = list(agg.presence.devices.values())
-        online = Counter(self._class_of(st.profile) for st in states if st.status != "offline")
+        online = Counter(self.class_of(st.profile) for st in states if st.status != "offline")
         by_class = GaugeMetricFamily("fedmq_devices_online", SERIES["fedmq_devices_online"][1],
                                      labels=["fedmq_job", "class"])  # fmt: skip
         for cls in sorted(self.classes | set(online)):
@@ -262,7 +262,7 @@ class Metrics:
             events.add_metric([job, name], n)
         yield events
 
-    def _class_of(self, profile: str) -> str:
+    def class_of(self, profile: str) -> str:
         """A device's class as a label value: its profile when it is one of the classes,
         else "other" (a device names its own profile: it must not make series at will)."""
         if not profile:

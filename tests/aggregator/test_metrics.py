@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.journal import read_ledger
-from aggregator.metrics import SERIES
+from aggregator.metrics import MAX_CLASSES, SERIES, Metrics
 from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
 from fedmq.cli import main
@@ -184,6 +184,12 @@ def test_report_errors_are_one_line(tmp_path: Path, capsys: Any) -> None:
 
 def test_dashboard_asks_only_for_exported_series() -> None:
     doc = json.loads(DASHBOARD.read_text())
+    # importable: one data source input that every panel and query uses, unique panel ids
+    assert [i["name"] for i in doc["__inputs"]] == ["DS_PROMETHEUS"]
+    assert len({p["id"] for p in doc["panels"]}) == len(doc["panels"])
+    sources = [p["datasource"] for p in doc["panels"]]
+    sources += [t["datasource"] for p in doc["panels"] for t in p["targets"]]
+    assert all(d == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"} for d in sources)
     exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
     exprs += [
         v.get("query", {}).get("query", "")
@@ -239,3 +245,19 @@ def test_a_taken_metrics_port_is_one_line_and_exit_2(tmp_path: Path, capsys: Any
     assert code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("fedmq: ") and f"127.0.0.1:{port} (metrics_port)" in last, last
+
+
+def test_devices_cannot_grow_the_registry_with_profile_names() -> None:
+    # the attack: devices announcing a new profile name each (a state is theirs to write)
+    m = Metrics(job="j", port=1)  # a port, so the registry exists; nothing is served
+    names = {m.class_of(f"p{i}") for i in range(100)} | {m.class_of("x" * 65 + "y")}
+    assert len(names) == MAX_CLASSES + 1 and "other" in names
+    assert m.class_of("") == "unknown" and m.class_of("p0") == "p0"
+    # with a fleet file, its classes are the only ones
+    fleet = Metrics(job="j", port=1, classes=["rpi4", "jetson-nano", "bad label!"])
+    assert [fleet.class_of(p) for p in ("rpi4", "jetson-nano", "bad label!", "p1")] == [
+        "rpi4",
+        "jetson-nano",
+        "other",
+        "other",
+    ]
