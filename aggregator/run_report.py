@@ -50,6 +50,8 @@ def render_report(state_dir: Path) -> str:
         state = _state(state_dir)
     except OSError as err:
         raise ReportError(f"cannot read {err.filename or state_dir}: {err.strerror}") from None
+    except (KeyError, TypeError, AttributeError) as err:  # a line without a round number
+        raise _unreadable(history_file, err) from None
     if not rounds:
         raise ReportError(
             f"no round history in {history_file} (is {state_dir} an "
@@ -60,14 +62,22 @@ def render_report(state_dir: Path) -> str:
     except sqlite3.Error:
         ledger = None  # the report says so rather than showing zeros
     given = sorted((v["at"], v["verdict"]) for v in ledger) if ledger is not None else None
-    rows = [_row(r, given) for r in rounds]
-    summary = _summary(rounds, rows, state, ledger)
+    try:
+        rows = [_row(r, given) for r in rounds]
+        summary = _summary(rounds, rows, state, ledger)
+    except (KeyError, TypeError, ValueError) as err:  # written by hand, or by another tool
+        raise _unreadable(history_file, err) from None
     plots = {
         "accuracy and loss": _plot_metrics(rows),
         "bytes per round": _plot_bytes(rows),
         "participation per round": _plot_participation(rows),
     }
     return _page(state_dir, summary, plots, rows)
+
+
+def _unreadable(history_file: Path, err: Exception) -> ReportError:
+    return ReportError(f"{history_file} is not a round history fedmq can read "
+                       f"({err.__class__.__name__}: {err})")  # fmt: skip
 
 
 def _state(state_dir: Path) -> dict[str, Any]:

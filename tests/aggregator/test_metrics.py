@@ -180,6 +180,10 @@ def test_report_errors_are_one_line(tmp_path: Path, capsys: Any) -> None:
     assert main(["report", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no such directory" in err
+    (tmp_path / "history.jsonl").write_text('{"round": 1, "outcome": "complete"}\n')
+    assert main(["report", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is not a round history" in err and "opened_at" in err
 
 
 def test_dashboard_asks_only_for_exported_series() -> None:
