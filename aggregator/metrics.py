@@ -10,8 +10,8 @@ fsyncs and commits.
 
 Every series carries the label `fedmq_job` (not `job`: Prometheus sets `job` to the scrape
 job's name). Label values come from code (verdicts, reason codes, counter names, round
-outcomes) or from a bounded set (device classes: the fleet file's, or without one the
-first MAX_CLASSES profile names seen; any other is "other"), so devices cannot grow the
+outcomes) or from a bounded set (device classes: the fleet file's when it names any, else
+the first MAX_CLASSES profile names seen; any other is "other"), so devices cannot grow the
 registry without bound. `SERIES` names every series; docs/metrics.md says what each means.
 """
 
@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from aggregator.ledger import VERDICTS
 from fedmq import __version__
 from fedmq.config import ConfigError
 
@@ -41,7 +42,6 @@ ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 
 JOURNAL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1)  # fmt: skip
 JOURNAL_OPS = ("append", "fsync", "commit")
-VERDICTS = ("accepted", "duplicate", "late", "rejected")
 
 # name -> (type, help); counters without their _total suffix, as Prometheus names families
 SERIES: dict[str, tuple[str, str]] = {
@@ -180,7 +180,8 @@ class Metrics:
 
     def model_published(self, nbytes: int) -> None:
         """A version's retained messages went out."""
-        self.bytes_down += nbytes
+        if self.enabled:
+            self.bytes_down += nbytes
 
     def acks_sent(self, delays: list[float]) -> None:
         """Acks went out this long after their updates' last chunks."""
@@ -227,8 +228,9 @@ class Metrics:
         verdicts = CounterMetricFamily("fedmq_updates", SERIES["fedmq_updates"][1],
                                        labels=["fedmq_job", "verdict", "reason"])  # fmt: skip
         seen = dict(agg.ledger.verdicts)
-        for v in VERDICTS[:3]:  # these from the start, so a rate() of none is a 0
-            seen.setdefault((v, ""), 0)
+        for v in VERDICTS:  # each from the start (rejections have reasons), so rate() is 0
+            if v != "rejected":
+                seen.setdefault((v, ""), 0)
         for (verdict, reason), n in sorted(seen.items()):
             verdicts.add_metric([job, verdict, reason], n)
         yield verdicts
