@@ -170,6 +170,10 @@ def test_metrics_agree_with_the_records_and_the_report_shows_the_run(
     cells = [re.findall(r"<td>(.*?)</td>", row) for _, row in rows]
     # selected, accepted, dropped, rejected (the ledger's, while the round was open), late
     assert [c[3:8] for c in cells] == [["2", "2", "0", "1", "0"], ["2", "2", "0", "0", "0"]]
+    # as the history counted them while each round was open
+    assert [int(c[6]) for c in cells] == [
+        sum(n for k, n in r["not_accepted"].items() if k.startswith("rejected_")) for r in history
+    ]
     assert "digits-mlp" in html and str(out) in capsys.readouterr().out
 
 
