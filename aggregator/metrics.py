@@ -211,7 +211,8 @@ class Metrics:
             return f
 
         yield gauge("fedmq_aggregator_info", 1, task=agg.task.name, mode=s.mode, rule=s.rule,
-                    codec=s.codec, downlink=s.downlink, version=__version__)  # fmt: skip
+                    codec=s.codec, downlink=s.downlink,
+                    downlink_delta=s.downlink_delta, version=__version__)  # fmt: skip
         yield gauge("fedmq_model_version", agg.model.version)
         for key in ("accuracy", "loss"):
             if key in agg.model.metrics:  # only once a version was evaluated
