@@ -81,7 +81,7 @@ class Aggregator:
         self.epoch = 0  # this state directory's lineage, from state.json (see _resume)
         own = [self.topics.global_manifest(), self.topics.round(), self.topics.status()]
         self.own = OwnTopics(topics=own)  # its own retained topics, watched for forgeries
-        will = offline_status(job=s.job, task=self.task.name, started_at=time.time())
+        will = offline_status(job=s.job, task=self.task.name)
         self.own.will(self.topics.status(), will)
         self.link = Link(
             client_id=f"fedmq-aggregator-{s.job}",

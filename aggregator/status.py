@@ -52,18 +52,17 @@ def _finite(value: Any) -> float | None:
     return None
 
 
-def offline_status(*, job: str, task: str, started_at: float) -> bytes:
+def offline_status(*, job: str, task: str) -> bytes:
     """The aggregator's Last Will: what its status topic says once the broker noticed it
-    gone without a clean stop. Fixed when it connects, so it cannot say when it died."""
+    gone without a clean stop. The same bytes for every run of the job, so that a restarted
+    aggregator knows the Will of an earlier run as its own (aggregator.watch); it cannot
+    say when it died (the broker publishes it as it was set at connect time)."""
     return json.dumps({
         "job": job,
         "task": task,
         "phase": "offline",
         "aggregator": "offline",
         "offline_reason": "connection lost (its Last Will)",
-        "started_at": round(started_at, 3),
-        "started": _iso(started_at),
-        "aggregator_version": __version__,
         "updated_at": None,
     }, indent=1).encode()  # fmt: skip
 

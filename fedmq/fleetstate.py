@@ -10,6 +10,7 @@ the screen) and shortened, and every table is bounded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import deque
@@ -137,7 +138,6 @@ class Status:
     counters: dict[str, int]
     recent: tuple[tuple[int, float | None, float | None], ...]  # (round, accuracy, loss)
     updated_at: float | None
-    started_at: float | None
     offline_reason: str
     codec: str
 
@@ -192,7 +192,7 @@ def parse_status(payload: bytes) -> Status | None:
         online=_int(devices.get("online")) or 0,
         trainers_online=_int(devices.get("trainers_online")) or 0,
         known=_int(devices.get("known")) or 0, counters=counters, recent=tuple(recent),
-        updated_at=_num(doc.get("updated_at")), started_at=_num(doc.get("started_at")),
+        updated_at=_num(doc.get("updated_at")),
         offline_reason=clean_text(doc.get("offline_reason")),
         codec=clean_text(codec.get("updates"), 64) if isinstance(codec, dict) else "",
     )  # fmt: skip
@@ -291,6 +291,11 @@ class FleetState:
         if status.aggregator == "offline":
             if not retained and (was_online or self.offline_since is None):
                 self.offline_since = now  # seen live: the broker published the Will now
+            if self.status is not None and status.updated_at is None:
+                # a Will says only "offline": what the last live status said still stands
+                status = dataclasses.replace(self.status, phase=status.phase, round=None,
+                                             aggregator="offline",
+                                             offline_reason=status.offline_reason)  # fmt: skip
         else:
             self.offline_since = None
         self.status, self.status_at = status, now
@@ -375,7 +380,8 @@ class FleetState:
         self._set_status(row, state.status, now)
         row.cls = clean_text(state.profile, 32)
         row.trains = state.trains
-        row.model_version = state.model_version
+        if state.status != "offline" or row.model_version is None:
+            row.model_version = state.model_version  # a Will's is the one held at its start
         row.last_seen = now
         return True
 
@@ -468,9 +474,8 @@ class FleetState:
                 out.append(Alert("error", f"aggregator offline since {clock(at)} "
                                           f"({ago(at, now)})"))  # fmt: skip
             else:
-                started = self.status.started_at
-                out.append(Alert("error", "aggregator offline: its connection was lost"
-                                 + (f" (it had started {clock(started)})" if started else "")))
+                out.append(Alert("error", "aggregator offline: its connection was lost "
+                                          "(its Last Will); when is unknown"))  # fmt: skip
         for device, n in self.flapping(now):
             out.append(Alert("warning", f"device {device} flapping: {n} online/offline "
                                         f"changes in {FLAP_WINDOW_S:.0f} s"))  # fmt: skip

@@ -61,8 +61,8 @@ def _header(state: FleetState, now: float, connected: bool) -> RenderableType:
     t.append("fedmq monitor", style="bold")
     t.append(f"  job {state.topics.job}")
     if s is not None:
-        if s.task:
-            t.append(f" ({s.task}, {s.mode})")
+        if s.task or s.mode:
+            t.append(f" ({', '.join(x for x in (s.task, s.mode) if x)})")
         t.append("  phase ")
         t.append(s.phase or "?", style="bold")
         t.append("  aggregator ")

@@ -18,15 +18,13 @@ def summary_lines(state: FleetState, now: float) -> list[str]:
         return [f"job {state.topics.job}: no status"]
     head = f"job {s.job or state.topics.job}"
     if s.task or s.mode:
-        head += f" ({', '.join(x for x in (s.task, s.mode) if x)})"
+        head += f" ({', '.join(x for x in (s.task, s.mode) if x)})"  # a Will has no mode
     if state.aggregator_offline:
         at = state.offline_at()
         if at is not None:
             where = f"aggregator offline since {clock(at)} ({ago(at, now)})"
         else:
             where = "aggregator offline: its connection was lost (its Last Will)"
-            if s.started_at is not None:
-                where += f"; it had started {clock(s.started_at)}"
     else:
         where = "aggregator online" if s.aggregator == "online" else ""
     phase = s.phase + (f": {s.done_reason}" if s.done_reason else "")

@@ -185,3 +185,16 @@ def test_its_own_will_is_not_an_intrusion_and_is_overwritten_with_the_live_statu
     seen = w.observe(S, b'{"aggregator": "offline", "x": 1}', retained=False,
                      signed_by_us=None, now=5.0)  # fmt: skip
     assert seen is not None and seen.counter == "foreign_downlink"
+
+
+def test_a_retained_copy_of_a_pending_publication_is_not_taken_for_its_echo() -> None:
+    """A restart clears the round topic and announces the resumed round exactly as before:
+    the broker's retained copy of the old announcement (identical bytes) arrives before the
+    echoes, which must still be recognised (found by tests/integration/test_operator_views)."""
+    w = OwnTopics(topics=[G, R, S])
+    w.published(R, b"")  # no stale round
+    w.published(R, b"round 3, open")  # the resumed round, byte for byte as announced before
+    assert w.observe(R, b"round 3, open", retained=True, signed_by_us=True, now=1.0) is None
+    assert w.observe(R, b"", retained=False, signed_by_us=False, now=1.0) is None
+    assert w.observe(R, b"round 3, open", retained=False, signed_by_us=True, now=1.0) is None
+    assert w.due(5.0) == []

@@ -44,9 +44,9 @@ def _mirror(device: str, **over: Any) -> bytes:
     return json.dumps(doc).encode()
 
 
-def _state(device: str, status: str, job: str = "j") -> bytes:
+def _state(device: str, status: str, job: str = "j", version: int = 3) -> bytes:
     return encode_state(DeviceState(device=device, status=status, job=job, profile="jetson",
-                                    model_version=3))  # fmt: skip
+                                    model_version=version))  # fmt: skip
 
 
 def _round(selected: tuple[str, ...], rid: int = 4, job: str = "j") -> bytes:
@@ -109,11 +109,13 @@ def test_status_mirror_and_round_make_the_summary_the_table_and_the_progress() -
 
 def test_own_states_decide_presence_and_the_mirror_the_verdicts() -> None:
     st = _fleet()
-    st.on_message(T.device_state("a"), _state("a", "offline"), retained=False, now=NOW + 1)
+    # a Will, built when the device started: the version it holds is the one seen before
+    st.on_message(T.device_state("a"), _state("a", "offline", version=-1), retained=False,
+                  now=NOW + 1)  # fmt: skip
     # a late mirror saying online does not bring it back: its own state is newer news
     st.on_message(T.fleet_device("a"), _mirror("a", accepted=4), retained=False, now=NOW + 2)
     a = st.devices["a"]
-    assert (a.status, a.cls, a.accepted) == ("offline", "jetson", 4)
+    assert (a.status, a.cls, a.accepted, a.model_version) == ("offline", "jetson", 4, 3)
     assert device_row(_screen(st), "a")[:3] == ["a", "jetson", "offline"]
     # a device of another job is not this job's: gone from the table
     st.on_message(T.device_state("b"), _state("b", "online", job="other"), retained=False,
@@ -128,8 +130,10 @@ def test_aggregator_offline_flapping_and_rejection_spikes_raise_alerts() -> None
     st = _fleet()
     assert st.alerts(NOW) == []
     will = json.dumps({"job": "j", "phase": "offline", "aggregator": "offline",
-                       "started_at": NOW - 600, "updated_at": None}).encode()  # fmt: skip
+                       "updated_at": None}).encode()  # fmt: skip
     st.on_message(T.status(), will, retained=False, now=NOW + 10)  # the broker fired it now
+    # what the last live status said of the model stands; no round is open any more
+    assert st.status is not None and st.status.model_version == 3 and st.status.round is None
     alerts = [a.text for a in st.alerts(NOW + 40)]
     assert alerts and alerts[0].startswith("aggregator offline since") and "30 s ago" in alerts[0]
     assert "aggregator offline since" in "\n".join(summary_lines(st, NOW + 40))
