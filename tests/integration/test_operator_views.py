@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -237,11 +238,19 @@ def test_the_monitor_in_a_terminal_shows_devices_and_who_went_offline(running: F
         screen = _wait_screen(term, "d2 offline", lambda: device_row(term.screen(), "d2")[2:3]
                               == ["offline"] and term.screen(), 30)  # fmt: skip
         assert device_row(screen, "d0")[2] in ("online", "training")
-        running.kill("aggregator")
-        screen = _wait_screen(term, "the aggregator offline", lambda: says("OFFLINE"),
-                              1.5 * KEEPALIVE_S + 5)  # fmt: skip
-        assert "ALERT aggregator offline since" in screen
-        print(f"\n--- the monitor, d2 and the aggregator killed ---\n{screen}")
+        watch = StatusWatch(_operator_flags(running, "3.1.1"))
+        try:
+            wait_until("fedmq status --watch printing", watch.docs, timeout=15)
+            running.kill("aggregator")
+            screen = _wait_screen(term, "the aggregator offline", lambda: says("OFFLINE"),
+                                  1.5 * KEEPALIVE_S + 5)  # fmt: skip
+            assert "ALERT aggregator offline since" in screen
+            print(f"\n--- the monitor, d2 and the aggregator killed ---\n{screen}")
+            wait_until("--watch printing the aggregator offline",
+                       lambda: watch.docs()[-1]["aggregator"] == "offline", timeout=10)  # fmt: skip
+            assert watch.interrupt() == 0  # Ctrl-C ends a watch as asked: exit 0
+        finally:
+            watch.close()
         proc = _fedmq("status", *_operator_flags(running, "3.1.1"), "--json")
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["aggregator"] == "offline"
@@ -253,6 +262,37 @@ def test_the_monitor_in_a_terminal_shows_devices_and_who_went_offline(running: F
         assert counters["counters"].get("foreign_downlink", 0) == 0  # its own Will is no forgery
     finally:
         term.close()
+
+
+class StatusWatch:
+    """`fedmq status --watch --json` in the background, its lines collected as they come."""
+
+    def __init__(self, flags: list[str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedmq", "status", *flags,
+                                      "--watch", "--json"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.append(line)
+
+    def docs(self) -> list[dict[str, Any]]:
+        """Every document printed so far (one a line)."""
+        return [json.loads(line) for line in list(self._lines)]
+
+    def interrupt(self) -> int:
+        """Ctrl-C; the exit status."""
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
 
 
 def _wait_screen(term: Terminal, what: str, check: Any, timeout: float) -> str:
