@@ -274,7 +274,7 @@ class FleetState:
         if kind == "fleet" and device is not None:
             return self._on_mirror(device, payload)
         if kind == "state" and device is not None:
-            return self._on_state(device, payload, now=now)
+            return self._on_state(device, payload, retained=retained, now=now)
         if kind == "round":
             return self._on_round(payload)
         return False
@@ -360,7 +360,7 @@ class FleetState:
             setattr(row, name, max(0, _int(doc.get(name)) or 0))
         return True
 
-    def _on_state(self, device: str, payload: bytes, *, now: float) -> bool:
+    def _on_state(self, device: str, payload: bytes, *, retained: bool, now: float) -> bool:
         if not payload:
             return False
         try:
@@ -382,7 +382,8 @@ class FleetState:
         row.trains = state.trains
         if state.status != "offline" or row.model_version is None:
             row.model_version = state.model_version  # a Will's is the one held at its start
-        row.last_seen = now
+        if not retained:  # a retained state is old news: when, only the mirror says
+            row.last_seen = now
         return True
 
     def _on_round(self, payload: bytes) -> bool:

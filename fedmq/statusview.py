@@ -43,7 +43,7 @@ def summary_lines(state: FleetState, now: float) -> list[str]:
         if r.deadline_in_s is not None:
             text += f", deadline in {r.deadline_in_s:.0f} s"
         lines.append(f"  round     {text}")
-    elif s.aggregator != "offline" or state.offline_since is None:
+    elif s.aggregator != "offline":
         lines.append("  round     none open")
     if s.aggregator != "offline" or s.known:
         lines.append(f"  devices   {s.online} online of {s.known} known "

@@ -109,6 +109,9 @@ def test_status_mirror_and_round_make_the_summary_the_table_and_the_progress() -
 
 def test_own_states_decide_presence_and_the_mirror_the_verdicts() -> None:
     st = _fleet()
+    # a retained state is old news: it says how the device is, not that it was seen now
+    st.on_message(T.device_state("b"), _state("b", "online"), retained=True, now=NOW + 1)
+    assert st.devices["b"].last_seen == NOW - 5 and st.devices["b"].cls == "jetson"
     # a Will, built when the device started: the version it holds is the one seen before
     st.on_message(T.device_state("a"), _state("a", "offline", version=-1), retained=False,
                   now=NOW + 1)  # fmt: skip
