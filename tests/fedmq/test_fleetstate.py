@@ -77,14 +77,15 @@ def _screen(st: FleetState, now: float = NOW) -> str:
 
 
 def device_row(screen: str, device: str) -> list[str]:
-    """The cells of device's row in the monitor's device table (split on blanks)."""
+    """The cells of device's row in the monitor's device table (split on blanks); [] when
+    it has none (also used on tmux captures: tests/integration/test_operator_views.py)."""
     lines = screen.splitlines()
     start = next((i for i, line in enumerate(lines) if " devices (" in line), len(lines))
     for line in lines[start:]:
         cells = line.strip("│ ").split()
         if len(cells) >= 6 and cells[0] == device:
             return cells
-    raise AssertionError(f"no row for {device!r} on the screen:\n{screen}")
+    return []
 
 
 def test_status_mirror_and_round_make_the_summary_the_table_and_the_progress() -> None:

@@ -31,6 +31,7 @@ from broker.mosquitto import BrokerSettings, MosquittoBroker, mosquitto_path
 from broker.provision import FleetDir, operator_identity
 from tests.conftest import TEST_DEVICES, TEST_JOB
 from tests.edge_agent.test_agent import wait_until
+from tests.fedmq.test_fleetstate import device_row
 from tests.integration.fleet import Fleet
 
 DEVICES = ("d0", "d1", "d2")
@@ -202,17 +203,6 @@ class Terminal:
         assert self.tmux is not None
         subprocess.run([self.tmux, "-L", self.socket, "kill-server"], capture_output=True,
                        timeout=10)  # fmt: skip
-
-
-def device_row(screen: str, device: str) -> list[str]:
-    """The cells of device's row in the monitor's device table; [] when it has none."""
-    lines = screen.splitlines()
-    start = next((i for i, line in enumerate(lines) if " devices (" in line), len(lines))
-    for line in lines[start:]:
-        cells = line.strip("│ ").split()
-        if len(cells) >= 6 and cells[0] == device:
-            return cells
-    return []
 
 
 def test_the_monitor_in_a_terminal_shows_devices_and_who_went_offline(running: Fleet) -> None:
