@@ -217,7 +217,6 @@ class Device:
     duplicates: int = 0
     bytes_up: int = 0
     from_state: bool = False  # its own state was seen: that, not the mirror, says its status
-    from_mirror: bool = False
     changes: deque[float] = field(default_factory=lambda: deque(maxlen=16))  # online<->offline
 
     def mirror(self) -> dict[str, Any]:
@@ -326,14 +325,11 @@ class FleetState:
         row.status = status
 
     def _on_mirror(self, device: str, payload: bytes) -> bool:
-        if not payload:  # the aggregator forgot the device
+        if not payload:  # the aggregator forgot the device: it goes unless its state is here
             row = self.devices.get(device)
-            if row is None:
+            if row is None or row.from_state:
                 return False
-            if row.from_state:
-                row.from_mirror = False
-            else:
-                del self.devices[device]
+            del self.devices[device]
             return True
         doc = _json_object(payload, MAX_MIRROR_BYTES)
         if doc is None or doc.get("device") != device:
@@ -342,7 +338,6 @@ class FleetState:
         row = self._row(device)
         if row is None:
             return False
-        row.from_mirror = True
         if not row.from_state:  # the device's own state, when seen, says these
             row.cls = clean_text(doc.get("class"), 32)
             if doc.get("status") in DEVICE_STATUSES:
