@@ -13,7 +13,7 @@ from fedmq.fleetstate import FleetState
 from fedmq.link import Connected, Disconnected, Link, Message
 from fedmq.topics import Topics
 
-EXIT_OK, EXIT_NO_STATUS, EXIT_NO_BROKER = 0, 1, 4
+EXIT_OK, EXIT_NO_STATUS, EXIT_CONFIG, EXIT_NO_BROKER = 0, 1, 2, 4
 QUIET_S = 0.3  # after the status: how long more retained messages may still be arriving
 REDRAW_S = 0.25
 
@@ -80,7 +80,7 @@ def run_status(settings: Any, *, as_json: bool, devices: bool, watch: bool,
                 print(render_json(state, devices=devices, compact=watch), file=out, flush=True)
             else:
                 if watch:
-                    print(f"--- {time.strftime('%H:%M:%S')}", file=out)
+                    print(f"--- {time.strftime('%H:%M:%S UTC', time.gmtime())}", file=out)
                 print(render_text(state, time.time(), devices=devices), file=out, flush=True)
 
         if state.status is not None:
@@ -110,10 +110,14 @@ def run_monitor(settings: Any) -> int:
 
     from fedmq.monitor import render
 
+    console = Console()
+    if not console.is_terminal:  # a live screen in a pipe or a file is nothing to read
+        print("fedmq: fedmq monitor needs a terminal; for a log of changes use fedmq status "
+              "--watch (--json for one document a line)", file=sys.stderr)  # fmt: skip
+        return EXIT_CONFIG
     topics = Topics(job=settings.job, prefix=settings.prefix)
     state = FleetState(topics=topics)
     link = open_link(settings, topics, devices=True, states=True, tag="monitor")
-    console = Console()
     try:
         if not link.wait_connected(settings.timeout):
             print(f"fedmq: no broker at {settings.host}:{settings.port} after "

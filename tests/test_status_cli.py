@@ -42,6 +42,11 @@ def test_a_job_without_status_exits_1_over_either_protocol(plain_broker: Any) ->
         assert "no status for job 'nobody'" in proc.stderr
 
 
+def test_the_monitor_wants_a_terminal() -> None:
+    proc = _run("monitor", "--insecure", "--port", "1", "--timeout", "1")  # stdout: a pipe
+    assert proc.returncode == EXIT_CONFIG and "status --watch" in proc.stderr
+
+
 def test_monitor_reads_status_then_monitor_tables(tmp_path: Path, capsys: Any) -> None:
     from fedmq.config import load_settings
 
