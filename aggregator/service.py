@@ -7,7 +7,8 @@
       or a robust rule, bounds, central DP   -> aggregator.robust, .bounds, .privacy
     the server optimiser on the mean delta   -> aggregator.fedavg.ServerSGD
     presence and dropouts                    -> aggregator.presence
-    the status document                      -> aggregator.status
+    the status document (and the Will)       -> aggregator.status
+    the readable per-device fleet mirror     -> aggregator.fleetview
 
 The loop takes every message waiting, handles each, then commits the journal once (one
 fsync for the whole batch) and only then sends the acks and acknowledges the messages to
@@ -26,6 +27,7 @@ from typing import Any
 from aggregator.admission import Admission, check_device_id
 from aggregator.bounds import adaptive_bound, first_round_bound, round_example_cap
 from aggregator.fedavg import AggregationRule, RunningSum, ServerSGD
+from aggregator.fleetview import FleetView
 from aggregator.globals import GlobalModel, ModelRefused, StoredVersionError
 from aggregator.intake import Intake
 from aggregator.journal import Journal, Snapshot
@@ -38,7 +40,7 @@ from aggregator.recovery import recover_round
 from aggregator.robust import make_rule, round_bound
 from aggregator.rounds import OpenRound
 from aggregator.settings import AggregatorSettings
-from aggregator.status import status_of
+from aggregator.status import RecentRounds, offline_status, status_of
 from aggregator.store import Store
 from aggregator.watch import OwnTopics
 from fedmq.atomicfile import move_aside
@@ -80,6 +82,8 @@ class Aggregator:
         self.epoch = 0  # this state directory's lineage, from state.json (see _resume)
         own = [self.topics.global_manifest(), self.topics.round(), self.topics.status()]
         self.own = OwnTopics(topics=own)  # its own retained topics, watched for forgeries
+        will = offline_status(job=s.job, task=self.task.name)
+        self.own.will(self.topics.status(), will)
         self.link = Link(
             client_id=f"fedmq-aggregator-{s.job}",
             address=s.broker,
@@ -88,6 +92,7 @@ class Aggregator:
                            (self.topics.metrics_filter(), 0),
                            *((topic, 1) for topic in own)],  # fmt: skip
             max_message_bytes=s.max_message_bytes,
+            will=(self.topics.status(), will),  # marks the job's status offline
             manual_ack=True,  # an update is acknowledged to the broker once it is durable
         )
         self.model = GlobalModel(task=self.task, store=self.store, seed=s.seed,
@@ -121,6 +126,9 @@ class Aggregator:
                              max_message_bytes=s.max_message_bytes,
                              max_partial_per_device=s.max_partial_updates_per_device)  # fmt: skip
         self.device_metrics: dict[str, dict[str, float]] = {}
+        self.fleet_view = FleetView(topics=self.topics)  # the JSON mirror of the device table
+        self.recent = RecentRounds()  # the status's tail of closed rounds
+        self._online = True  # False while stopping: the last status says offline
         self.next_round_id = 1
         self.waiting_since = 0.0
         self.done_reason = ""
@@ -211,6 +219,7 @@ class Aggregator:
                 self._tick(time.time())
         finally:
             self._flush()
+            self._online = False
             self._publish_status(time.time(), force=True)
             self.link.stop()
             self.journal.close()
@@ -231,6 +240,7 @@ class Aggregator:
             except ValueError:
                 continue  # not a device id we could answer on
             self.link.publish(topic, encode_ack(ack), qos=1)
+            self.fleet_view.verdict(device, ack, time.time())
         self.metrics.acks_sent(self.intake.ack_delays(acks, time.time()))
         for msg in self._handled:
             self.link.ack(msg)
@@ -255,6 +265,7 @@ class Aggregator:
         if self.round is not None:
             self._announce("open")
         self._publish_status(time.time(), force=True)
+        self.fleet_view.republish()
 
     def _tick(self, now: float) -> None:
         if self.round is None:
@@ -275,6 +286,8 @@ class Aggregator:
                 if self.mode.policy.should_open(len(online), waited=waited):
                     self._open_round(online, now)
         self._publish_status(now)
+        for topic, payload in self.fleet_view.due(now):  # the mirror, on change only
+            self.link.publish(topic, payload, qos=1, retain=True)
         self.metrics.observe(self, now)
 
     # ------------------------------------------------------------ messages
@@ -284,6 +297,7 @@ class Aggregator:
         device = self.topics.device_of(msg.topic) or "?"
         try:
             if kind == "update":
+                self.fleet_view.sent(device, len(msg.payload), now)
                 self.intake.on_chunk(device, msg.payload, now=now, version=self.model.version,
                                      next_round=self.next_round_id,
                                      trains=self.presence.trains)  # fmt: skip
@@ -297,6 +311,7 @@ class Aggregator:
                     level = logging.INFO if state.status == "offline" else logging.DEBUG
                     log.log(level, "device %s is %s", device, state.status)
                     self._status_dirty = True
+                self.fleet_view.observe(device, state, self.presence.devices, now)
                 if self.round is not None and state.status != "offline":
                     self.round.rejoin(device)
             elif kind in ("global", "round", "status"):
@@ -315,6 +330,7 @@ class Aggregator:
         except ProtocolError as err:
             err.at(device=device, topic=msg.topic)
             self.ledger.counters[f"rejected_{err.reason_code}"] += 1
+            self.fleet_view.refused(device, f"{err.reason_code}: {err.reason}", now)
             log.warning("rejected message from %s on %s: %s", _shown(device), _shown(msg.topic),
                         err.reason)  # fmt: skip
             self._status_dirty = True
@@ -424,6 +440,7 @@ class Aggregator:
             counters["rounds_abandoned"] += 1
         self._announce("closed" if outcome != "abandoned" else "abandoned", r)
         self.store.append_round(record)
+        self.recent.add(record)
         self.next_round_id = r.round_id + 1
         self.metrics.round_ended(self, record)
         self._save_state()  # the commit point: a restart now starts the next round
@@ -496,6 +513,7 @@ class Aggregator:
         version = state.get("version")
         self._load_model(None if version is None else int(version))
         self.next_round_id = int(state.get("next_round", 1))
+        self.recent.extend(self.store.history())
         # the lineage of this state directory: set once, so a fresh directory (round ids and
         # versions start over) announces a newer epoch that signed-downlink agents follow
         self.epoch = int(state.get("epoch") or time.time() * 1000)
@@ -605,7 +623,8 @@ class Aggregator:
                          version=self.model.version, metrics=self.model.metrics,
                          round_=self.round, presence=self.presence,
                          counters=self.ledger.counters, now=now,
-                         signing_key=self.signer.key_id,
+                         signing_key=self.signer.key_id, online=self._online,
+                         recent=self.recent.as_list(),
                          aggregation=self.aggregation_status())  # fmt: skip
 
     def aggregation_status(self) -> dict[str, Any]:

@@ -241,7 +241,8 @@ class FleetDir:
                  f"topic readwrite {t.global_chunks_filter()}",
                  f"topic readwrite {t.round()}",
                  f"topic readwrite {t.status()}",
-                 f"topic write {t.acks_filter()}", "",
+                 f"topic write {t.acks_filter()}",
+                 f"topic write {t.fleet_filter()}", "",
                  f"user {operator_identity(fleet.job)}",
                  f"topic read {t.base}/#",
                  f"topic read {t.device_states_filter()}", ""]  # fmt: skip

@@ -1,8 +1,9 @@
-"""The `fedmq` command: demo, aggregator, agent, broker, status, report, tasks.
+"""The `fedmq` command: demo, aggregator, agent, broker, fleet, status, monitor, report, tasks.
 
 Settings come from a TOML file (--config), then FEDMQ_* environment variables, then flags.
 Exit codes: 0 done, 1 unexpected failure, 2 bad configuration or usage, 3 the demo ran
-but missed its accuracy target, 4 no broker could be reached or started.
+but missed its accuracy target, 4 no broker could be reached or started. `fedmq status`:
+1 when the job has no status on the broker.
 """
 
 from __future__ import annotations
@@ -335,13 +336,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status",
-        help="print a job's retained status",
-        description="Read the aggregator's retained status JSON once and print it. On a "
-        "secured fleet, connect as the read-only operator: --config "
-        "<fleet>/bundles/operator.<job>/operator.toml.",
+        help="print a job's status: phase, model, round, devices",
+        description="Read the aggregator's retained status (and with --devices its fleet "
+        "mirror) and print a summary, or JSON. On a secured fleet, connect as the read-only "
+        "operator: --config <fleet>/bundles/operator.<job>/operator.toml. Exit codes: 0 ok, "
+        "1 no status for the job, 2 bad configuration, 4 no broker.",
     )
     status.add_argument("--config", type=Path, help="TOML config file ([status] table)")
     _add_settings_flags(status, StatusSettings, STATUS_HELP)
+    status.add_argument("--json", action="store_true", dest="as_json",
+                        help="print the status document as JSON (one line per change with "
+                        "--watch); with --devices it has a \"fleet\" list")  # fmt: skip
+    status.add_argument("--devices", action="store_true",
+                        help="add the device table, from the aggregator's fleet mirror")
+    status.add_argument("--watch", action="store_true",
+                        help="print again on every change until Ctrl-C")  # fmt: skip
+    monitor = sub.add_parser(
+        "monitor",
+        help="a live terminal view of a job: model, round, devices, alerts",
+        description="Watch a job in the terminal until Ctrl-C: phase, model version, "
+        "accuracy and loss sparklines, the open round device by device, the device table, "
+        "counters and alerts (aggregator offline, devices flapping, rejections spiking). "
+        "Connection settings as for fedmq status ([status], then [monitor] tables).",
+    )
+    monitor.add_argument("--config", type=Path,
+                         help="TOML config file ([status] and [monitor] tables)")  # fmt: skip
+    _add_settings_flags(monitor, StatusSettings, STATUS_HELP)
 
     report = sub.add_parser(
         "report",
@@ -399,6 +419,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _print_status(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "monitor":
+        from fedmq.fleetwatch import run_monitor
+
+        return run_monitor(load_settings(StatusSettings, sections=("status", "monitor"),
+                                         config_file=args.config, flags=vars(args)))  # fmt: skip
     if args.command == "tasks":
         from fedmq.tasks import get_task, list_tasks
         from firmware_profiles import list_profiles, load_profile
@@ -529,29 +554,7 @@ def _fleet(args: argparse.Namespace) -> int:
 
 
 def _print_status(args: argparse.Namespace) -> int:
-    import json
+    from fedmq.fleetwatch import run_status
 
-    from fedmq.link import Link, Message
-    from fedmq.topics import Topics
-
-    settings = _settings(StatusSettings, args, "status")
-    topics = Topics(job=settings.job, prefix=settings.prefix)
-    link = Link(
-        client_id=f"fedmq-status-{__import__('os').getpid()}",
-        address=settings.address,
-        subscriptions=[(topics.status(), 0)],
-        persistent=False,
-    )
-    link.start()
-    try:
-        if not link.wait_connected(settings.timeout):
-            print(f"fedmq: no broker at {settings.host}:{settings.port}", file=sys.stderr)
-            return EXIT_NO_BROKER
-        while (event := link.next_event(settings.timeout)) is not None:
-            if isinstance(event, Message) and event.payload:
-                print(json.dumps(json.loads(event.payload), indent=2))
-                return EXIT_OK
-        print(f"fedmq: no status for job {settings.job!r}", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        link.stop()
+    return run_status(_settings(StatusSettings, args, "status"), as_json=args.as_json,
+                      devices=args.devices, watch=args.watch)  # fmt: skip

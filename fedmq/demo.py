@@ -212,6 +212,8 @@ def _watch(broker: Any, fleet: Any, aggregator: subprocess.Popen[bytes],
             if not isinstance(event, Message) or not event.payload:
                 continue
             status = json.loads(event.payload)
+            if status.get("aggregator") == "offline":  # its Will or last word: nothing to show
+                continue
             bar.n = status.get("rounds_closed", 0)
             r = status.get("round") or {}
             acc = status.get("accuracy")

@@ -193,7 +193,8 @@ def test_device_may_publish_only_its_own_topics(secured: tuple[Any, FleetDir, To
     assert not d0.refused()
     try:
         for topic in (t.update("d1"), t.global_manifest(), t.global_chunk(1, 0), t.round(),
-                      t.status(), t.ack("d1"), t.device_state("d1"), t.metrics("d1")):  # fmt: skip
+                      t.status(), t.ack("d1"), t.device_state("d1"), t.metrics("d1"),
+                      t.fleet_device("d0")):  # fmt: skip
             assert d0.publish(topic, b"forged") == "Not authorized", topic
         assert d0.publish(t.update("d0"), b"mine") == "Success"
         # the aggregator got d0's own update and none of the forgeries
@@ -202,6 +203,11 @@ def test_device_may_publish_only_its_own_topics(secured: tuple[Any, FleetDir, To
         assert all(payload != b"forged" for _, payload in operator.received())
         # the read-only operator may not publish anything
         assert operator.publish(t.status(), b"done, 0.99") == "Not authorized"
+        assert operator.publish(t.fleet_device("d0"), b"{}") == "Not authorized"
+        # the fleet mirror is the aggregator's to write, and the operator reads it
+        assert aggregator.publish(t.fleet_device("d0"), b'{"device": "d0"}') == "Success"
+        wait_until(lambda: (t.fleet_device("d0"), b'{"device": "d0"}') in operator.received(),
+                   "the mirror at the operator")  # fmt: skip
     finally:
         for c in (aggregator, operator, d0):
             c.close()
