@@ -301,15 +301,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="enrol a device (repeat); CLASS is its firmware profile")  # fmt: skip
     init.add_argument("--devices", type=int, default=0, metavar="N",
                       help="also enrol device-00 .. device-<N-1>")  # fmt: skip
-    add = fleet_sub.add_parser("add", help="enrol a device: issue its certificate and bundle")
+    add = fleet_sub.add_parser(
+        "add", help="enrol a device (or add an operator): issue its certificate and bundle",
+        description="Enrol a device, or with --operator issue one more read-only identity "
+        "operator.<job>.<NAME> for a person or tool that watches while others do (a "
+        "certificate is its MQTT client id: two tools sharing one knock each other off).")
     add.add_argument("dir", type=Path)
-    add.add_argument("device", help="device id (letters, digits, _ . -)")
+    add.add_argument("device", metavar="ID", help="device id, or the operator's NAME "
+                     "(letters, digits, _ . -)")  # fmt: skip
+    add.add_argument("--operator", action="store_true",
+                     help="a read-only operator identity, not a device")  # fmt: skip
     add.add_argument("--class", dest="device_class", default="", help="firmware profile name")
     add.add_argument("--max-examples", type=int, default=None,
                      help="most examples one update from this device may claim")  # fmt: skip
-    revoke = fleet_sub.add_parser("revoke", help="revoke a device's certificate and access")
+    revoke = fleet_sub.add_parser("revoke", help="revoke a device's (or an added operator's) "
+                                  "certificate and access")  # fmt: skip
     revoke.add_argument("dir", type=Path)
-    revoke.add_argument("device")
+    revoke.add_argument("device", metavar="IDENTITY",
+                        help="a device id or an added operator's operator.<job>.<name>")
     show = fleet_sub.add_parser("show", help="list a fleet's devices and files")
     show.add_argument("dir", type=Path)
 
@@ -534,7 +543,11 @@ def _fleet(args: argparse.Namespace) -> int:
               "fedmq agent --config agent.toml")
         return EXIT_OK
     fleet = _fleet_dir(args.dir)
-    if args.fleet_command == "add":
+    if args.fleet_command == "add" and args.operator:
+        bundle = fleet.add_operator(args.device)
+        print(f"operator {bundle.root.name}: bundle in {bundle.root}; send the broker SIGHUP "
+              f"to reload its ACL; then fedmq monitor --config {bundle.root / 'operator.toml'}")
+    elif args.fleet_command == "add":
         bundle = fleet.add(args.device, device_class=args.device_class,
                            max_examples=args.max_examples)  # fmt: skip
         print(f"enrolled {args.device}: bundle in {bundle.root}; "
@@ -547,7 +560,7 @@ def _fleet(args: argparse.Namespace) -> int:
         info = fleet.read()
         print(f"job {info.job!r} prefix {info.prefix!r} broker {info.host}:{info.port}")
         print(f"identities: {aggregator_identity(info.job)}, {operator_identity(info.job)}")
-        for d in info.devices.values():
+        for d in (*info.operators.values(), *info.devices.values()):
             state = "revoked" if d.revoked else "enrolled"
             print(f"  {d.id:24s} {state:8s} {d.device_class or '-'}")
     return EXIT_OK
