@@ -236,8 +236,10 @@ class FleetDir:
             raise ValueError(f"{identity!r} is neither an enrolled device nor an added operator "
                              f"in {self.fleet_file}")  # fmt: skip
         changed = {**table, identity: replace(entry, revoked=True)}
-        self._save(replace(
-            fleet, **{"operators" if table is fleet.operators else "devices": changed}))
+        if table is fleet.operators:
+            self._save(replace(fleet, operators=changed))
+        else:
+            self._save(replace(fleet, devices=changed))
         shutil.rmtree(self.bundle(identity).root, ignore_errors=True)
         self.write_crl()
         self.write_acl()
