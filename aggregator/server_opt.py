@@ -40,18 +40,15 @@ log = logging.getLogger("fedmq.aggregator")
 
 SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi", "adagrad")
 ADAPTIVE = ("adam", "yogi", "adagrad")
-# server_lr = 0 takes these; avgm's is 1 - momentum (see default_server_lr)
-DEFAULT_SERVER_LR = {"sgd": 1.0, "adam": 0.01, "yogi": 0.01, "adagrad": 0.1}
+# server_lr = 0 takes these (see default_server_lr)
+DEFAULT_SERVER_LR = {"sgd": 1.0, "avgm": 1.0, "adam": 0.01, "yogi": 0.01, "adagrad": 0.1}
 STATE_KIND = "server_opt"
 MAX_STATE_BYTES = 2 * 1024 * 1024 * 1024  # two float64 copies of a model up to ~128M params
 
 
-def default_server_lr(optimizer: str, momentum: float) -> float:
-    """The server learning rate server_lr = 0 stands for: 1 for sgd (FedAvg), 1 - momentum
-    for avgm (its steady-state step is then FedAvg's), 1e-2 for adam and yogi, 1e-1 for
-    adagrad (where Reddi et al.'s tuned rates mostly lie)."""
-    if optimizer == "avgm":
-        return 1.0 - momentum
+def default_server_lr(optimizer: str) -> float:
+    """The server learning rate server_lr = 0 stands for: 1 for sgd (FedAvg) and avgm,
+    1e-2 for adam and yogi, 1e-1 for adagrad (where Reddi et al.'s tuned rates mostly lie)."""
     return DEFAULT_SERVER_LR[optimizer]
 
 
@@ -205,7 +202,7 @@ def make_server_optimizer(settings: Any, specs: tuple[TensorSpec, ...],
                           store: Store | None = None) -> ServerOptimizer:  # fmt: skip
     """The settings' server optimiser (sgd: plain ServerSGD, FedAvg bit for bit)."""
     s = settings
-    lr = s.server_lr or default_server_lr(s.server_optimizer, s.server_momentum)
+    lr = s.server_lr or default_server_lr(s.server_optimizer)
     if s.server_optimizer == "sgd":
         return ServerSGD(lr=lr)
     return FedOpt(kind=s.server_optimizer, specs=specs, lr=lr,

@@ -41,7 +41,7 @@ class AggregatorSettings:
     momentum: float = 0.0
     # the server optimiser on the mean delta (docs/strategies.md); 0 lr: the optimiser's own
     server_optimizer: str = "sgd"  # sgd (FedAvg) | avgm | adam | yogi | adagrad
-    server_lr: float = 0.0  # sgd 1, avgm 1 - server_momentum, adam/yogi 1e-2, adagrad 1e-1
+    server_lr: float = 0.0  # sgd and avgm 1, adam and yogi 1e-2, adagrad 1e-1
     server_momentum: float = 0.9  # beta1: avgm's momentum, the adaptive ones' first moment
     server_beta2: float = 0.99  # adam and yogi: decay of the second moment
     server_tau: float = 1e-3  # adam, yogi, adagrad: adaptivity (epsilon); v starts at tau^2
@@ -152,7 +152,7 @@ class AggregatorSettings:
         if self.server_lr < 0:
             raise ValueError(f"server_lr must be > 0, or 0 for the optimiser's default; got "
                              f"{self.server_lr}")  # fmt: skip
-        lr = self.server_lr or default_server_lr(self.server_optimizer, self.server_momentum)
+        lr = self.server_lr or default_server_lr(self.server_optimizer)
         check_hyperparameters(lr=lr, momentum=self.server_momentum, beta2=self.server_beta2,
                               tau=self.server_tau)  # fmt: skip
         if not 0 <= self.prox_mu <= MAX_PROX_MU or self.prox_mu * self.lr >= 1:

@@ -45,9 +45,9 @@ AGGREGATOR_HELP = {
     "server_optimizer": "server optimiser on the round's mean delta: sgd (FedAvg), avgm "
     "(server momentum), adam, yogi or adagrad (Reddi et al. 2021); its state is saved with "
     "each version and resumed after a restart (docs/strategies.md)",
-    "server_lr": "server learning rate; 0 = the optimiser's default: sgd 1 (FedAvg), avgm "
-    "1 - server_momentum, adam and yogi 0.01, adagrad 0.1 (starting points from Reddi et al.; "
-    "tune it on your task)",
+    "server_lr": "server learning rate; 0 = the optimiser's default: sgd 1 (FedAvg), avgm 1, "
+    "adam and yogi 0.01, adagrad 0.1 (starting points from Reddi et al.; tune it on your "
+    "task)",
     "server_momentum": "beta1: avgm's momentum and the first-moment decay of adam, yogi and "
     "adagrad (0.9, as in Reddi et al.)",
     "server_beta2": "adam and yogi: second-moment decay beta2 (0.99, as in Reddi et al.)",

@@ -95,7 +95,7 @@ def test_defaults_follow_the_settings() -> None:
     assert made(server_optimizer="adam").lr == 0.01
     assert made(server_optimizer="yogi").lr == 0.01
     assert made(server_optimizer="adagrad").lr == 0.1
-    assert made(server_optimizer="avgm").lr == pytest.approx(0.1)  # 1 - momentum 0.9
+    assert made(server_optimizer="avgm").lr == 1.0
     adam = made(server_optimizer="adam", server_lr=0.3, server_beta2=0.9, server_tau=1e-2)
     assert (adam.lr, adam.b1, adam.b2, adam.tau) == (0.3, 0.9, 0.9, 1e-2)
     np.testing.assert_array_equal(adam.state.v["w"], [1e-4, 1e-4])  # v_-1 = tau^2
