@@ -95,15 +95,15 @@ def opt_step(kind: str, state: OptState, delta: Mapping[str, np.ndarray], *, b1:
     return steps, OptState(step=state.step + 1, m=m_next, v=v_next)
 
 
-def encode_state(kind: str, state: OptState) -> bytes:
+def encode_opt_state(kind: str, state: OptState) -> bytes:
     """An optimiser's state as the bytes of a `.opt` file (msgpack, tensors as in `weights`)."""
     tensors = {f"m/{k}": a for k, a in state.m.items()} | {f"v/{k}": a for k, a in state.v.items()}
     return pack_message(STATE_KIND, {"optimizer": kind, "step": state.step,
                                      "tensors": encode_weights(tensors)})  # fmt: skip
 
 
-def decode_state(blob: bytes, kind: str, specs: tuple[TensorSpec, ...]) -> OptState:
-    """Inverse of encode_state, checked against the model's specs (float64, finite, v >= 0);
+def decode_opt_state(blob: bytes, kind: str, specs: tuple[TensorSpec, ...]) -> OptState:
+    """Inverse of encode_opt_state, checked against the model's specs (float64, finite, v >= 0);
     ProtocolError or ValueError when it cannot be trusted."""
     obj = unpack_message(blob, STATE_KIND, MAX_STATE_BYTES)
     if get_field(obj, "optimizer", "str") != kind:
@@ -162,7 +162,7 @@ class FedOpt:
             raise RuntimeError("commit without a step")
         self.state, self.pending = self.pending, None
         if self.store is not None:
-            self.store.save_optimizer(version, encode_state(self.kind, self.state))
+            self.store.save_optimizer(version, encode_opt_state(self.kind, self.state))
 
     def resume(self, version: int, quarantine: Path) -> int:
         """Take the state saved with the committed `version`; returns the files moved into
@@ -177,7 +177,7 @@ class FedOpt:
                             "from that version", self.kind, version)  # fmt: skip
             return 0
         try:
-            self.state = decode_state(blob, self.kind, self.specs)
+            self.state = decode_opt_state(blob, self.kind, self.specs)
         except (ProtocolError, ValueError, KeyError) as err:
             assert self.store is not None
             moved = self.store.quarantine_optimizer(version, quarantine)

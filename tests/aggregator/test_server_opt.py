@@ -16,7 +16,7 @@ import pytest
 
 from aggregator.fedavg import ServerSGD, apply_delta
 from aggregator.globals import ModelRefused
-from aggregator.server_opt import FedOpt, encode_state, fresh_state, make_server_optimizer
+from aggregator.server_opt import FedOpt, encode_opt_state, fresh_state, make_server_optimizer
 from aggregator.settings import AggregatorSettings
 from aggregator.store import Store
 from fedmq.wire import TensorSpec, encode_weights, specs_of
@@ -128,10 +128,10 @@ def test_a_state_that_would_not_be_finite_is_refused_and_changes_nothing() -> No
     opt = _opt("adam")
     opt.step(W0, D1)
     opt.commit(1)
-    before = encode_state("adam", opt.state)
+    before = encode_opt_state("adam", opt.state)
     with pytest.raises(ModelRefused):
         opt.step(W0, {"w": np.array([1e200, 0.0]), "b": np.array([0.0])})  # d^2 = inf
-    assert opt.pending is None and encode_state("adam", opt.state) == before
+    assert opt.pending is None and encode_opt_state("adam", opt.state) == before
 
 
 def test_the_state_round_trips_and_a_reclose_does_not_apply_the_step_twice(
@@ -152,22 +152,22 @@ def test_the_state_round_trips_and_a_reclose_does_not_apply_the_step_twice(
     w2_again = again.step(w1, D2)
     assert all(w2_again[k].tobytes() == w2[k].tobytes() for k in W0)
     again.commit(2)
-    assert encode_state("yogi", again.state) == encode_state("yogi", opt.state)
-    assert store.load_optimizer(2) == encode_state("yogi", opt.state)
+    assert encode_opt_state("yogi", again.state) == encode_opt_state("yogi", opt.state)
+    assert store.load_optimizer(2) == encode_opt_state("yogi", opt.state)
 
 
 def _poisoned(kind: str) -> bytes:
     state = fresh_state(kind, SPECS, 0.5)
     state.v["w"][0] = -1.0  # a second moment below 0: sqrt would be nan
-    return encode_state(kind, state)
+    return encode_opt_state(kind, state)
 
 
 @pytest.mark.parametrize("blob", [
     b"", b"\x00" * 40, b"garbage that is not msgpack",
-    encode_state("adam", fresh_state("adam", SPECS, 0.5))[:-7],  # torn
-    encode_state("avgm", fresh_state("avgm", SPECS, 0.5)),  # another optimiser's
+    encode_opt_state("adam", fresh_state("adam", SPECS, 0.5))[:-7],  # torn
+    encode_opt_state("avgm", fresh_state("avgm", SPECS, 0.5)),  # another optimiser's
     _poisoned("adam"),
-    encode_state("adam", fresh_state("adam", (TensorSpec("w", "float64", (3,)),), 0.5)),
+    encode_opt_state("adam", fresh_state("adam", (TensorSpec("w", "float64", (3,)),), 0.5)),
 ])  # fmt: skip
 def test_a_state_file_that_cannot_be_trusted_is_quarantined_and_the_optimiser_starts_afresh(
     tmp_path: Path, blob: bytes
@@ -179,7 +179,7 @@ def test_a_state_file_that_cannot_be_trusted_is_quarantined_and_the_optimiser_st
     assert not (tmp_path / "versions" / "000004.opt").exists()
     assert [p.read_bytes() for p in (tmp_path / "quarantine").iterdir()] == [blob]
     fresh = fresh_state("adam", SPECS, 0.5)
-    assert encode_state("adam", opt.state) == encode_state("adam", fresh)
+    assert encode_opt_state("adam", opt.state) == encode_opt_state("adam", fresh)
 
 
 def test_a_missing_state_starts_afresh_without_quarantine(tmp_path: Path) -> None:

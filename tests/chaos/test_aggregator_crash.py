@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aggregator.server_opt import decode_state
+from aggregator.server_opt import decode_opt_state
 from aggregator.store import Store
 from fedmq.wire import decode_weights, specs_of
 from tests.integration.fleet import Fleet, Watcher
@@ -103,7 +103,7 @@ def test_crash_mid_round_resumes_it_with_the_same_result(
             # three steps, not two from a fresh start, and the same moments as without a crash
             specs = specs_of(a)
             stores = (Store(root=plain.state_dir), Store(root=crash.state_dir))
-            p, c = (decode_state(s.load_optimizer(3) or b"", server_optimizer, specs)
+            p, c = (decode_opt_state(s.load_optimizer(3) or b"", server_optimizer, specs)
                     for s in stores)  # fmt: skip
             assert p.step == c.step == 3
             for name in a:
