@@ -161,8 +161,13 @@ class FedOpt:
         if self.pending is None:
             raise RuntimeError("commit without a step")
         self.state, self.pending = self.pending, None
-        if self.store is not None:
+        if self.store is None:
+            return
+        try:
             self.store.save_optimizer(version, encode_opt_state(self.kind, self.state))
+        except OSError as err:  # the version exists already: a restart would start afresh
+            log.error("could not save the %s server optimiser state of version %d (%s); a "
+                      "restart at this version starts it afresh", self.kind, version, err)
 
     def resume(self, version: int, quarantine: Path) -> int:
         """Take the state saved with the committed `version`; returns the files moved into

@@ -201,3 +201,12 @@ def test_state_files_are_pruned_and_quarantined_with_their_version(tmp_path: Pat
     assert store.load_optimizer(3) == b"state 3"
     moved = store.quarantine_version(3, tmp_path / "q")
     assert any(p.name.endswith("000003.opt") for p in moved)
+
+
+def test_a_state_that_cannot_be_written_does_not_undo_the_version(tmp_path: Path) -> None:
+    store = Store(root=tmp_path)
+    (tmp_path / "versions" / "000001.opt").mkdir()  # the write fails (a directory is in the way)
+    opt = _opt("adam", store)
+    opt.step(W0, D1)
+    opt.commit(1)  # the version exists already: logged, and the state in memory goes on
+    assert opt.state.step == 1 and opt.pending is None
