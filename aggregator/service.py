@@ -5,7 +5,7 @@
     the mode's rules (sync rounds / FedBuff) -> aggregator.modes
     the aggregation rule (running sum)       -> aggregator.fedavg.RunningSum
       or a robust rule, bounds, central DP   -> aggregator.robust, .bounds, .privacy
-    the server optimiser on the mean delta   -> aggregator.fedavg.ServerSGD
+    the server optimiser on the mean delta   -> aggregator.server_opt (state per version)
     presence and dropouts                    -> aggregator.presence
     the status document (and the Will)       -> aggregator.status
     the readable per-device fleet mirror     -> aggregator.fleetview
@@ -26,7 +26,7 @@ from typing import Any
 
 from aggregator.admission import Admission, check_device_id
 from aggregator.bounds import adaptive_bound, first_round_bound, round_example_cap
-from aggregator.fedavg import AggregationRule, RunningSum, ServerSGD
+from aggregator.fedavg import AggregationRule, RunningSum
 from aggregator.fleetview import FleetView
 from aggregator.globals import GlobalModel, ModelRefused, StoredVersionError
 from aggregator.intake import Intake
@@ -39,6 +39,7 @@ from aggregator.privacy import PrivacySpent, noise_for_epsilon
 from aggregator.recovery import recover_round
 from aggregator.robust import make_rule, round_bound
 from aggregator.rounds import OpenRound
+from aggregator.server_opt import make_server_optimizer
 from aggregator.settings import AggregatorSettings
 from aggregator.status import RecentRounds, offline_status, status_of
 from aggregator.store import Store
@@ -118,7 +119,7 @@ class Aggregator:
         self.noise_multiplier = s.dp_noise_multiplier or (noise_for_epsilon(
             epsilon=s.dp_epsilon, delta=s.dp_delta, rounds=s.rounds,
             q=self._sample_rate(self._expected_selected())) if s.dp_epsilon else 0.0)  # fmt: skip
-        self.optimizer = ServerSGD(lr=s.server_lr)
+        self.optimizer = make_server_optimizer(s, self.model.specs, self.store)
         self.presence = Presence(job=s.job, grace_s=s.drop_grace_s, enrolled=self.enrolled,
                                  max_devices=s.max_devices)  # fmt: skip
         self.ledger = Ledger(journal=self.journal)
@@ -459,6 +460,7 @@ class Aggregator:
         try:
             weights = self.optimizer.step(self.model.base_weights, acc.mean())
             self.model.advance(weights, round_id=r.round_id)
+            self.optimizer.commit(self.model.version)  # its state, before state.json names it
         except ModelRefused as err:
             self.ledger.counters["models_refused"] += 1
             log.warning("round %d abandoned: %s; keeping version %d",
@@ -521,6 +523,8 @@ class Aggregator:
         self.median_norm = float(state.get("median_norm", 0.0))
         self.median_examples = float(state.get("median_examples", 0.0))
         self.privacy = PrivacySpent.from_json(state.get("privacy"), delta=self.s.dp_delta)
+        self.ledger.counters["quarantined_files"] += self.optimizer.resume(
+            self.model.version, self.quarantine_dir)  # fmt: skip
         if state:
             log.info("resumed from %s: version %d, next round %d",
                      self.s.state_dir, self.model.version, self.next_round_id)  # fmt: skip

@@ -102,6 +102,7 @@ class Agent:
         self.gate = RoundGate(
             topics=self.topics, task=self.task.name, trust=self.trust,
             max_epochs=self.profile.max_epochs, max_lr=self.profile.max_lr,
+            max_prox_mu=self.profile.max_prox_mu,
             last=(int(last[0]), int(last[1]), int(last[2])) if last else None,
         )  # fmt: skip
         # why a global model or round was last refused ("<code>: <text>"), on the state topic

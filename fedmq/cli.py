@@ -42,7 +42,19 @@ AGGREGATOR_HELP = {
     "batch_size": "local batch size (B)",
     "lr": "local SGD learning rate",
     "momentum": "local SGD momentum",
-    "server_lr": "server learning rate applied to the mean delta (1 = FedAvg)",
+    "server_optimizer": "server optimiser on the round's mean delta: sgd (FedAvg), avgm "
+    "(server momentum), adam, yogi or adagrad (Reddi et al. 2021); its state is saved with "
+    "each version and resumed after a restart (docs/strategies.md)",
+    "server_lr": "server learning rate; 0 = the optimiser's default: sgd 1 (FedAvg), avgm 1, "
+    "adam and yogi 0.01, adagrad 0.1 (starting points from Reddi et al.; tune it on your "
+    "task)",
+    "server_momentum": "beta1: avgm's momentum and the first-moment decay of adam, yogi and "
+    "adagrad (0.9, as in Reddi et al.)",
+    "server_beta2": "adam and yogi: second-moment decay beta2 (0.99, as in Reddi et al.)",
+    "server_tau": "adam, yogi, adagrad: adaptivity tau (epsilon); smaller is more adaptive "
+    "(1e-3, Reddi et al.'s recommendation)",
+    "prox_mu": "FedProx: devices add mu/2 ||w - w_global||^2 to their local loss, announced "
+    "in each round (0 = off, plain FedAvg; try 0.01-1; needs prox_mu x lr < 1)",
     "seed": "seed for model initialisation and device selection",
     "max_message_bytes": "largest MQTT payload to publish (capped by the broker's CONNACK)",
     "max_update_bytes": "refuse update payloads larger than this",
