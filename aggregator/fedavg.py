@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -162,11 +163,20 @@ class AggregationRule(Protocol):
 
 class ServerOptimizer(Protocol):
     """What turns the round's mean delta into the next global weights (plain server SGD
-    today; momentum, Adam, Yogi plug in here, their state kept in the state directory)."""
+    with ServerSGD, FedAvgM and the adaptive ones with aggregator.server_opt.FedOpt, whose
+    state is kept per version in the state directory)."""
 
     def step(
         self, weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]
-    ) -> dict[str, np.ndarray]: ...
+    ) -> dict[str, np.ndarray]:
+        """The next global weights; any state moves on only at commit."""
+
+    def commit(self, version: int) -> None:
+        """The last step's weights became `version`: keep (durably) the state that made them."""
+
+    def resume(self, version: int, quarantine: Path) -> int:
+        """Take the state saved with the committed `version`; the files moved into
+        `quarantine` (a state that cannot be trusted: the optimiser starts afresh)."""
 
 
 class ServerSGD:
@@ -182,3 +192,10 @@ class ServerSGD:
     ) -> dict[str, np.ndarray]:
         """The next global weights."""
         return apply_delta(weights, delta, server_lr=self.lr)
+
+    def commit(self, version: int) -> None:
+        """Stateless: nothing to keep."""
+
+    def resume(self, version: int, quarantine: Path) -> int:
+        """Stateless: nothing to take."""
+        return 0

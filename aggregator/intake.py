@@ -33,6 +33,7 @@ from fedmq.wire import Ack, Update, decode_chunk
 log = logging.getLogger("fedmq.aggregator")
 
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
+MAX_UNACKED_TIMES = 10_000  # receive times kept for acks still to go out (ack_delays)
 
 # an admitted update waiting for its tensors: (decoding, update, contribution, wire bytes)
 Pending = tuple["Future[Prepared]", Update, Contribution, int]
@@ -55,6 +56,9 @@ class Intake:
         self.acks: list[tuple[str, Ack]] = []  # answers waiting for the journal commit
         self.folded = 0  # updates folded into the sum since the counter was last reset
         self.max_pending = 2 * threads
+        self.bytes_received = 0  # every update chunk's bytes, refused ones too (metrics)
+        # when each update's last chunk was taken, until its ack goes out (ack_delays)
+        self.received_at: dict[str, float] = {}
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self._pending: list[Pending] = []
 
@@ -75,6 +79,7 @@ class Intake:
         """Take one chunk of an update from device's topic; ProtocolError for a chunk that
         cannot be read at all (there is no update id to answer) or whose topic names a
         device that may not send (an invalid id; one the fleet file does not enrol)."""
+        self.bytes_received += len(payload)
         device = self.admission.sender(device)
         chunk = decode_chunk(payload, max_bytes=self.max_chunk_bytes)
         u: Update | None = None
@@ -88,10 +93,12 @@ class Intake:
                             "(reassembly quotas)", n, device, chunk.payload_id)  # fmt: skip
             if done is None:
                 return
+            self._received(chunk.payload_id, now)
             u = self.admission.decode(done.payload, device=device, payload_id=chunk.payload_id)
             self._take(u, done.wire_bytes, now=now, version=version, next_round=next_round,
                        trains=trains(u.device))  # fmt: skip
         except ProtocolError as err:
+            self._received(chunk.payload_id, now)
             self._refuse(device, chunk.payload_id, u.round_id if u is not None else -1, err)
 
     def drain(self) -> None:
@@ -104,6 +111,16 @@ class Intake:
         self.reassembler.expire(now)
         n, self.reassembler.expired = self.reassembler.expired, 0
         return n
+
+    def ack_delays(self, acks: list[tuple[str, Ack]], now: float) -> list[float]:
+        """Seconds from each acked update's last chunk to now, when its ack goes out."""
+        return [now - t for _, a in acks
+                if (t := self.received_at.pop(a.update_id, None)) is not None]  # fmt: skip
+
+    def _received(self, update_id: str, now: float) -> None:
+        self.received_at.setdefault(update_id, now)
+        if len(self.received_at) > MAX_UNACKED_TIMES:  # an update a bug of ours never acked
+            self.received_at.pop(next(iter(self.received_at)))
 
     def close(self) -> None:
         """Stop the decoding threads."""
@@ -123,7 +140,7 @@ class Intake:
             self.ledger.verdict(update_id=u.update_id, device=u.device, round_id=u.round_id,
                                 verdict="duplicate", reason=f"counted in round {counted}",
                                 counter="duplicates")  # fmt: skip
-            log.info("update %s from %s was already counted; acknowledged again",
+            log.debug("update %s from %s was already counted; acknowledged again",
                      u.update_id, u.device)  # fmt: skip
             self._ack(u.device, Ack(u.update_id, u.round_id, "accepted",
                                     f"duplicate: already counted in round {counted}"))  # fmt: skip
@@ -141,7 +158,7 @@ class Intake:
         if r is None or given is None:
             self.ledger.verdict(update_id=u.update_id, device=u.device, round_id=u.round_id,
                                 verdict="late", reason="round already closed")  # fmt: skip
-            log.info("late update %s from %s for round %d", u.update_id, u.device, u.round_id)
+            log.debug("late update %s from %s for round %d", u.update_id, u.device, u.round_id)
             self._ack(u.device, Ack(u.update_id, u.round_id, "late", "round already closed"))
             return
         # counted now, so the mode's rules see it; folded in once its tensors are decoded

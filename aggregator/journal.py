@@ -25,7 +25,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,8 @@ class Journal:
         self._dirty: set[int] = set()  # rounds with bodies written since the last fsync
         self._in_tx = False
         self.staged = 0  # verdicts waiting for commit()
+        # told (op, seconds) of each body append, body fsync and SQLite commit (metrics)
+        self.timed: Callable[[str, float], None] | None = None
 
     # ------------------------------------------------------------ writing
 
@@ -138,7 +140,9 @@ class Journal:
         if fh is None:
             fh = self._bodies[a.round_id] = open(self._body_path(a.round_id), "ab")  # noqa: SIM115
         offset = fh.tell()
+        t0 = time.perf_counter()
         fh.write(a.body)
+        self._took("append", t0)
         self._dirty.add(a.round_id)
         self._begin()
         self.db.execute(
@@ -166,16 +170,25 @@ class Journal:
         """Make everything staged durable: one fsync of the bodies, one SQLite commit.
 
         Returns how many entries it covered; acks for them may go out after it."""
+        t0 = time.perf_counter()
         for round_id in self._dirty:
             fh = self._bodies[round_id]
             fh.flush()
             os.fsync(fh.fileno())
+        if self._dirty:
+            self._took("fsync", t0)
         self._dirty.clear()
         if self._in_tx:
+            t0 = time.perf_counter()
             self.db.execute("COMMIT")
+            self._took("commit", t0)
             self._in_tx = False
         n, self.staged = self.staged, 0
         return n
+
+    def _took(self, op: str, since: float) -> None:
+        if self.timed is not None:
+            self.timed(op, time.perf_counter() - since)
 
     def save_snapshot(self, round_id: int, snap: Snapshot) -> None:
         """Keep a round's running sum so a restart replays only what came after it."""

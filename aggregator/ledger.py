@@ -25,6 +25,9 @@ class Ledger:
         self.bytes_up = 0
         self.bytes_down = 0
         self.participants: list[dict[str, Any]] = []
+        self.round_verdicts: Counter[str] = Counter()  # the open round's non-accept verdicts
+        # (verdict, reason code) of every verdict given since the start, for the metrics
+        self.verdicts: Counter[tuple[str, str]] = Counter()
 
     def counted_in(self, update_id: str) -> int | None:
         """The round an update was already folded into, or None."""
@@ -33,12 +36,14 @@ class Ledger:
     def begin_round(self) -> None:
         """Start the stats of a new open round."""
         self.bytes_up, self.bytes_down, self.participants = 0, 0, []
+        self.round_verdicts = Counter()
 
     def accept(self, a: Accepted, *, replayed: bool = False) -> None:
         """Book an update folded into the sum (staged in the journal unless replayed)."""
         if not replayed:
             self.journal.stage_accept(a)
             self.counters["accepted"] += 1
+            self.verdicts["accepted", ""] += 1
         self.counted[a.update_id] = a.round_id
         while len(self.counted) > self.journal.keep_ids:
             self.counted.pop(next(iter(self.counted)))
@@ -51,9 +56,26 @@ class Ledger:
         """Book a verdict that does not touch the sum: duplicate, late or rejected."""
         assert verdict in VERDICTS and verdict != "accepted", verdict
         self.counters[counter or verdict] += 1
+        self.round_verdicts[counter or verdict] += 1
+        self.verdicts[verdict, reason.split(":", 1)[0] if verdict == "rejected" else ""] += 1
         self.journal.stage_verdict(update_id, device, round_id, verdict, reason)
 
     def round_stats(self) -> dict[str, Any]:
-        """bytes_up, bytes_down and participants of the open round, for its history record."""
+        """bytes_up, bytes_down, participants and the counts of updates not accepted (by
+        verdict or reason; since the aggregator's last start) of the open round, for its
+        history record."""
         return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                "participants": list(self.participants)}  # fmt: skip
+                "participants": list(self.participants),
+                "not_accepted": dict(sorted(self.round_verdicts.items()))}  # fmt: skip
+
+
+def verdict_summary(record: dict[str, Any]) -> str:
+    """What a round's log line adds about updates that did not count, from its history
+    record: '' when every selected device delivered and nothing was refused."""
+    parts = []
+    if record.get("dropped"):
+        parts.append(f"{len(record['dropped'])} dropped")
+    refused = record.get("not_accepted") or {}
+    if refused:
+        parts.append("not accepted: " + ", ".join(f"{k} {n}" for k, n in refused.items()))
+    return f" ({'; '.join(parts)})" if parts else ""

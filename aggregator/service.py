@@ -5,9 +5,10 @@
     the mode's rules (sync rounds / FedBuff) -> aggregator.modes
     the aggregation rule (running sum)       -> aggregator.fedavg.RunningSum
       or a robust rule, bounds, central DP   -> aggregator.robust, .bounds, .privacy
-    the server optimiser on the mean delta   -> aggregator.fedavg.ServerSGD
+    the server optimiser on the mean delta   -> aggregator.server_opt (state per version)
     presence and dropouts                    -> aggregator.presence
-    the status document                      -> aggregator.status
+    the status document (and the Will)       -> aggregator.status
+    the readable per-device fleet mirror     -> aggregator.fleetview
 
 The loop takes every message waiting, handles each, then commits the journal once (one
 fsync for the whole batch) and only then sends the acks and acknowledges the messages to
@@ -25,19 +26,22 @@ from typing import Any
 
 from aggregator.admission import Admission, check_device_id
 from aggregator.bounds import adaptive_bound, first_round_bound, round_example_cap
-from aggregator.fedavg import AggregationRule, RunningSum, ServerSGD
+from aggregator.fedavg import AggregationRule, RunningSum
+from aggregator.fleetview import FleetView
 from aggregator.globals import GlobalModel, ModelRefused, StoredVersionError
 from aggregator.intake import Intake
 from aggregator.journal import Journal, Snapshot
-from aggregator.ledger import Ledger
+from aggregator.ledger import Ledger, verdict_summary
+from aggregator.metrics import metrics_for
 from aggregator.modes import BufferedRounds, Mode, SyncRounds
 from aggregator.presence import Presence
 from aggregator.privacy import PrivacySpent, noise_for_epsilon
 from aggregator.recovery import recover_round
 from aggregator.robust import make_rule, round_bound
 from aggregator.rounds import OpenRound
+from aggregator.server_opt import make_server_optimizer
 from aggregator.settings import AggregatorSettings
-from aggregator.status import done_reason, status_of
+from aggregator.status import RecentRounds, done_reason, offline_status, status_of
 from aggregator.store import Store
 from aggregator.watch import OwnTopics
 from fedmq.atomicfile import move_aside
@@ -80,6 +84,8 @@ class Aggregator:
         self.epoch = 0  # this state directory's lineage, from state.json (see _resume)
         own = [self.topics.global_manifest(), self.topics.round(), self.topics.status()]
         self.own = OwnTopics(topics=own)  # its own retained topics, watched for forgeries
+        will = offline_status(job=s.job, task=self.task.name)
+        self.own.will(self.topics.status(), will)
         self.link = Link(
             client_id=f"fedmq-aggregator-{s.job}",
             address=s.broker,
@@ -88,6 +94,7 @@ class Aggregator:
                            (self.topics.metrics_filter(), 0),
                            *((topic, 1) for topic in own)],  # fmt: skip
             max_message_bytes=s.max_message_bytes,
+            will=(self.topics.status(), will),  # marks the job's status offline
             manual_ack=True,  # an update is acknowledged to the broker once it is durable
         )
         self.watch = LinkWatch(link=self.link, identity=f"the aggregator of job {s.job}",
@@ -105,6 +112,7 @@ class Aggregator:
                 if not d.revoked and d.max_examples is not None} if fleet else {}  # fmt: skip
         # devices a round could have sampled (q = selected / enrolled); 0: unknown
         self.enrolled_count = len(self.enrolled) if self.enrolled is not None else 0
+        self.metrics = metrics_for(s, fleet)  # Prometheus (docs/metrics.md); off by default
         self.admission = Admission(specs=self.model.specs, max_update_bytes=s.max_update_bytes,
                                    budget_bytes=s.update_budget_bytes, enrolled=self.enrolled,
                                    max_examples=s.max_examples, example_caps=caps)  # fmt: skip
@@ -114,7 +122,7 @@ class Aggregator:
         self.noise_multiplier = s.dp_noise_multiplier or (noise_for_epsilon(
             epsilon=s.dp_epsilon, delta=s.dp_delta, rounds=s.rounds,
             q=self._sample_rate(self._expected_selected())) if s.dp_epsilon else 0.0)  # fmt: skip
-        self.optimizer = ServerSGD(lr=s.server_lr)
+        self.optimizer = make_server_optimizer(s, self.model.specs, self.store)
         self.presence = Presence(job=s.job, grace_s=s.drop_grace_s, enrolled=self.enrolled,
                                  max_devices=s.max_devices)  # fmt: skip
         self.ledger = Ledger(journal=self.journal)
@@ -122,6 +130,9 @@ class Aggregator:
                              max_message_bytes=s.max_message_bytes,
                              max_partial_per_device=s.max_partial_updates_per_device)  # fmt: skip
         self.device_metrics: dict[str, dict[str, float]] = {}
+        self.fleet_view = FleetView(topics=self.topics)  # the JSON mirror of the device table
+        self.recent = RecentRounds()  # the status's tail of closed rounds
+        self._online = True  # False while stopping: the last status says offline
         self.next_round_id = 1
         self.waiting_since = 0.0
         self.done_reason = ""
@@ -182,9 +193,10 @@ class Aggregator:
         log.info("%s the downlink with Ed25519 key %s%s (agents pin it: server_key)",
                  "created a key and signing" if self.key_created else "signing",
                  self.signer.key_id, where)  # fmt: skip
+        self.metrics.start(self)  # before the broker: a taken port is a ConfigError at once
         self.link.start()
-        if not self.watch.wait_connected(stop):  # progress lines; gives up after the timeout
-            return 0
+        if not self.watch.wait_connected(stop, on_give_up=self.metrics.stop):
+            return 0  # asked to stop; no broker within connect_timeout_s: FatalError (exit 4)
         log.info("connected to %s:%s (MQTT %s), job %s, task %s, %s mode, %d parameters",
                  self.s.host, self.s.port, self.s.mqtt_version, self.s.job, self.task.name,
                  self.mode.name, self.model.num_params)  # fmt: skip
@@ -209,10 +221,12 @@ class Aggregator:
                 self.watch.tick()
         finally:
             self._flush()
+            self._online = False
             self._publish_status(time.time(), force=True)
             self.link.stop()
             self.journal.close()
             self.intake.close()
+            self.metrics.stop()
         log.info("stopped: %s", self.done_reason or "asked to stop")
         return 0
 
@@ -228,6 +242,8 @@ class Aggregator:
             except ValueError:
                 continue  # not a device id we could answer on
             self.link.publish(topic, encode_ack(ack), qos=1)
+            self.fleet_view.verdict(device, ack, time.time())
+        self.metrics.acks_sent(self.intake.ack_delays(acks, time.time()))
         for msg in self._handled:
             self.link.ack(msg)
         self._handled = []
@@ -251,6 +267,7 @@ class Aggregator:
         if self.round is not None:
             self._announce("open")
         self._publish_status(time.time(), force=True)
+        self.fleet_view.republish()
 
     def _tick(self, now: float) -> None:
         if self.round is None:
@@ -271,6 +288,9 @@ class Aggregator:
                 if self.mode.policy.should_open(len(online), waited=waited):
                     self._open_round(online, now)
         self._publish_status(now)
+        for topic, payload in self.fleet_view.due(now):  # the mirror, on change only
+            self.link.publish(topic, payload, qos=1, retain=True)
+        self.metrics.observe(self, now)
 
     # ------------------------------------------------------------ messages
 
@@ -279,6 +299,7 @@ class Aggregator:
         device = self.topics.device_of(msg.topic) or "?"
         try:
             if kind == "update":
+                self.fleet_view.sent(device, len(msg.payload), now)
                 self.intake.on_chunk(device, msg.payload, now=now, version=self.model.version,
                                      next_round=self.next_round_id,
                                      trains=self.presence.trains)  # fmt: skip
@@ -292,6 +313,7 @@ class Aggregator:
                     level = logging.INFO if state.status == "offline" else logging.DEBUG
                     log.log(level, "device %s is %s", device, state.status)
                     self._status_dirty = True
+                self.fleet_view.observe(device, state, self.presence.devices, now)
                 if self.round is not None and state.status != "offline":
                     self.round.rejoin(device)
             elif kind in ("global", "round", "status"):
@@ -310,6 +332,7 @@ class Aggregator:
         except ProtocolError as err:
             err.at(device=device, topic=msg.topic)
             self.ledger.counters[f"rejected_{err.reason_code}"] += 1
+            self.fleet_view.refused(device, f"{err.reason_code}: {err.reason}", now)
             log.warning("rejected message from %s on %s: %s", _shown(device), _shown(msg.topic),
                         err.reason)  # fmt: skip
             self._status_dirty = True
@@ -405,14 +428,16 @@ class Aggregator:
                 record.update(version=self.model.version, **self.model.metrics,
                               **self._account(r))  # fmt: skip
                 counters["rounds_closed"] += 1
-                log.info("round %d %s with %d updates: version %d, accuracy %.4f, loss %.4f",
-                         r.round_id, outcome, len(r.accepted), self.model.version,
-                         self.model.metrics["accuracy"], self.model.metrics["loss"])  # fmt: skip
+                log.info("round %d %s with %d updates%s: version %d, accuracy %.4f, loss %.4f",
+                         r.round_id, outcome, len(r.accepted), verdict_summary(record),
+                         self.model.version, self.model.metrics["accuracy"],
+                         self.model.metrics["loss"])  # fmt: skip
         else:
             record["reason"] = (f"quorum_missed: {len(r.accepted)} of {r.min_devices} needed "
                                 "updates arrived")  # fmt: skip
-            log.warning("round %d abandoned: %d of %d needed updates arrived; keeping version %d",
-                        r.round_id, len(r.accepted), r.min_devices, self.model.version)  # fmt: skip
+            log.warning("round %d abandoned: %d of %d needed updates arrived%s; keeping "
+                        "version %d", r.round_id, len(r.accepted), r.min_devices,
+                        verdict_summary(record), self.model.version)  # fmt: skip
         if outcome == "abandoned":
             counters["rounds_abandoned"] += 1
         # a last round says so: its devices learn that the job is done (done in the message)
@@ -420,7 +445,9 @@ class Aggregator:
                                        self.model.metrics)  # fmt: skip
         self._announce("closed" if outcome != "abandoned" else "abandoned", r)
         self.store.append_round(record)
+        self.recent.add(record)
         self.next_round_id = r.round_id + 1
+        self.metrics.round_ended(self, record)
         self._save_state()  # the commit point: a restart now starts the next round
         self.journal.close_round(r.round_id)
         self.waiting_since = now
@@ -432,6 +459,7 @@ class Aggregator:
         try:
             weights = self.optimizer.step(self.model.base_weights, acc.mean())
             self.model.advance(weights, round_id=r.round_id)
+            self.optimizer.commit(self.model.version)  # its state, before state.json names it
         except ModelRefused as err:
             self.ledger.counters["models_refused"] += 1
             log.warning("round %d abandoned: %s; keeping version %d",
@@ -472,6 +500,7 @@ class Aggregator:
                 self.own.published(topic, payload)
             self.link.publish(topic, payload, qos=1, retain=True)
         self.store.save_manifest(pub.version, pub.manifest)
+        self.metrics.model_published(pub.nbytes)
         log.info("published version %d (%s): %d weight, %d onnx, %d delta chunks, %d bytes",
                  pub.version, self.model.downlink.name, *pub.chunks, pub.nbytes)  # fmt: skip
 
@@ -485,6 +514,7 @@ class Aggregator:
         version = state.get("version")
         self._load_model(None if version is None else int(version))
         self.next_round_id = int(state.get("next_round", 1))
+        self.recent.extend(self.store.history())
         # the lineage of this state directory: set once, so a fresh directory (round ids and
         # versions start over) announces a newer epoch that signed-downlink agents follow
         self.epoch = int(state.get("epoch") or time.time() * 1000)
@@ -492,6 +522,8 @@ class Aggregator:
         self.median_norm = float(state.get("median_norm", 0.0))
         self.median_examples = float(state.get("median_examples", 0.0))
         self.privacy = PrivacySpent.from_json(state.get("privacy"), delta=self.s.dp_delta)
+        self.ledger.counters["quarantined_files"] += self.optimizer.resume(
+            self.model.version, self.quarantine_dir)  # fmt: skip
         if state:
             log.info("resumed from %s: version %d, next round %d",
                      self.s.state_dir, self.model.version, self.next_round_id)  # fmt: skip
@@ -594,7 +626,8 @@ class Aggregator:
                          version=self.model.version, metrics=self.model.metrics,
                          round_=self.round, presence=self.presence,
                          counters=self.ledger.counters, now=now,
-                         signing_key=self.signer.key_id,
+                         signing_key=self.signer.key_id, online=self._online,
+                         recent=self.recent.as_list(),
                          aggregation=self.aggregation_status())  # fmt: skip
 
     def aggregation_status(self) -> dict[str, Any]:

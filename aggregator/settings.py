@@ -12,6 +12,7 @@ from fedmq.codecs import Pipeline, check_downlink, parse_pipeline
 from fedmq.link import BrokerAddress, require_credentials
 from fedmq.topics import Topics
 from fedmq.wire import TrainConfig, max_selected_ids
+from fedmq.wire.rounds import MAX_PROX_MU
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,13 @@ class AggregatorSettings:
     batch_size: int = 10
     lr: float = 0.05
     momentum: float = 0.0
-    server_lr: float = 1.0
+    # the server optimiser on the mean delta (docs/strategies.md); 0 lr: the optimiser's own
+    server_optimizer: str = "sgd"  # sgd (FedAvg) | avgm | adam | yogi | adagrad
+    server_lr: float = 0.0  # sgd and avgm 1, adam and yogi 1e-2, adagrad 1e-1
+    server_momentum: float = 0.9  # beta1: avgm's momentum, the adaptive ones' first moment
+    server_beta2: float = 0.99  # adam and yogi: decay of the second moment
+    server_tau: float = 1e-3  # adam, yogi, adagrad: adaptivity (epsilon); v starts at tau^2
+    prox_mu: float = 0.0  # FedProx: proximal term mu/2 ||w - w_global||^2 on devices; 0 off
     seed: int = 0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_update_bytes: int = 64 * 1024 * 1024  # refuse any update payload larger than this
@@ -74,6 +81,11 @@ class AggregatorSettings:
     dp_epsilon: float = 0.0  # central DP: derive z to spend this epsilon over `rounds`
     dp_delta: float = 1e-5  # central DP: the delta epsilon is reported at
 
+    # the Prometheus endpoint (docs/metrics.md): off by default, so several aggregators and
+    # the tests on one host never collide on a port
+    metrics_port: int = 0  # 0: off
+    metrics_host: str = "127.0.0.1"
+
     # trust (docs/security.md): TLS files, the Ed25519 key that signs the downlink, the fleet
     # file of enrolled devices; insecure = plain MQTT, no credentials, unsigned downlink
     ca_file: Path | None = None
@@ -99,8 +111,9 @@ class AggregatorSettings:
             raise ValueError(f"rounds must be >= 0 (0 = run until stopped), got {self.rounds}")
         if not 0 <= self.target_accuracy <= 1:
             raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
-        if self.start_wait_s < 0 or not self.server_lr > 0:
-            raise ValueError("start_wait_s must be >= 0 and server_lr positive")
+        if self.start_wait_s < 0:
+            raise ValueError("start_wait_s must be >= 0")
+        self._check_learning()
         if self.max_message_bytes < 1024 or self.max_update_bytes < 1024:
             raise ValueError("max_message_bytes and max_update_bytes must be at least 1024")
         if self.update_budget_bytes and not 1024 <= self.update_budget_bytes <= (
@@ -120,12 +133,35 @@ class AggregatorSettings:
             raise ValueError(
                 "keep_versions must be 0 (keep all) or at least 2, snapshot_every at least 1"
             )
+        if not 0 <= self.metrics_port <= 65535 or not self.metrics_host:
+            raise ValueError("metrics_port must be in [0, 65535] (0 = off), metrics_host set")
         self._check_robustness()
         try:
             self.update_pipeline  # noqa: B018
             check_downlink(self.downlink_pipeline, self.downlink_delta_pipeline)
         except ValueError as err:
             raise ValueError(f"codec settings: {err}") from None
+
+    def _check_learning(self) -> None:
+        from aggregator.server_opt import (
+            SERVER_OPTIMIZERS,
+            check_hyperparameters,
+            default_server_lr,
+        )
+
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(f"server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, "
+                             f"got {self.server_optimizer!r}")  # fmt: skip
+        if self.server_lr < 0:
+            raise ValueError(f"server_lr must be > 0, or 0 for the optimiser's default; got "
+                             f"{self.server_lr}")  # fmt: skip
+        lr = self.server_lr or default_server_lr(self.server_optimizer)
+        check_hyperparameters(lr=lr, momentum=self.server_momentum, beta2=self.server_beta2,
+                              tau=self.server_tau)  # fmt: skip
+        if not 0 <= self.prox_mu <= MAX_PROX_MU or self.prox_mu * self.lr >= 1:
+            raise ValueError(f"prox_mu must be in [0, {MAX_PROX_MU:g}] with prox_mu x lr < 1 "
+                             f"(else each local step overshoots the global model); got "
+                             f"prox_mu={self.prox_mu}, lr={self.lr}")  # fmt: skip
 
     def _check_robustness(self) -> None:
         from aggregator.bounds import MAX_EXAMPLES_LIMIT
@@ -214,5 +250,6 @@ class AggregatorSettings:
     @property
     def train(self) -> TrainConfig:
         return TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum
-        )
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+            prox_mu=self.prox_mu,
+        )  # fmt: skip

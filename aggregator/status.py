@@ -1,8 +1,12 @@
-"""The retained status: one JSON document a person or an MQTT monitoring tool can read."""
+"""The retained status: one JSON document a person or an MQTT monitoring tool can read,
+and the aggregator's Last Will on the same topic, which marks it offline."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -10,6 +14,61 @@ from aggregator.presence import Presence
 from aggregator.rounds import OpenRound
 from aggregator.settings import AggregatorSettings
 from fedmq import __version__
+
+RECENT_ROUNDS = 30  # rounds in the status's tail (a freshly started monitor's sparkline)
+
+
+class RecentRounds:
+    """The last few closed rounds' {round, version, outcome, accuracy, loss}, oldest first."""
+
+    def __init__(self, *, keep: int = RECENT_ROUNDS) -> None:
+        self._rounds: deque[dict[str, Any]] = deque(maxlen=keep)
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        """Take one history record (aggregator.store's round record)."""
+        try:
+            point = {"round": int(record["round"]), "version": record.get("version"),
+                     "outcome": str(record.get("outcome", "")),
+                     "accuracy": _finite(record.get("accuracy")),
+                     "loss": _finite(record.get("loss"))}  # fmt: skip
+        except (KeyError, TypeError, ValueError):
+            return  # a record without a round number tells a sparkline nothing
+        if self._rounds and self._rounds[-1]["round"] == point["round"]:
+            self._rounds.pop()  # a later record of a round wins, as in the history
+        self._rounds.append(point)
+
+    def extend(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Take records oldest first (the history, on a restart)."""
+        for record in records:
+            self.add(record)
+
+    def as_list(self) -> list[dict[str, Any]]:
+        return list(self._rounds)
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return round(float(value), 6)
+    return None
+
+
+def offline_status(*, job: str, task: str) -> bytes:
+    """The aggregator's Last Will: what its status topic says once the broker noticed it
+    gone without a clean stop. The same bytes for every run of the job, so that a restarted
+    aggregator knows the Will of an earlier run as its own (aggregator.watch); it cannot
+    say when it died (the broker publishes it as it was set at connect time)."""
+    return json.dumps({
+        "job": job,
+        "task": task,
+        "phase": "offline",
+        "aggregator": "offline",
+        "offline_reason": "connection lost (its Last Will)",
+        "updated_at": None,
+    }, indent=1).encode()  # fmt: skip
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
 def done_reason(s: AggregatorSettings, round_id: int, rounds_closed: int,
@@ -36,12 +95,16 @@ def status_of(
     now: float,
     signing_key: str = "",
     aggregation: Mapping[str, Any] | None = None,
+    online: bool = True,
+    recent: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The status document for this moment."""
+    """The status document for this moment; online=False: the service is stopping."""
     s = settings
     delta = s.downlink_delta_pipeline
     if done_reason:
         phase = "done"
+    elif not online:
+        phase = "stopped"
     elif round_ is not None:
         phase = "training"
     else:
@@ -52,6 +115,7 @@ def status_of(
         "task": task,
         "mode": s.mode,
         "phase": phase,
+        "aggregator": "online" if online else "offline",
         "done_reason": done_reason,
         "model_version": version,
         "accuracy": metrics.get("accuracy"),
@@ -79,10 +143,12 @@ def status_of(
             "known": len(presence.devices),
         },
         "counters": dict(sorted(counters.items())),
+        # the last closed rounds, oldest first: {round, version, outcome, accuracy, loss}
+        "recent_rounds": list(recent or []),
         "signing_key": signing_key,
         # rule, norm bound, example cap, privacy spent (epsilon, delta) under central DP
         "aggregation": dict(aggregation) if aggregation is not None else None,
         "aggregator_version": __version__,
         "updated_at": round(now, 3),
-        "updated": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+        "updated": _iso(now),
     }

@@ -11,6 +11,8 @@ a crash leaves either the old file or the new one, never half of one.
     <state_dir>/versions/000007.server    the aggregator's own weights at version 7, when a
                                           sparse delta makes them differ from the published
     <state_dir>/versions/000007.onnx      ONNX export of that version
+    <state_dir>/versions/000007.opt       the server optimiser's state that made version 7
+                                          (aggregator.server_opt; not with plain sgd)
     <state_dir>/versions/000007.manifest  the manifest that announced it (its chunk layout),
                                           written once it was published: it marks the
                                           version complete
@@ -65,7 +67,7 @@ class Store:
         """Keep one global version's payloads (save_manifest completes it)."""
         self._version_path(version, "manifest").unlink(missing_ok=True)  # not complete yet
         kept = {"full": full, "weights": None if weights == full else weights, "onnx": onnx,
-                "delta": delta, "server": server}  # fmt: skip
+                "delta": delta, "server": server, "opt": None}  # fmt: skip
         for ext, blob in kept.items():
             path = self._version_path(version, ext)
             if blob is None:
@@ -77,14 +79,14 @@ class Store:
         if self.keep_versions:
             for old in self.versions()[: -self.keep_versions]:
                 self._version_path(old, "manifest").unlink(missing_ok=True)  # first: incomplete
-                for ext in ("weights", "onnx", "full", "delta", "server"):
+                for ext in ("weights", "onnx", "full", "delta", "server", "opt"):
                     self._version_path(old, ext).unlink(missing_ok=True)
 
     def quarantine_version(self, version: int, into: Path) -> list[Path]:
         """Move every file of a stored version that does not load into `into`."""
         manifest = self._version_path(version, "manifest")
         moved = [move_aside(manifest, into)] if manifest.exists() else []  # first: incomplete
-        for ext in ("weights", "onnx", "full", "delta", "server"):
+        for ext in ("weights", "onnx", "full", "delta", "server", "opt"):
             path = self._version_path(version, ext)
             if path.exists():
                 moved.append(move_aside(path, into))
@@ -124,6 +126,19 @@ class Store:
         """The aggregator's own weights at a stored version, if they were kept."""
         path = self._version_path(version, "server")
         return decode_weights(path.read_bytes()) if path.exists() else None
+
+    def save_optimizer(self, version: int, blob: bytes) -> None:
+        """Keep the server optimiser's state that made a version (after save_version)."""
+        write_atomic(self._version_path(version, "opt"), blob)
+
+    def load_optimizer(self, version: int) -> bytes | None:
+        """The server optimiser's state saved with a version, if there is one."""
+        path = self._version_path(version, "opt")
+        return path.read_bytes() if path.exists() else None
+
+    def quarantine_optimizer(self, version: int, into: Path) -> Path:
+        """Move a version's server optimiser state that cannot be trusted into `into`."""
+        return move_aside(self._version_path(version, "opt"), into)
 
     def history(self) -> list[dict[str, Any]]:
         """Round records, oldest first."""

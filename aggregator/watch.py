@@ -28,6 +28,7 @@ class _Topic:
     # publication that arrives after its echo (a replay) is not taken for one
     pending: deque[bytes] = field(default_factory=lambda: deque(maxlen=KEEP))
     current: bytes | None = None  # what this aggregator last published there
+    will: bytes | None = None  # its own Last Will there: the broker publishes it, not a peer
     restore_at: float | None = None
     restored_at: float = float("-inf")
 
@@ -46,6 +47,12 @@ class OwnTopics:
         t.current = payload
         t.restore_at = None  # what it just published is what the broker now holds
 
+    def will(self, topic: str, payload: bytes) -> None:
+        """The aggregator's Last Will is payload on topic: when it arrives (the broker
+        published it after a lost connection), it is the aggregator's own word, not an
+        intrusion; its live message is published there again."""
+        self._t[topic].will = payload
+
     def current(self, topic: str) -> bytes | None:
         """What the aggregator last published on topic (None: nothing yet)."""
         return self._t[topic].current
@@ -60,12 +67,23 @@ class OwnTopics:
         valid signature by the aggregator's key (None: the topic carries no signatures)."""
         t = self._t[topic]
         digest = hashlib.sha256(payload).digest()
+        if retained and (digest in t.pending or payload == t.current):
+            # what the broker held on (re)subscribing, identical to one of its publications
+            # (a restart announces its resumed round exactly as before): not an echo, so the
+            # echoes still to come stay expected
+            return None
         if digest in t.pending:  # its echo; echoes before it that never came are forgotten
             while t.pending.popleft() != digest:
                 pass
             return None
         if payload == t.current:
             return None  # what it published last (redelivered on a resubscription): no harm
+        if payload == t.will:
+            # its own Will, kept retained or queued in its session while it was away (or a
+            # copy of it: the same words): not counted, overwritten with what is true now
+            if t.current is not None and t.restore_at is None:
+                t.restore_at = max(now, t.restored_at + self.restore_every_s)
+            return None
         if t.current is not None and t.restore_at is None:
             t.restore_at = max(now, t.restored_at + self.restore_every_s)
         if retained and signed_by_us is not False:

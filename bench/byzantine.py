@@ -58,9 +58,9 @@ from aggregator.bounds import (  # noqa: E402
     first_round_bound,
     round_example_cap,
 )
-from aggregator.fedavg import ServerSGD  # noqa: E402
 from aggregator.privacy import local_noise_for_epsilon, noise_for_epsilon  # noqa: E402
 from aggregator.robust import make_rule, round_bound  # noqa: E402
+from aggregator.server_opt import make_server_optimizer  # noqa: E402
 from aggregator.settings import AggregatorSettings  # noqa: E402
 from edge_agent.privacy import privatize  # noqa: E402
 from fedmq.errors import ProtocolError  # noqa: E402
@@ -202,7 +202,7 @@ def run_one(
     rng = np.random.default_rng([seed, len(run.attack), len(run.rule)])
     weights = fleet.initial()
     specs = fleet.specs
-    optimizer = ServerSGD(lr=s.server_lr)
+    optimizer = make_server_optimizer(s, specs)  # the settings' (sgd: FedAvg)
     median = median_examples = 0.0
     for round_id in range(1, rounds + 1):
         # the service's adaptive example cap (examples_factor x the last round's median)
@@ -240,6 +240,7 @@ def run_one(
             counts.append(float(claimed))
         if acc.count:  # otherwise the round is abandoned and the model kept
             weights = optimizer.step(weights, acc.mean())
+            optimizer.commit(round_id)
             median = adaptive_bound(norms, 1.0)
             median_examples = adaptive_bound(counts, 1.0)
         if os.environ.get("BYZANTINE_TRACE"):

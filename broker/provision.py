@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -52,9 +52,11 @@ def aggregator_identity(job: str) -> str:
     return f"aggregator.{job}"
 
 
-def operator_identity(job: str) -> str:
-    """The read-only operator's common name: `fedmq status`, monitors, tests' watchers."""
-    return f"operator.{job}"
+def operator_identity(job: str, name: str = "") -> str:
+    """A read-only operator's common name: `operator.<job>` (`fedmq status`, monitors,
+    tests' watchers), or `operator.<job>.<name>` for one more person or tool watching at
+    the same time (`fedmq fleet add DIR NAME --operator`)."""
+    return f"operator.{job}.{check_name('operator name', name)}" if name else f"operator.{job}"
 
 
 @dataclass(frozen=True)
@@ -211,19 +213,34 @@ class FleetDir:
         self.write_acl()
         return bundle
 
-    def revoke(self, device: str) -> None:
-        """Revoke a device: its ACL block goes at once, its certificate serial into the CRL."""
+    def add_operator(self, name: str) -> Bundle:
+        """Issue one more read-only identity, operator.<job>.<name>, with its bundle
+        (operator.toml for fedmq status and monitor); nobody else's certificate changes."""
         fleet = self.read()
-        entry = fleet.devices.get(device)
+        identity = operator_identity(fleet.job, name)
+        if identity in fleet.operators:
+            raise ValueError(f"operator {identity!r} is already in {self.fleet_file}")
+        bundle, serial = self._make_bundle(identity)
+        operators = {**fleet.operators, identity: DeviceEntry(id=identity, serial=serial)}
+        self._save(replace(fleet, operators=operators))
+        self.write_acl()
+        return bundle
+
+    def revoke(self, identity: str) -> None:
+        """Revoke a device (or an added operator): its ACL block goes at once, its
+        certificate serial into the CRL."""
+        fleet = self.read()
+        table = fleet.operators if identity in fleet.operators else fleet.devices
+        entry = table.get(identity)
         if entry is None:
-            raise ValueError(f"device {device!r} is not enrolled in {self.fleet_file}")
-        devices = dict(fleet.devices)
-        devices[device] = DeviceEntry(id=entry.id, device_class=entry.device_class,
-                                      max_examples=entry.max_examples, revoked=True,
-                                      serial=entry.serial)  # fmt: skip
-        self._save(FleetFile(job=fleet.job, prefix=fleet.prefix, host=fleet.host,
-                             port=fleet.port, devices=devices))  # fmt: skip
-        shutil.rmtree(self.bundle(device).root, ignore_errors=True)
+            raise ValueError(f"{identity!r} is neither an enrolled device nor an added operator "
+                             f"in {self.fleet_file}")  # fmt: skip
+        changed = {**table, identity: replace(entry, revoked=True)}
+        if table is fleet.operators:
+            self._save(replace(fleet, operators=changed))
+        else:
+            self._save(replace(fleet, devices=changed))
+        shutil.rmtree(self.bundle(identity).root, ignore_errors=True)
         self.write_crl()
         self.write_acl()
 
@@ -241,10 +258,14 @@ class FleetDir:
                  f"topic readwrite {t.global_chunks_filter()}",
                  f"topic readwrite {t.round()}",
                  f"topic readwrite {t.status()}",
-                 f"topic write {t.acks_filter()}", "",
-                 f"user {operator_identity(fleet.job)}",
-                 f"topic read {t.base}/#",
-                 f"topic read {t.device_states_filter()}", ""]  # fmt: skip
+                 f"topic write {t.acks_filter()}",
+                 f"topic write {t.fleet_filter()}", ""]  # fmt: skip
+        operators = [operator_identity(fleet.job)]
+        operators += [o.id for o in fleet.operators.values() if not o.revoked]
+        for operator in operators:
+            lines += [f"user {operator}",
+                      f"topic read {t.base}/#",
+                      f"topic read {t.device_states_filter()}", ""]  # fmt: skip
         for entry in fleet.devices.values():
             if entry.revoked:
                 continue
@@ -268,7 +289,8 @@ class FleetDir:
                    .issuer_name(ca_cert.subject)
                    .last_update(now - dt.timedelta(minutes=5))
                    .next_update(now + dt.timedelta(days=CERT_DAYS)))  # fmt: skip
-        for entry in self.read().devices.values():
+        fleet = self.read()
+        for entry in (*fleet.devices.values(), *fleet.operators.values()):
             if entry.revoked and entry.serial is not None:
                 builder = builder.add_revoked_certificate(
                     x509.RevokedCertificateBuilder().serial_number(entry.serial)
@@ -297,8 +319,7 @@ class FleetDir:
         devices = dict(fleet.devices)
         devices[entry.id] = DeviceEntry(id=entry.id, device_class=entry.device_class,
                                         max_examples=entry.max_examples, serial=serial)  # fmt: skip
-        self._save(FleetFile(job=fleet.job, prefix=fleet.prefix, host=fleet.host,
-                             port=fleet.port, devices=devices))  # fmt: skip
+        self._save(replace(fleet, devices=devices))
         return bundle
 
     def _make_bundle(self, identity: str) -> tuple[Bundle, int]:
@@ -318,7 +339,7 @@ class FleetDir:
             section = {**common, "signing_key": "signing-key.pem",
                        "fleet_file": str(self.fleet_file.resolve())}
             _write(bundle.root / "aggregator.toml", _toml("aggregator", section, "aggregator"))
-        elif identity == operator_identity(fleet.job):
+        elif identity.startswith(operator_identity(fleet.job)):
             _write(bundle.root / "operator.toml", _toml("status", common, "status"))
         else:
             shutil.copyfile(self.signing_pub, bundle.server_key)
@@ -361,6 +382,10 @@ class FleetDir:
             if e.serial is not None:
                 lines.append(f"serial = {e.serial}")
             if e.revoked:
+                lines.append("revoked = true")
+        for o in fleet.operators.values():
+            lines += ["", "[[operator]]", f"id = {_q(o.id)}", f"serial = {o.serial}"]
+            if o.revoked:
                 lines.append("revoked = true")
         _write(self.fleet_file, ("\n".join(lines) + "\n").encode())
 

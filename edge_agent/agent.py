@@ -103,6 +103,7 @@ class Agent:
         self.gate = RoundGate(
             topics=self.topics, task=self.task.name, trust=self.trust,
             max_epochs=self.profile.max_epochs, max_lr=self.profile.max_lr,
+            max_prox_mu=self.profile.max_prox_mu,
             last=(int(last[0]), int(last[1]), int(last[2])) if last else None,
         )  # fmt: skip
         # why a global model or round was last refused ("<code>: <text>"), on the state topic
@@ -231,7 +232,7 @@ class Agent:
                 if a.attempt == 1 and not a.verified:
                     self._count("unverified_global")
                 if a.attempt == 1:
-                    self.log.info("fetching global version %d (%s, %d chunks)",
+                    self.log.debug("fetching global version %d (%s, %d chunks)",
                                   a.version, a.what, len(a.topics))  # fmt: skip
             elif isinstance(a, Unsubscribe):
                 for topic in a.topics:

@@ -60,7 +60,12 @@ def train_local(
     budget: Budget,
     seed: int,
 ) -> TrainResult:
-    """Run SGD on (x, y) for config.epochs, stopping early when the budget is spent."""
+    """Run SGD on (x, y) for config.epochs, stopping early when the budget is spent.
+
+    With config.prox_mu > 0 (FedProx) the loss minimised is the data loss plus
+    mu/2 ||w - w_global||^2, w_global the weights the model holds on entry; mean_loss
+    reports the data loss alone. With prox_mu = 0 not one operation differs from plain
+    SGD, so the weights come out bit for bit the same."""
     if len(x) == 0:
         raise ValueError("this device has no training examples")
     # the memory budget is what training adds (resident now, against before training), not
@@ -72,6 +77,8 @@ def train_local(
     yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     loss_fn = nn.CrossEntropyLoss()
+    mu = config.prox_mu
+    anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
     model.train()
     start = time.monotonic()
     seen, loss_sum, batches, stopped_by = 0, 0.0, 0, ""
@@ -81,7 +88,12 @@ def train_local(
             idx = order[first : first + batch_size]
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xt[idx]), yt[idx])
-            loss.backward()
+            if anchor:  # FedProx: pulls the local model towards the global one
+                params = zip(model.parameters(), anchor, strict=True)
+                prox = sum(((p - a) ** 2).sum() for p, a in params)
+                (loss + 0.5 * mu * prox).backward()
+            else:
+                loss.backward()
             opt.step()
             seen += len(idx)
             loss_sum += float(loss.detach())

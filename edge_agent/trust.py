@@ -83,6 +83,7 @@ class RoundGate:
         trust: DownlinkTrust,
         max_epochs: int,
         max_lr: float,
+        max_prox_mu: float = 0.0,
         last: RoundKey | None = None,
     ) -> None:
         if max_epochs < 1 or not max_lr > 0:
@@ -92,6 +93,7 @@ class RoundGate:
         self.trust = trust
         self.max_epochs = max_epochs
         self.max_lr = max_lr
+        self.max_prox_mu = max_prox_mu
         self.last = last  # the newest signed round accepted (persisted by the agent)
 
     def check(self, r: RoundAnnouncement) -> tuple[bool, Refusal | None]:
@@ -117,6 +119,13 @@ class RoundGate:
             return verified, Refusal("train_limits", (
                 f"{what} asks for {t.epochs} epochs at lr {t.lr:g}; this device's profile "
                 f"allows at most {self.max_epochs} epochs and lr {self.max_lr:g}"))  # fmt: skip
+        # FedProx: a mu beyond the profile, or one that makes every local step overshoot the
+        # global model (lr x mu >= 1), is refused like any out-of-profile value
+        if r.state == "open" and t.prox_mu and (t.prox_mu > self.max_prox_mu
+                                                or t.prox_mu * t.lr >= 1):  # fmt: skip
+            return verified, Refusal("train_limits", (
+                f"{what} asks for FedProx mu {t.prox_mu:g} at lr {t.lr:g}; this device's "
+                f"profile allows mu up to {self.max_prox_mu:g} and mu x lr below 1"))  # fmt: skip
         if verified:
             self.last = key
         return verified, None

@@ -1,4 +1,4 @@
-"""The `fedmq` command: demo, aggregator, agent, broker, status, tasks.
+"""The `fedmq` command: demo, aggregator, agent, broker, fleet, status, monitor, report, tasks.
 
 Settings come from a TOML file (--config), then FEDMQ_* environment variables, then flags;
 a TOML table, key or FEDMQ_* variable that no command knows is an error. Exit codes (every
@@ -6,7 +6,7 @@ failure to start is one line on stderr, fedmq/cli_errors.py): 0 done, 1 unexpect
 2 bad configuration or usage, 3 the demo ran but missed its accuracy target, 4 no broker could
 be reached or started, 5 this host is not ready (a missing optional package, an unusable state
 directory, a port in use), 6 another agent with this device id (or another aggregator of
-this job) is connected.
+this job) is connected. `fedmq status`: 1 when the job has no status on the broker.
 """
 
 from __future__ import annotations
@@ -55,7 +55,19 @@ AGGREGATOR_HELP = {
     "batch_size": "local batch size (B)",
     "lr": "local SGD learning rate",
     "momentum": "local SGD momentum",
-    "server_lr": "server learning rate applied to the mean delta (1 = FedAvg)",
+    "server_optimizer": "server optimiser on the round's mean delta: sgd (FedAvg), avgm "
+    "(server momentum), adam, yogi or adagrad (Reddi et al. 2021); its state is saved with "
+    "each version and resumed after a restart (docs/strategies.md)",
+    "server_lr": "server learning rate; 0 = the optimiser's default: sgd 1 (FedAvg), avgm 1, "
+    "adam and yogi 0.01, adagrad 0.1 (starting points from Reddi et al.; tune it on your "
+    "task)",
+    "server_momentum": "beta1: avgm's momentum and the first-moment decay of adam, yogi and "
+    "adagrad (0.9, as in Reddi et al.)",
+    "server_beta2": "adam and yogi: second-moment decay beta2 (0.99, as in Reddi et al.)",
+    "server_tau": "adam, yogi, adagrad: adaptivity tau (epsilon); smaller is more adaptive "
+    "(1e-3, Reddi et al.'s recommendation)",
+    "prox_mu": "FedProx: devices add mu/2 ||w - w_global||^2 to their local loss, announced "
+    "in each round (0 = off, plain FedAvg; try 0.01-1; needs prox_mu x lr < 1)",
     "seed": "seed for model initialisation and device selection",
     "max_message_bytes": "largest MQTT payload to publish (capped by the broker's CONNACK)",
     "max_update_bytes": "refuse update payloads larger than this",
@@ -110,6 +122,9 @@ AGGREGATOR_HELP = {
     "connect_timeout_s": "give up (exit 4) when no broker answered within this many seconds, "
     "with a progress line at 10, 30 and 60 s (0 = wait forever); a broker lost later is "
     "retried for ever",
+    "metrics_port": "serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (0 = off; "
+    "docs/metrics.md)",
+    "metrics_host": "address the metrics endpoint listens on (0.0.0.0: every interface)",
 }
 
 AGENT_HELP = {
@@ -316,15 +331,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="enrol a device (repeat); CLASS is its firmware profile")  # fmt: skip
     init.add_argument("--devices", type=int, default=0, metavar="N",
                       help="also enrol device-00 .. device-<N-1>")  # fmt: skip
-    add = fleet_sub.add_parser("add", help="enrol a device: issue its certificate and bundle")
+    add = fleet_sub.add_parser(
+        "add", help="enrol a device (or add an operator): issue its certificate and bundle",
+        description="Enrol a device, or with --operator issue one more read-only identity "
+        "operator.<job>.<NAME> for a person or tool that watches while others do (a "
+        "certificate is its MQTT client id: two tools sharing one knock each other off).")
     add.add_argument("dir", type=Path)
-    add.add_argument("device", help="device id (letters, digits, _ . -)")
+    add.add_argument("device", metavar="ID", help="device id, or the operator's NAME "
+                     "(letters, digits, _ . -)")  # fmt: skip
+    add.add_argument("--operator", action="store_true",
+                     help="a read-only operator identity, not a device")  # fmt: skip
     add.add_argument("--class", dest="device_class", default="", help="firmware profile name")
     add.add_argument("--max-examples", type=int, default=None,
                      help="most examples one update from this device may claim")  # fmt: skip
-    revoke = fleet_sub.add_parser("revoke", help="revoke a device's certificate and access")
+    revoke = fleet_sub.add_parser("revoke", help="revoke a device's (or an added operator's) "
+                                  "certificate and access")  # fmt: skip
     revoke.add_argument("dir", type=Path)
-    revoke.add_argument("device")
+    revoke.add_argument("device", metavar="IDENTITY",
+                        help="a device id or an added operator's operator.<job>.<name>")
     show = fleet_sub.add_parser("show", help="list a fleet's devices and files")
     show.add_argument("dir", type=Path)
 
@@ -351,13 +375,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status",
-        help="print a job's retained status",
-        description="Read the aggregator's retained status JSON once and print it. On a "
-        "secured fleet, connect as the read-only operator: --config "
-        "<fleet>/bundles/operator.<job>/operator.toml.",
+        help="print a job's status: phase, model, round, devices",
+        description="Read the aggregator's retained status (and with --devices its fleet "
+        "mirror) and print a summary, or JSON. On a secured fleet, connect as the read-only "
+        "operator: --config <fleet>/bundles/operator.<job>/operator.toml. Exit codes: 0 ok, "
+        "1 no status for the job, 2 bad configuration, 4 no broker.",
     )
     status.add_argument("--config", type=Path, help="TOML config file ([status] table)")
     _add_settings_flags(status, StatusSettings, STATUS_HELP)
+    status.add_argument("--json", action="store_true", dest="as_json",
+                        help="print the status document as JSON (one line per change with "
+                        "--watch); with --devices it has a \"fleet\" list")  # fmt: skip
+    status.add_argument("--devices", action="store_true",
+                        help="add the device table, from the aggregator's fleet mirror")
+    status.add_argument("--watch", action="store_true",
+                        help="print again on every change until Ctrl-C")  # fmt: skip
+    monitor = sub.add_parser(
+        "monitor",
+        help="a live terminal view of a job: model, round, devices, alerts",
+        description="Watch a job in the terminal until Ctrl-C: phase, model version, "
+        "accuracy and loss sparklines, the open round device by device, the device table, "
+        "counters and alerts (aggregator offline, devices flapping, rejections spiking). "
+        "Connection settings as for fedmq status ([status], then [monitor] tables).",
+    )
+    monitor.add_argument("--config", type=Path,
+                         help="TOML config file ([status] and [monitor] tables)")  # fmt: skip
+    _add_settings_flags(monitor, StatusSettings, STATUS_HELP)
+
+    report = sub.add_parser(
+        "report",
+        help="write an HTML report of a run from its state directory",
+        description="Read an aggregator's state directory (history.jsonl, state.json, the "
+        "ledger) and write one self-contained HTML page: a summary, plots of accuracy, loss, "
+        "bytes and participation per round, and a table with a row per round.",
+    )
+    report.add_argument("state_dir", type=Path, metavar="STATE_DIR",
+                        help="the aggregator's --state-dir")  # fmt: skip
+    report.add_argument("--out", type=Path, default=None, metavar="FILE",
+                        help="the HTML file to write (default: STATE_DIR/report.html)")  # fmt: skip
 
     sub.add_parser("tasks", help="list built-in tasks and firmware profiles")
     return parser
@@ -413,6 +468,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _fleet(args)
     if args.command == "status":
         return _print_status(args)
+    if args.command == "report":
+        return _report(args)
+    if args.command == "monitor":
+        from fedmq.fleetwatch import run_monitor
+
+        return run_monitor(load_settings(StatusSettings, sections=("status", "monitor"),
+                                         config_file=args.config, flags=vars(args)))  # fmt: skip
     if args.command == "tasks":
         from fedmq.tasks import get_task, list_tasks
         from firmware_profiles import list_profiles, load_profile
@@ -447,6 +509,18 @@ def _serve(service: Any) -> int:
     except Exception:  # exit 2 means configuration only: anything else that escapes is 1
         logging.getLogger("fedmq").exception("the service failed")
         return EXIT_FAILURE
+
+
+def _report(args: argparse.Namespace) -> int:
+    from aggregator.run_report import ReportError, write_run_report
+
+    try:
+        out = write_run_report(args.state_dir, args.out)
+    except ReportError as err:
+        print(f"fedmq report: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"wrote {out}")
+    return EXIT_OK
 
 
 def _run_broker(args: argparse.Namespace) -> int:
@@ -520,7 +594,11 @@ def _fleet(args: argparse.Namespace) -> int:
               "fedmq agent --config agent.toml")
         return EXIT_OK
     fleet = _fleet_dir(args.dir)
-    if args.fleet_command == "add":
+    if args.fleet_command == "add" and args.operator:
+        bundle = fleet.add_operator(args.device)
+        print(f"operator {bundle.root.name}: bundle in {bundle.root}; send the broker SIGHUP "
+              f"to reload its ACL; then fedmq monitor --config {bundle.root / 'operator.toml'}")
+    elif args.fleet_command == "add":
         bundle = fleet.add(args.device, device_class=args.device_class,
                            max_examples=args.max_examples)  # fmt: skip
         print(f"enrolled {args.device}: bundle in {bundle.root}; "
@@ -533,36 +611,14 @@ def _fleet(args: argparse.Namespace) -> int:
         info = fleet.read()
         print(f"job {info.job!r} prefix {info.prefix!r} broker {info.host}:{info.port}")
         print(f"identities: {aggregator_identity(info.job)}, {operator_identity(info.job)}")
-        for d in info.devices.values():
+        for d in (*info.operators.values(), *info.devices.values()):
             state = "revoked" if d.revoked else "enrolled"
             print(f"  {d.id:24s} {state:8s} {d.device_class or '-'}")
     return EXIT_OK
 
 
 def _print_status(args: argparse.Namespace) -> int:
-    import json
+    from fedmq.fleetwatch import run_status
 
-    from fedmq.link import Link, Message
-    from fedmq.topics import Topics
-
-    settings = _settings(StatusSettings, args, "status")
-    topics = Topics(job=settings.job, prefix=settings.prefix)
-    link = Link(
-        client_id=f"fedmq-status-{__import__('os').getpid()}",
-        address=settings.address,
-        subscriptions=[(topics.status(), 0)],
-        persistent=False,
-    )
-    link.start()
-    try:
-        if not link.wait_connected(settings.timeout):
-            print(f"fedmq: no broker at {settings.host}:{settings.port}", file=sys.stderr)
-            return EXIT_NO_BROKER
-        while (event := link.next_event(settings.timeout)) is not None:
-            if isinstance(event, Message) and event.payload:
-                print(json.dumps(json.loads(event.payload), indent=2))
-                return EXIT_OK
-        print(f"fedmq: no status for job {settings.job!r}", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        link.stop()
+    return run_status(_settings(StatusSettings, args, "status"), as_json=args.as_json,
+                      devices=args.devices, watch=args.watch)  # fmt: skip

@@ -33,6 +33,7 @@ SECTIONS: dict[str, str] = {
     "aggregator": "aggregator.settings:AggregatorSettings",
     "agent": "edge_agent.settings:AgentSettings",
     "status": "fedmq.cli:StatusSettings",
+    "monitor": "fedmq.cli:StatusSettings",  # fedmq monitor: [status], then [monitor]
 }
 # FEDMQ_* variables that are not settings of any role (none today)
 OTHER_ENV: frozenset[str] = frozenset()

@@ -66,6 +66,9 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
         help="where logs, metrics.json and accuracy.png go (default runs/demo-<time>)",
     )
     p.add_argument("--seed", type=int, default=0)  # fmt: skip
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve the aggregator's Prometheus metrics on this port (default 0: off; "
+                   "docs/metrics.md)")  # fmt: skip
     p.add_argument(
         "--insecure",
         action="store_true",
@@ -121,7 +124,8 @@ def run_demo(args: argparse.Namespace) -> int:
              "--round-timeout-s", str(args.round_timeout_s), "--start-wait-s", "60",
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
              "--lr", str(args.lr), "--seed", str(args.seed), *codec_flags(args),
-             *credential_flags(fleet, aggregator_identity("demo"))],
+             *credential_flags(fleet, aggregator_identity("demo")),
+             "--metrics-port", str(args.metrics_port)],
             run_dir / "aggregator.log",
         ))  # fmt: skip
         procs += spawn_agents(
@@ -129,6 +133,8 @@ def run_demo(args: argparse.Namespace) -> int:
             state_dir=run_dir / "agents", log_dir=run_dir, extra=["--data-seed", str(args.seed)],
             credentials=lambda device: credential_flags(fleet, device),
         )  # fmt: skip
+        if args.metrics_port:
+            print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics")
         deltas = f" + {args.downlink_delta} deltas" if args.downlink_delta else ""
         print(f"started 1 aggregator and {args.devices} agents "
               f"({args.task}, {args.partition} partition; updates {args.codec}, "

@@ -39,6 +39,7 @@ def check_demo_args(args: argparse.Namespace, run_dir: Path) -> None:
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
             codec=args.codec, update_budget_bytes=args.update_budget_bytes,
             downlink=args.downlink, downlink_delta=args.downlink_delta, insecure=True,
+            metrics_port=args.metrics_port,
         )  # fmt: skip
         AgentSettings(device_id=device_id(0), task=args.task, partition=args.partition,
                       num_devices=args.devices, data_seed=args.seed, insecure=True,
@@ -76,6 +77,8 @@ class DemoProgress:
 
     def update(self, status: dict[str, Any]) -> None:
         """Show what one status document says."""
+        if status.get("aggregator") == "offline":  # its Will or last word: nothing to show
+            return
         closed = int(status.get("rounds_closed", 0))
         acc = status.get("accuracy")
         online = f"{status.get('devices', {}).get('online', 0)}/{self.devices} devices online"

@@ -16,6 +16,10 @@ and to cap the example count each may claim. Format (TOML)::
     class = "rpi4"          # firmware profile name (optional)
     max_examples = 600      # most examples an update may claim (optional)
     revoked = false         # a revoked device stays listed so its certificate stays revoked
+
+    [[operator]]            # a further read-only identity, operator.<job>.<name>
+    id = "operator.demo.alice"
+    serial = 1234
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 from fedmq.config import ConfigError, read_toml
 from fedmq.topics import check_name
 
-_TOP_KEYS = {"job", "prefix", "broker", "device", "aggregator"}
+_TOP_KEYS = {"job", "prefix", "broker", "device", "aggregator", "operator"}
 _DEVICE_KEYS = {"id", "class", "max_examples", "revoked", "serial"}
 
 
@@ -51,6 +55,9 @@ class FleetFile:
     host: str = "127.0.0.1"
     port: int = 8883
     devices: dict[str, DeviceEntry] = field(default_factory=dict)
+    # read-only identities besides operator.<job>, one per person or tool that watches at
+    # once (a certificate is its client id: two tools sharing one would knock each other off)
+    operators: dict[str, DeviceEntry] = field(default_factory=dict)
 
     def enrolled(self, device: str) -> DeviceEntry | None:
         """The device's entry when it is enrolled and not revoked, else None."""
@@ -72,28 +79,40 @@ def read_fleet(path: Path) -> FleetFile:
             raise ValueError("[broker] must be a table")
         host = str(broker.get("host", "127.0.0.1"))
         port = int(broker.get("port", 8883))
-        devices: dict[str, DeviceEntry] = {}
-        for i, raw in enumerate(doc.get("device", [])):
-            devices_entry = _device(raw, i)
-            if devices_entry.id in devices:
-                raise ValueError(f"device {devices_entry.id!r} is listed twice")
-            devices[devices_entry.id] = devices_entry
+        devices = _entries(doc.get("device", []), "device")
+        operators = _entries(doc.get("operator", []), "operator")
+        for name in operators:
+            if not name.startswith(f"operator.{job}."):
+                raise ValueError(f"operator {name!r} must be named operator.{job}.<name>")
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{path}: {err}") from err
-    return FleetFile(job=job, prefix=prefix, host=host, port=port, devices=devices)
+    return FleetFile(job=job, prefix=prefix, host=host, port=port, devices=devices,
+                     operators=operators)  # fmt: skip
 
 
-def _device(raw: Any, index: int) -> DeviceEntry:
+def _entries(raws: Any, table: str) -> dict[str, DeviceEntry]:
+    if not isinstance(raws, list):
+        raise ValueError(f"[[{table}]] must be an array of tables")
+    entries: dict[str, DeviceEntry] = {}
+    for i, raw in enumerate(raws):
+        entry = _device(raw, i, table)
+        if entry.id in entries:
+            raise ValueError(f"{table} {entry.id!r} is listed twice")
+        entries[entry.id] = entry
+    return entries
+
+
+def _device(raw: Any, index: int, table: str = "device") -> DeviceEntry:
     if not isinstance(raw, dict):
-        raise ValueError(f"[[device]] number {index + 1} must be a table")
+        raise ValueError(f"[[{table}]] number {index + 1} must be a table")
     unknown = sorted(set(raw) - _DEVICE_KEYS)
     if unknown:
-        raise ValueError(f"[[device]] number {index + 1}: unknown keys {unknown}")
+        raise ValueError(f"[[{table}]] number {index + 1}: unknown keys {unknown}")
     max_examples = raw.get("max_examples")
     if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
         raise ValueError(f"device {raw.get('id')!r}: max_examples must be a positive integer")
     return DeviceEntry(
-        id=check_name("device id", raw.get("id", "")),
+        id=check_name(f"{table} id", raw.get("id", "")),
         device_class=str(raw.get("class", "")),
         max_examples=max_examples,
         revoked=bool(raw.get("revoked", False)),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,22 +171,28 @@ class LinkWatch:
         for line in self.watch.tick(time.monotonic(), self.link.last_error):
             self.log.warning("%s", line)
 
-    def wait_connected(self, stop: Any = None, poll_s: float = 0.2) -> bool:
+    def wait_connected(self, stop: Any = None, poll_s: float = 0.2,
+                       on_give_up: Callable[[], None] | None = None) -> bool:  # fmt: skip
         """Block until the first connection (True), or stop is set (False); progress lines
         meanwhile, FatalError after connect_timeout_s; the link is stopped unless it
-        connected. The Connected event stays queued for the shell's loop."""
+        connected, and on_give_up called. The Connected event stays queued for the loop."""
         self.watch.started = time.monotonic()  # the wait starts now, not at construction
         try:
             while not self.link.wait_connected(poll_s):
                 if stop is not None and stop.is_set():
-                    self.link.stop(flush_s=0)
+                    self._give_up(on_give_up)
                     return False
                 self.tick()
         except FatalError:
-            self.link.stop(flush_s=0)
+            self._give_up(on_give_up)
             raise
         self.watch.connected(time.monotonic())
         return True
+
+    def _give_up(self, also: Callable[[], None] | None) -> None:
+        self.link.stop(flush_s=0)
+        if also is not None:
+            also()
 
 
 def preflight_agent(settings: Any) -> Any:

@@ -10,6 +10,7 @@
 | <prefix>/devices/<device>/state         | device (and its Will)  | yes      |
 | <prefix>/<job>/status                   | aggregator             | yes      |
 | <prefix>/<job>/metrics/<device>         | device                 | no       |
+| <prefix>/<job>/fleet/<device>           | aggregator (JSON)      | yes      |
 """
 
 from __future__ import annotations
@@ -92,12 +93,19 @@ class Topics:
     def metrics_filter(self) -> str:
         return f"{self.base}/metrics/+"
 
+    def fleet_device(self, device: str) -> str:
+        """The aggregator's readable JSON mirror of one device (retained)."""
+        return f"{self.base}/fleet/{check_name('device id', device)}"
+
+    def fleet_filter(self) -> str:
+        return f"{self.base}/fleet/+"
+
     def kind_of(self, topic: str) -> str | None:
         """Which row of the tree a topic is: 'global', 'global_chunk', 'round', 'update', ..."""
         return self._parse(topic)[0]
 
     def device_of(self, topic: str) -> str | None:
-        """The device id in an update, ack, metrics or state topic; None otherwise."""
+        """The device id in an update, ack, metrics, fleet or state topic; None otherwise."""
         return self._parse(topic)[1]
 
     def _parse(self, topic: str) -> tuple[str | None, str | None]:
@@ -111,7 +119,7 @@ class Topics:
                 return "global_chunk", None
             if rest in (["round"], ["status"]):
                 return rest[0], None
-            if len(rest) == 2 and rest[0] in ("update", "ack", "metrics"):
+            if len(rest) == 2 and rest[0] in ("update", "ack", "metrics", "fleet"):
                 return rest[0], rest[1]
         pre = self.prefix.split("/")
         rest = levels[len(pre) :]

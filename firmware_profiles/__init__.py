@@ -30,6 +30,7 @@ class Profile:
     # the most a round may ask of this device: a round beyond them is refused, not trained
     max_epochs: int = 20
     max_lr: float = 1.0
+    max_prox_mu: float = 10.0  # FedProx's mu (the paper's grid tops out at 1)
 
     def __post_init__(self) -> None:
         problems = []
@@ -47,6 +48,8 @@ class Profile:
             problems.append("torch_threads must be at least 1")
         if self.max_epochs < 1 or not self.max_lr > 0:
             problems.append("max_epochs must be at least 1 and max_lr positive")
+        if not self.max_prox_mu >= 0:
+            problems.append("max_prox_mu must be >= 0 (0: FedProx refused)")
         if problems:
             raise ValueError(f"profile {self.name!r}: " + "; ".join(problems))
 

@@ -17,7 +17,6 @@ import pytest
 from broker import free_port
 from fedmq.cli_errors import (
     EXIT_CONFIG,
-    EXIT_IDENTITY_IN_USE,
     EXIT_NO_BROKER,
     EXIT_NOT_READY,
 )
@@ -85,8 +84,8 @@ CASES = {
     "inference agent without onnxruntime": Case(
         [*AGENT, "--infer-only"], EXIT_NOT_READY, "onnxruntime is not installed",
         block="onnxruntime"),
-    "aggregator without dp-accounting": Case(AGGREGATOR, EXIT_NOT_READY,
-                                             "dp-accounting is not installed", block="dp_accounting"),
+    "aggregator without dp-accounting": Case(
+        AGGREGATOR, EXIT_NOT_READY, "dp-accounting is not installed", block="dp_accounting"),
     "demo without tqdm": Case(DEMO, EXIT_NOT_READY, "tqdm is not installed", block="tqdm"),
     # configuration typos: exit 2 with the closest valid name
     "TOML table typo": Case([*AGENT, "--config", "{tmp}/c.toml"], EXIT_CONFIG,

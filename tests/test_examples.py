@@ -19,6 +19,7 @@ def test_example_configs_load() -> None:
     agg = load_settings(AggregatorSettings, sections=("aggregator",),
                         config_file=EXAMPLES / "aggregator.toml", environ={})  # fmt: skip
     assert agg.job == "plant7" and agg.devices_per_round == 20 and agg.over_select == 0.3
+    assert agg.metrics_port == 9464 and agg.metrics_host == "127.0.0.1"
     agent = load_settings(AgentSettings, sections=("agent",),
                           config_file=EXAMPLES / "agent.toml", environ={})  # fmt: skip
     assert agent.device_id == "pi-0017" and agent.profile == "rpi4"

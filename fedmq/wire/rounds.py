@@ -17,6 +17,8 @@ from fedmq.wire.signed import Signature, SignFn, read_signature, sign_body
 
 # ---------------------------------------------------------------- round announcement
 
+MAX_PROX_MU = 1000.0  # the largest FedProx mu a round message may carry (profiles allow less)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -26,6 +28,7 @@ class TrainConfig:
     batch_size: int = 10
     lr: float = 0.05
     momentum: float = 0.0
+    prox_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 added to the local loss; 0: off
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not (0 < self.lr < 100):
@@ -35,6 +38,8 @@ class TrainConfig:
             )
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.prox_mu <= MAX_PROX_MU:
+            raise ValueError(f"prox_mu must be in [0, {MAX_PROX_MU:g}], got {self.prox_mu}")
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ def encode_round(r: RoundAnnouncement, *, sign: SignFn | None = None) -> bytes:
             "batch_size": r.train.batch_size,
             "lr": r.train.lr,
             "momentum": r.train.momentum,
+            # only when on: a round without it is byte for byte what it was before FedProx
+            **({"prox_mu": r.train.prox_mu} if r.train.prox_mu else {}),
         },
         "codec": r.codec,
         "max_update_bytes": r.max_update_bytes,
@@ -112,6 +119,8 @@ def decode_round(payload: bytes, *, max_bytes: int = ROUND_MAX_BYTES) -> RoundAn
             batch_size=get_field(t, "batch_size", "int"),
             lr=float(get_field(t, "lr", "num")),
             momentum=float(get_field(t, "momentum", "num")),
+            # optional: absent from aggregators before FedProx and when it is off
+            prox_mu=float(get_field(t, "prox_mu", "num", optional=True) or 0.0),
         )
     except ValueError as err:
         raise SchemaError(f"round: {err}") from err

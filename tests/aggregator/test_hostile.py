@@ -20,6 +20,7 @@ import pytest
 
 from aggregator.globals import GlobalModel
 from aggregator.journal import Accepted, Journal, Snapshot, read_ledger
+from aggregator.server_opt import encode_opt_state, fresh_state
 from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
 from aggregator.store import Store, read_history
@@ -160,12 +161,17 @@ def _poison_journal(state_dir: Path, how: str) -> None:
         state_dir.mkdir(parents=True)
         (state_dir / "state.json").write_text('{"version": 0, "next_round": ')
         return
-    if how == "version":  # a stored version whose payload no longer decodes
+    if how in ("version", "server_opt"):
         model = GlobalModel(task=get_task("digits-mlp"), store=Store(root=state_dir))
         model.load_or_init()
         model.store.save_manifest(0, encode_manifest(model.manifest(
             job="svc", weight_chunks=1, onnx_chunks=0, delta_chunks=0)))  # fmt: skip
-        (state_dir / "versions" / "000000.full").write_bytes(b"\x93poison")
+        if how == "version":  # a stored version whose payload no longer decodes
+            (state_dir / "versions" / "000000.full").write_bytes(b"\x93poison")
+        else:  # the server optimiser's saved moments, well formed but with a NaN in them
+            state = fresh_state("adam", model.specs, 1e-3)
+            next(iter(state.m.values())).flat[0] = np.nan
+            model.store.save_optimizer(0, encode_opt_state("adam", state))
         (state_dir / "state.json").write_text('{"version": 0, "next_round": 1}')
         return
     specs = _specs()
@@ -184,12 +190,12 @@ def _poison_journal(state_dir: Path, how: str) -> None:
     journal.close()
 
 
-@pytest.mark.parametrize("how", ["body", "snapshot", "state.json", "version"])
+@pytest.mark.parametrize("how", ["body", "snapshot", "state.json", "version", "server_opt"])
 def test_a_poisoned_state_directory_is_quarantined_on_restart(
     start: Start, tmp_path: Path, how: str
 ) -> None:
     _poison_journal(tmp_path / "agg", how)
-    agg, dev = start(rounds=3)
+    agg, dev = start(rounds=3, **({"server_optimizer": "adam"} if how == "server_opt" else {}))
     dev.online("a", "b")
     journalled = how in ("body", "snapshot")
     if journalled:  # the journalled round 1 is moved aside and ends abandoned
@@ -197,7 +203,8 @@ def test_a_poisoned_state_directory_is_quarantined_on_restart(
         assert rnd["outcome"] == "abandoned" and rnd["reason"].startswith("quarantined"), rnd
     expected = {"body": ["000001.bodies"], "snapshot": ["000001.bodies", "000001.snapshot"],
                 "state.json": ["state.json"],
-                "version": ["000000.full", "000000.manifest", "000000.onnx"]}  # fmt: skip
+                "version": ["000000.full", "000000.manifest", "000000.onnx"],
+                "server_opt": ["000000.opt"]}  # fmt: skip
     qdir = tmp_path / "agg" / "quarantine"
 
     def moved() -> list[str] | None:  # the service moves them aside as it starts
@@ -217,6 +224,8 @@ def test_a_poisoned_state_directory_is_quarantined_on_restart(
     assert _history_round(agg, first, dev)["outcome"] == "complete"
     state = dev.pump(lambda: (s := _state(tmp_path / "agg")).get("next_round") == first + 1 and s)
     assert state["version"] == 1
+    if how == "server_opt":  # FedAdam started afresh from version 0: one step taken
+        assert agg.optimizer.state.step == 1  # type: ignore[attr-defined]
 
 
 def _publish_on(dev: ScriptedDevice, filter_: str, device: str, payload: bytes,

@@ -251,3 +251,37 @@ def test_compressed_updates_are_decoded_scattered_and_budgeted(service: tuple[An
     rejected = [v for v in read_ledger(agg.s.state_dir) if v["verdict"] == "rejected"]
     assert sorted(v["update_id"] for v in rejected) == ["big", "liar", "odd"]
     assert all(v["reason"].startswith("schema_error") for v in rejected)
+
+
+@pytest.mark.parametrize("service", [{
+    "mode": "async", "buffer_size": 1, "server_optimizer": "adam", "server_lr": 0.5,
+    "prox_mu": 0.01,
+}], indirect=True)  # fmt: skip
+def test_fedbuff_buffers_step_fedadam_and_rounds_announce_prox_mu(
+    service: tuple[Any, Any],
+) -> None:
+    agg, dev = service
+    dev.online("a", "b")
+    r1 = dev.open_round(1)
+    assert r1.train.prox_mu == 0.01  # FedProx's mu travels with the round
+    m0 = dev.pump(lambda: next((m for m in dev.manifests if m.version == 0), None))
+    w0 = decode_weights(dev.pump(lambda: dev.payloads.get(m0.weights.payload_id)))
+    ones = {k: np.ones_like(v) for k, v in w0.items()}
+    dev.send("a", _update("u1", "a", 1, 0, ones))
+    assert dev.ack_for("u1").status == "accepted"
+    dev.open_round(2)
+    dev.send("b", _update("u2", "b", 2, 1, ones))
+    assert dev.ack_for("u2").status == "accepted"
+    m2 = dev.pump(lambda: next((m for m in dev.manifests if m.version == 2), None))
+    w2 = decode_weights(dev.pump(lambda: dev.payloads.get(m2.weights.payload_id)))
+    # one FedAdam step per buffer on its mean delta d = 1 (b1 0.9, b2 0.99, tau 1e-3, lr 0.5):
+    # m1 = 0.1, v1 = 0.99e-6 + 0.01; m2 = 0.19, v2 = 0.99 v1 + 0.01
+    v1 = 0.99e-6 + 0.01
+    v2 = 0.99 * v1 + 0.01
+    step = 0.5 * 0.1 / (v1**0.5 + 1e-3) + 0.5 * 0.19 / (v2**0.5 + 1e-3)
+    for k in w0:
+        np.testing.assert_allclose(w2[k], w0[k].astype(np.float64) + step, rtol=1e-6, atol=1e-6)
+    history = dev.pump(lambda: [r["outcome"] for r in read_history(agg.s.state_dir)][1:])
+    assert history == ["buffered"]  # the second buffer's line: the history follows the version
+    assert (agg.s.state_dir / "versions" / "000002.opt").exists()  # written before it was published
+    assert agg.optimizer.state.step == 2

@@ -167,3 +167,34 @@ def test_the_aggregator_restores_its_retained_messages_after_a_forgery(
         watcher.close()
         forger.close()
 
+
+
+def test_its_own_will_is_not_an_intrusion_and_is_overwritten_with_the_live_status() -> None:
+    w = OwnTopics(topics=[G, R, S])
+    will = b'{"aggregator": "offline"}'
+    w.will(S, will)
+    # a restart: the broker holds the Will of the previous run (or of this one, same words)
+    assert w.observe(S, will, retained=True, signed_by_us=None, now=1.0) is None
+    assert w.due(1.0) == []  # nothing published yet: nothing to restore
+    w.published(S, b'{"aggregator": "online"}')
+    # a persistent session (MQTT 3.1.1) delivers the Will queued while it was away: live,
+    # yet its own, so not counted; the live status goes back at once
+    assert w.observe(S, will, retained=False, signed_by_us=None, now=2.0) is None
+    assert w.due(2.0) == [(S, b'{"aggregator": "online"}')]
+    # anything else on the status topic still is an intrusion
+    seen = w.observe(S, b'{"aggregator": "offline", "x": 1}', retained=False,
+                     signed_by_us=None, now=5.0)  # fmt: skip
+    assert seen is not None and seen.counter == "foreign_downlink"
+
+
+def test_a_retained_copy_of_a_pending_publication_is_not_taken_for_its_echo() -> None:
+    """A restart clears the round topic and announces the resumed round exactly as before:
+    the broker's retained copy of the old announcement (identical bytes) arrives before the
+    echoes, which must still be recognised (found by tests/integration/test_operator_views)."""
+    w = OwnTopics(topics=[G, R, S])
+    w.published(R, b"")  # no stale round
+    w.published(R, b"round 3, open")  # the resumed round, byte for byte as announced before
+    assert w.observe(R, b"round 3, open", retained=True, signed_by_us=True, now=1.0) is None
+    assert w.observe(R, b"", retained=False, signed_by_us=False, now=1.0) is None
+    assert w.observe(R, b"round 3, open", retained=False, signed_by_us=True, now=1.0) is None
+    assert w.due(5.0) == []

@@ -8,6 +8,7 @@ receives, never from logs.
 
 from __future__ import annotations
 
+import shutil
 import ssl
 import threading
 import time
@@ -193,7 +194,8 @@ def test_device_may_publish_only_its_own_topics(secured: tuple[Any, FleetDir, To
     assert not d0.refused()
     try:
         for topic in (t.update("d1"), t.global_manifest(), t.global_chunk(1, 0), t.round(),
-                      t.status(), t.ack("d1"), t.device_state("d1"), t.metrics("d1")):  # fmt: skip
+                      t.status(), t.ack("d1"), t.device_state("d1"), t.metrics("d1"),
+                      t.fleet_device("d0")):  # fmt: skip
             assert d0.publish(topic, b"forged") == "Not authorized", topic
         assert d0.publish(t.update("d0"), b"mine") == "Success"
         # the aggregator got d0's own update and none of the forgeries
@@ -202,6 +204,11 @@ def test_device_may_publish_only_its_own_topics(secured: tuple[Any, FleetDir, To
         assert all(payload != b"forged" for _, payload in operator.received())
         # the read-only operator may not publish anything
         assert operator.publish(t.status(), b"done, 0.99") == "Not authorized"
+        assert operator.publish(t.fleet_device("d0"), b"{}") == "Not authorized"
+        # the fleet mirror is the aggregator's to write, and the operator reads it
+        assert aggregator.publish(t.fleet_device("d0"), b'{"device": "d0"}') == "Success"
+        wait_until(lambda: (t.fleet_device("d0"), b'{"device": "d0"}') in operator.received(),
+                   "the mirror at the operator")  # fmt: skip
     finally:
         for c in (aggregator, operator, d0):
             c.close()
@@ -285,3 +292,41 @@ def test_enrol_live_and_revoke(secured: tuple[Any, FleetDir, Topics]) -> None:
     assert not d0.refused()  # everyone else is unaffected
     d0.close()
     aggregator.close()
+
+
+def test_added_operators_watch_side_by_side_and_lose_their_reads_when_revoked(
+    secured: tuple[Any, FleetDir, Topics],
+) -> None:
+    # one certificate is one client id: a second tool on operator.<job>'s bundle would take
+    # its session over; an added operator is an identity of its own, read-only like it
+    broker, fleet, t = secured
+    alice = fleet.add_operator("alice")
+    broker.reload()
+    aggregator = Client(broker, bundle=fleet.bundle(aggregator_identity(TEST_JOB)))
+    operator = Client(broker, bundle=fleet.bundle(operator_identity(TEST_JOB)))
+    watcher = Client(broker, bundle=alice)
+    try:
+        assert not (aggregator.refused() or operator.refused() or watcher.refused())
+        for c in (operator, watcher):
+            c.subscribe(t.status())
+        assert watcher.publish(t.status(), b"forged") == "Not authorized"  # read-only
+        aggregator.publish(t.status(), b"1")
+        wait_until(lambda: operator.received() and watcher.received(), "the status at both")
+        assert not operator.disconnected.is_set() and not watcher.disconnected.is_set()
+        stolen = alice.root.parent / "stolen-alice"  # revoke deletes the bundle: keep a copy
+        shutil.copytree(alice.root, stolen)
+        fleet.revoke(operator_identity(TEST_JOB, "alice"))
+        broker.reload()
+        assert operator_identity(TEST_JOB, "alice") not in fleet.acl.read_text()
+        # its certificate stays valid until the broker's restart reads the CRL: no reads
+        late = Client(broker, bundle=type(alice)(stolen))
+        try:
+            late.subscribe(t.status())
+            aggregator.publish(t.status(), b"2")
+            wait_until(lambda: len(operator.received()) >= 2, "the second status")
+            assert late.received() == []
+        finally:
+            late.close()
+    finally:
+        for c in (aggregator, operator, watcher):
+            c.close()

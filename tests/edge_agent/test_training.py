@@ -1,4 +1,5 @@
-"""Local training on real digits data: learns, and stops when the budget is spent."""
+"""Local training on real digits data: learns, stops when the budget is spent, and with
+FedProx stays nearer the global model."""
 
 from __future__ import annotations
 
@@ -51,3 +52,55 @@ def test_memory_budget_counts_what_training_adds_not_the_lifetime_peak() -> None
     generous = train_local(model, x, y, config=config,
                            budget=Budget(max_memory_mb=64, max_batch_size=64), seed=1)  # fmt: skip
     assert generous.stopped_by == "" and generous.epochs_done == 2
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return float(sum(((p - q) ** 2).sum() for p, q in zip(a, b, strict=True)) ** 0.5)
+
+
+def test_fedprox_with_mu_0_is_plain_sgd_bit_for_bit() -> None:
+    torch.use_deterministic_algorithms(True)
+    try:
+        model, x, y = _setup()
+        start = _weights(model)
+        train_local(model, x, y, config=TrainConfig(2, 10, 0.1, momentum=0.5, prox_mu=0.0),
+                    budget=Budget(), seed=7)  # fmt: skip
+        # FedAvg's local training as it was before FedProx: the same seed, order and steps
+        ref, _, _ = _setup()
+        gen = torch.Generator().manual_seed(7)
+        xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+        opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.5)
+        ref.train()
+        for _ in range(2):
+            order = torch.randperm(len(xt), generator=gen)
+            for first in range(0, len(order), 10):
+                idx = order[first : first + 10]
+                opt.zero_grad(set_to_none=True)
+                nn.CrossEntropyLoss()(ref(xt[idx]), yt[idx]).backward()
+                opt.step()
+        assert _distance(_weights(ref), start) > 0.5  # it trained
+        for a, b in zip(_weights(model), _weights(ref), strict=True):
+            assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_fedprox_pulls_the_local_model_towards_the_global_one() -> None:
+    model, x, y = _setup()
+    start = _weights(model)
+    config = TrainConfig(epochs=3, batch_size=10, lr=0.1)
+    plain = train_local(model, x, y, config=config, budget=Budget(), seed=1)
+    drift = _distance(_weights(model), start)
+    prox_model, _, _ = _setup()
+    prox = train_local(prox_model, x, y, config=TrainConfig(3, 10, 0.1, prox_mu=0.1),
+                       budget=Budget(), seed=1)  # fmt: skip
+    prox_drift = _distance(_weights(prox_model), start)
+    # the proximal term keeps the local model measurably nearer w_global ...
+    assert prox_drift < 0.8 * drift, (prox_drift, drift)
+    # ... while it still learns, and mean_loss is the data loss (comparable to plain SGD's)
+    assert prox.mean_loss < 2 * plain.mean_loss + 0.1
+    assert evaluate(prox_model, x, y)["loss"] < 0.75 * evaluate(_setup()[0], x, y)["loss"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -197,6 +198,23 @@ def test_a_forged_round_with_absurd_training_is_refused() -> None:
     assert code(g, signed_round(absurd)) == "train_limits"
     assert code(gate(DownlinkTrust()), absurd) == "train_limits"
     assert code(g, signed_round(announcement())) == ""
+
+
+def test_fedprox_mu_beyond_the_profile_is_refused_and_a_forged_mu_never_verifies() -> None:
+    def prox(mu: float, lr: float = 0.05) -> RoundAnnouncement:
+        return announcement(train=TrainConfig(1, 10, lr, prox_mu=mu))
+
+    g = RoundGate(topics=TOPICS, task="t", trust=PINNED, max_epochs=20, max_lr=1.0,
+                  max_prox_mu=10.0)  # fmt: skip
+    assert code(g, signed_round(prox(0.1))) == ""
+    assert code(g, signed_round(prox(50.0))) == "train_limits"  # beyond the profile
+    assert code(g, signed_round(prox(5.0, lr=0.5))) == "train_limits"  # mu x lr >= 1
+    assert code(gate(), signed_round(prox(0.1))) == "train_limits"  # a gate without FedProx
+    # mu is covered by the signature: set, or changed, after signing, it does not verify
+    for r, mu in ((announcement(), 5.0), (prox(0.1), 9.0)):
+        raw = msgpack.unpackb(encode_round(r, sign=Signer(key=KEY).for_topic(TOPICS.round())))
+        raw["train"]["prox_mu"] = mu
+        assert code(g, decode_round(msgpack.packb(raw))) == "bad_signature"
 
 
 def test_rounds_only_move_forward_within_an_epoch() -> None:

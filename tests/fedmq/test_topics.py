@@ -15,7 +15,8 @@ def test_tree_and_parse() -> None:
     assert t.updates_filter("workers") == "$share/workers/site/fedmq/j1/update/+"
     cases = {
         t.update("pi-1"): ("update", "pi-1"), t.ack("pi-1"): ("ack", "pi-1"),
-        t.metrics("pi-1"): ("metrics", "pi-1"), t.device_state("pi-1"): ("state", "pi-1"),
+        t.metrics("pi-1"): ("metrics", "pi-1"), t.fleet_device("pi-1"): ("fleet", "pi-1"),
+        t.device_state("pi-1"): ("state", "pi-1"),
         t.round(): ("round", None), t.status(): ("status", None),
         t.global_manifest(): ("global", None), t.global_chunk(1, 0): ("global_chunk", None),
         "site/fedmq/j1/update/a/b": (None, None), "other/j1/round": (None, None),

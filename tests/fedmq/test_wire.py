@@ -115,6 +115,20 @@ def test_small_messages_round_trip() -> None:
     assert decode_metrics(encode_metrics(m)) == m
 
 
+def test_prox_mu_travels_in_train_only_when_on_and_is_checked() -> None:
+    plain = RoundAnnouncement("j", 4, 3, "open", 1.0, 61.0, ("a",), 1, 1, TrainConfig(2, 10, 0.05))
+    raw = msgpack.unpackb(encode_round(plain))
+    assert "prox_mu" not in raw["train"]  # FedProx off: the message is what it was before it
+    assert decode_round(encode_round(plain)).train.prox_mu == 0.0
+    prox = RoundAnnouncement("j", 4, 3, "open", 1.0, 61.0, ("a",), 1, 1,
+                             TrainConfig(2, 10, 0.05, prox_mu=0.01))  # fmt: skip
+    assert decode_round(encode_round(prox)) == prox
+    for bad in (-1.0, 1e9, float("nan"), float("inf"), "0.1", True, [0.1]):
+        raw["train"]["prox_mu"] = bad
+        with pytest.raises(SchemaError):
+            decode_round(msgpack.packb(raw))
+
+
 DECODERS = [decode_weights, decode_update, decode_manifest, decode_round, decode_ack,
             decode_state, decode_metrics, decode_chunk]  # fmt: skip
 
