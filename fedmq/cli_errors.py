@@ -64,7 +64,11 @@ def install_command(extra: str, root: Path = _CHECKOUT) -> str:
     if (root / "pyproject.toml").exists():
         c = f" -c {root / 'constraints.txt'}" if constraints else ""
         return f"pip install{c} -e '{root}[{extra}]'"
-    return f"pip install{constraints} 'fedmq[{extra}]' (or '<the fedmq wheel>[{extra}]')"
+    from fedmq import __version__
+
+    wheel = f"fedmq-{__version__}-py3-none-any.whl"
+    return (f"pip install{constraints} '{wheel}[{extra}]' (the wheel fedmq was installed "
+            "from, README 'Running a real fleet')")  # fmt: skip
 
 
 def missing_package(err: BaseException) -> FatalError | None:

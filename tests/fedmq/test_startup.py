@@ -3,6 +3,8 @@ time passed in)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fedmq.cli_errors import EXIT_IDENTITY_IN_USE, EXIT_NO_BROKER, FatalError
@@ -94,3 +96,24 @@ def test_three_connections_dropped_at_once_mean_another_client_has_the_id() -> N
     for t in (0.0, 10.0, 20.0, 30.0):
         patient.connected(t)
         patient.disconnected("Unspecified error", t + TAKEOVER_WINDOW_S + 1)
+
+
+def test_a_missing_package_names_its_extra_and_the_pip_command(tmp_path: Path) -> None:
+    from fedmq.cli_errors import EXIT_NOT_READY, install_command, missing_package
+
+    try:
+        try:
+            import torch_not_here  # type: ignore[import-not-found]  # noqa: F401
+        except ModuleNotFoundError as err:  # as fedmq.tasks re-raises it, with a cause
+            err.name = "torch.nn"
+            raise ImportError("building a model needs torch") from err
+    except ImportError as outer:
+        fatal = missing_package(outer)
+    assert fatal is not None and fatal.exit_code == EXIT_NOT_READY
+    assert fatal.message.startswith("torch is not installed (it comes with fedmq's 'train' ")
+    assert missing_package(ImportError("cannot import name 'x' from 'y'")) is None  # a bug
+    # from a checkout: its own path; from a wheel: the wheel, with the constraints for torch
+    (tmp_path / "pyproject.toml").write_text("")
+    assert install_command("infer", tmp_path) == f"pip install -e '{tmp_path}[infer]'"
+    from_wheel = install_command("train", tmp_path / "elsewhere")
+    assert from_wheel.startswith("pip install -c constraints.txt 'fedmq-")
