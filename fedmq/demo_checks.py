@@ -70,7 +70,7 @@ class DemoProgress:
             if target > 0:  # the demo stops at its target: that is where the bar ends
                 self.bar = tqdm(total=round(target * 100), unit="%", file=self.stream,
                                 desc=f"accuracy to {target:.0%}", dynamic_ncols=True,
-                                bar_format="{desc}: {bar} {n:.0f}/{total_fmt}% {postfix}")
+                                bar_format="{desc}: {bar} {n:.0f}/{total_fmt}%{postfix}")
             else:
                 self.bar = tqdm(total=rounds, unit="round", desc="training", file=self.stream,
                                 dynamic_ncols=True)  # fmt: skip
