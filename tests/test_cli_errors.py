@@ -37,7 +37,7 @@ sys.exit(main())
 """
 AGENT = ["agent", "--insecure", "--task", "digits-mlp", "--state-dir", "{tmp}/agent"]
 # inference only: no torch to import, so the waits for a broker start sooner
-WAITING_AGENT = [*AGENT, "--infer-only", "--connect-timeout-s", "2"]
+WAITING_AGENT = [*AGENT, "--infer-only", "--connect-timeout-s", "1"]
 AGGREGATOR = ["aggregator", "--insecure", "--task", "digits-mlp", "--state-dir", "{tmp}/agg"]
 DEMO = ["demo", "--run-dir", "{tmp}/run"]
 
@@ -55,12 +55,12 @@ class Case:
 CASES = {
     # a broker that never answers: progress, then one line and exit 4
     "agent, closed port": Case([*WAITING_AGENT, "--port", "{closed}"], EXIT_NO_BROKER,
-                               "no broker at 127.0.0.1:{closed} after 2 s: connection refused"),
+                               "no broker at 127.0.0.1:{closed} after 1 s: connection refused"),
     "agent, unknown host": Case([*WAITING_AGENT, "--host", "no-such-host.invalid"],
                                 EXIT_NO_BROKER, "cannot resolve the host name"),
     "aggregator, TLS to a plain port": Case(
         [*AGGREGATOR, "--no-insecure", "--ca-file", "{ca}", "--port", "{plain}",
-         "--connect-timeout-s", "2"], EXIT_NO_BROKER, "TLS handshake failed"),
+         "--connect-timeout-s", "1"], EXIT_NO_BROKER, "TLS handshake failed"),
     # the port of `fedmq broker` in use: the broker's own reason
     "broker, port in use": Case(["broker", "--insecure", "--port", "{busy}", "--data-dir",
                                  "{tmp}/b"], EXIT_NOT_READY, "Address already in use"),
