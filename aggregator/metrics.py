@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from aggregator.ledger import VERDICTS
 from fedmq import __version__
-from fedmq.config import ConfigError
 
 if TYPE_CHECKING:
     from aggregator.service import Aggregator
@@ -107,13 +106,8 @@ class Metrics:
         self._thread: threading.Thread | None = None
         if not self.enabled:
             return
-        try:
-            import prometheus_client as pc
-        except ImportError:
-            raise ConfigError(
-                "metrics_port needs prometheus-client: pip install "
-                "prometheus-client (part of fedmq's server extra)"
-            ) from None
+        # a missing package surfaces as ImportError: the CLI names the extra (exit 5)
+        import prometheus_client as pc
         self.registry = pc.CollectorRegistry(auto_describe=False)
         self.registry.register(_Snapshot(self))
 
@@ -136,7 +130,7 @@ class Metrics:
     # ------------------------------------------------------------ the service's hooks
 
     def start(self, agg: Aggregator) -> None:
-        """Serve the endpoint and time the journal; ConfigError when the port is taken."""
+        """Serve the endpoint and time the journal; FatalError (exit 5) when the port is taken."""
         if not self.enabled:
             return
         from prometheus_client import start_http_server
@@ -146,10 +140,12 @@ class Metrics:
         try:
             self._server, self._thread = start_http_server(self.port, self.host,
                                                            registry=self.registry)  # fmt: skip
-        except OSError as err:
-            raise ConfigError(
+        except OSError as err:  # a port in use: the host is not ready, as for fedmq broker
+            from fedmq.cli_errors import EXIT_NOT_READY, FatalError
+
+            raise FatalError(
                 f"cannot serve metrics on {self.host}:{self.port} "
-                f"(metrics_port): {err.strerror or err}"
+                f"(metrics_port): {err.strerror or err}", exit_code=EXIT_NOT_READY,
             ) from None
         log.info("metrics at %s", self.url)
 

@@ -13,6 +13,7 @@ from broker.provision import FleetDir
 logger = logging.getLogger(__name__)
 
 BROKER_CHOICES = ("auto", "mosquitto", "embedded")
+PROGRESS_OPERATOR = "progress"  # operator.<job>.progress: the identity a local run watches as
 MOSQUITTO_MISSING = (
     "Mosquitto is not installed: apt-get install mosquitto, or use --broker embedded"
 )
@@ -87,6 +88,9 @@ def start_fleet_broker(
     fleet = None
     if not insecure and kind == "mosquitto":
         fleet = FleetDir.init(Path(run_dir) / "fleet", job=job, prefix=prefix, devices=devices)
+        # the caller's own watcher (the demo's progress bar) gets an identity of its own, so
+        # `fedmq monitor` on the operator bundle does not take its session over
+        fleet.add_operator(PROGRESS_OPERATOR)
     broker = start_broker(prefer=kind, port=0, data_dir=Path(run_dir) / "broker",
                           message_size_limit=message_size_limit,
                           fleet_dir=fleet.root if fleet else None)  # fmt: skip

@@ -177,14 +177,15 @@ def run_demo(args: argparse.Namespace) -> int:
 def _watch(broker: Any, fleet: Any, aggregator: subprocess.Popen[bytes],
            args: argparse.Namespace) -> int:  # fmt: skip
     """Show progress from the status topic until the aggregator exits; its exit code."""
+    from broker.launch import PROGRESS_OPERATOR
     from broker.provision import operator_identity
     from fedmq.demo_checks import DemoProgress
     from fedmq.link import BrokerAddress, Link, Message
     from fedmq.topics import Topics
 
     address = BrokerAddress(host=broker.host, port=broker.port, mqtt_version=broker.mqtt_version)
-    if fleet is not None:  # the read-only operator identity
-        address = fleet.bundle(operator_identity("demo")).address(
+    if fleet is not None:  # a read-only operator identity of its own (docs/security.md)
+        address = fleet.bundle(operator_identity("demo", PROGRESS_OPERATOR)).address(
             broker.host, broker.port, broker.mqtt_version)
     link = Link(
         client_id=f"fedmq-demo-watch-{os.getpid()}",

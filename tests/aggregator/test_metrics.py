@@ -230,7 +230,7 @@ def test_dashboard_asks_only_for_exported_series() -> None:
     assert panels <= used, f"no panel for {sorted(panels - used)}"
 
 
-def test_a_taken_metrics_port_is_one_line_and_exit_2(tmp_path: Path, capsys: Any) -> None:
+def test_a_taken_metrics_port_is_one_line_and_exit_5(tmp_path: Path, capsys: Any) -> None:
     # before the broker is tried: no broker listens on port 1
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -250,7 +250,7 @@ def test_a_taken_metrics_port_is_one_line_and_exit_2(tmp_path: Path, capsys: Any
                 str(port),
             ]
         )
-    assert code == 2
+    assert code == 5
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("fedmq: ") and f"127.0.0.1:{port} (metrics_port)" in last, last
 
