@@ -200,7 +200,9 @@ class Aggregator:
         log.info("connected to %s:%s (MQTT %s), job %s, task %s, %s mode, %d parameters",
                  self.s.host, self.s.port, self.s.mqtt_version, self.s.job, self.task.name,
                  self.mode.name, self.model.num_params)  # fmt: skip
-        self._publish_own(self.topics.round(), b"")  # no stale round from before
+        if not (self.s.rounds and self.next_round_id > self.s.rounds):
+            self._publish_own(self.topics.round(), b"")  # no stale round from before
+        # (a job already done keeps its last round message: it tells agents so, done=True)
         self._publish_model()
         if self.round is not None:
             self._announce("open")  # the resumed round, exactly as first announced

@@ -15,6 +15,7 @@ from broker.provision import FleetDir
 BrokerFactory = Callable[..., MosquittoBroker]
 # the identities every test fleet enrols: tests name devices d<i>, the inference one "sensor"
 TEST_DEVICES = tuple(f"d{i}" for i in range(20)) + ("sensor",)
+TEST_WATCHERS = tuple(f"w{i}" for i in range(8))  # operator.<job>.w0 .. w7: tests' watchers
 TEST_JOB = "t"
 
 
@@ -41,6 +42,8 @@ def broker_factory(tmp_path: Path, topic_prefix: str) -> Iterator[BrokerFactory]
         if not insecure and "fleet_dir" not in overrides:
             fleet = FleetDir.init(tmp_path / f"fleet{len(made)}", job=job,
                                   prefix=prefix or topic_prefix, devices=TEST_DEVICES)  # fmt: skip
+            for name in TEST_WATCHERS:  # one identity per concurrent watcher (a certificate
+                fleet.add_operator(name)  # is its client id: two would knock each other off)
             overrides["fleet_dir"] = fleet.root
         broker = MosquittoBroker(settings=BrokerSettings(**overrides))
         made.append(broker)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -158,15 +159,26 @@ def fleet_dir_of(broker: Any) -> FleetDir | None:
 def paho_client(broker: Any, identity: str | None = None,
                 client_id: str = "") -> mqtt.Client:  # fmt: skip
     """A paho client (not connected) for broker; on a secured broker it presents identity's
-    certificate (default: the operator's, read-only)."""
+    certificate (default: one of the read-only operators', each watcher its own)."""
     version = mqtt.MQTTv5 if broker.mqtt_version == "5" else mqtt.MQTTv311
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version)
     fleet = fleet_dir_of(broker)
     if fleet is not None:
-        bundle = fleet.bundle(identity or operator_identity(fleet.read().job))
+        bundle = fleet.bundle(identity or _watcher_identity(fleet))
         client.tls_set(ca_certs=str(bundle.ca_file), certfile=str(bundle.cert_file),
                        keyfile=str(bundle.key_file))  # fmt: skip
     return client
+
+
+_watchers = itertools.count()
+
+
+def _watcher_identity(fleet: FleetDir) -> str:
+    """A read-only identity for one more watcher: the fleet's added operators in turn (the
+    broker fixture adds eight), else the operator's own."""
+    info = fleet.read()
+    names = [o.id for o in info.operators.values() if not o.revoked]
+    return names[next(_watchers) % len(names)] if names else operator_identity(info.job)
 
 
 def _flags(opts: dict[str, Any]) -> list[str]:
@@ -184,7 +196,7 @@ class Watcher:
     """A plain paho client that records messages on a topic filter (acks, updates)."""
 
     def __init__(self, broker: Any, topic_filter: str, identity: str | None = None) -> None:
-        """Subscribe to topic_filter as identity (default: the fleet's read-only operator)."""
+        """Subscribe to topic_filter as identity (default: a read-only operator of its own)."""
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()

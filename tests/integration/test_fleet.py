@@ -12,6 +12,7 @@ import numpy as np
 from aggregator.journal import read_ledger
 from fedmq.chunks import encode_chunks
 from fedmq.wire import Update, encode_update, encode_weights
+from fedmq.wire.rounds import decode_round
 from tests.integration.fleet import Fleet, Watcher
 
 
@@ -162,3 +163,11 @@ def test_aggregator_past_its_rounds_stops_without_a_round(fleet: Fleet) -> None:
     assert fleet.procs["aggregator"].wait(timeout=60) == 0
     assert [r["round"] for r in fleet.history()] == [1]
     assert fleet.state()["next_round"] == 2 and len(fleet.counted()) == 1
+    # the restart kept the last round's message, which tells late agents the job is done
+    rounds = Watcher(fleet.broker, fleet.topics.round())
+    try:
+        last = fleet.wait_for("the retained round message", lambda: rounds.messages, timeout=10)
+        announced = decode_round(last[0][1])
+        assert (announced.round_id, announced.state, announced.done) == (1, "closed", True)
+    finally:
+        rounds.close()
