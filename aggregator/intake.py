@@ -155,6 +155,9 @@ class Intake:
             self.ledger.counters["examples_capped"] += 1
             given = dataclasses.replace(given, record={**given.record,
                                                        "examples_claimed": claimed})  # fmt: skip
+        if r is not None and given is not None:  # its round-trip time (selection policies)
+            given = dataclasses.replace(given, record={
+                **given.record, "arrived_s": round(max(0.0, now - r.opened_at), 3)})  # fmt: skip
         if r is None or given is None:
             self.ledger.verdict(update_id=u.update_id, device=u.device, round_id=u.round_id,
                                 verdict="late", reason="round already closed")  # fmt: skip

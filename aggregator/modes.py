@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
-
 from aggregator.fedbuff import BufferPolicy
-from aggregator.rounds import OpenRound, RoundPolicy, select_devices
+from aggregator.rounds import OpenRound, RoundPolicy
+from aggregator.selection import Candidates, Selector
 from fedmq.errors import DuplicateUpdate, StaleUpdate, Unauthorized
 from fedmq.wire import Update
 
@@ -62,15 +61,17 @@ class SyncRounds:
 
     policy: RoundPolicy
     name: str = "sync"
+    selection: Selector = field(default_factory=Selector)  # random unless configured
 
     def open(self, *, round_id: int, version: int, online: Sequence[str], seed: int,
              now: float) -> OpenRound:  # fmt: skip
         p = self.policy
         target = p.round_target(len(online))
-        # seeded by (seed, round): the same selection whether or not the service restarted
-        rng = np.random.default_rng([seed, round_id])
-        selected = select_devices(online, target=target, over_select=p.over_select, rng=rng,
-                                  max_selected=p.max_selected)  # fmt: skip
+        # seeded by (seed, round) and learnt from the history: the same selection whether
+        # or not the service restarted
+        selected = self.selection.select(Candidates(
+            online=online, round_id=round_id, seed=seed, target=target,
+            over_select=p.over_select, max_selected=p.max_selected))  # fmt: skip
         target = min(target, len(selected))
         return OpenRound(round_id=round_id, model_version=version, selected=frozenset(selected),
                          opened_at=now, deadline=now + p.timeout_s, target=target,
@@ -112,16 +113,18 @@ class BufferedRounds:
     policy: RoundPolicy  # its timeout is the buffer's age limit
     buffer: BufferPolicy
     name: str = "async"
+    selection: Selector = field(default_factory=Selector)
 
     def open(self, *, round_id: int, version: int, online: Sequence[str], seed: int,
              now: float) -> OpenRound:  # fmt: skip
         # every free device trains on the newest version; K updates make a version (fewer
         # when fewer devices are online, or when the buffer reaches its age limit); at most
-        # max_selected of them, at random (seeded by (seed, round)), so the message fits
+        # max_selected of them, by the selection policy (seeded by (seed, round)), so the
+        # message fits
         if len(online) > self.policy.max_selected:
-            rng = np.random.default_rng([seed, round_id])
-            online = select_devices(online, target=self.policy.max_selected, over_select=0.0,
-                                    rng=rng)  # fmt: skip
+            online = self.selection.select(Candidates(
+                online=online, round_id=round_id, seed=seed,
+                target=self.policy.max_selected))  # fmt: skip
         target = max(1, min(self.buffer.buffer_size, len(online)))
         return OpenRound(round_id=round_id, model_version=version, selected=frozenset(online),
                          opened_at=now, deadline=now + self.policy.timeout_s, target=target,

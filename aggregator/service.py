@@ -102,8 +102,10 @@ class Aggregator:
         self.model = GlobalModel(task=self.task, store=self.store, seed=s.seed,
                                  downlink=s.downlink_pipeline,
                                  downlink_delta=s.downlink_delta_pipeline)  # fmt: skip
-        self.mode: Mode = (BufferedRounds(policy=s.policy, buffer=s.buffer)
-                           if s.mode == "async" else SyncRounds(policy=s.policy))  # fmt: skip
+        self.selector = s.selector  # the selection policy and its participation table
+        self.mode: Mode = (
+            BufferedRounds(policy=s.policy, buffer=s.buffer, selection=self.selector)
+            if s.mode == "async" else SyncRounds(policy=s.policy, selection=self.selector))
         fleet = _fleet(s)
         # the devices the fleet file enrols (revoked ones left out); None: any valid id
         self.enrolled = (frozenset(d for d in fleet.devices if fleet.enrolled(d) is not None)
@@ -448,6 +450,7 @@ class Aggregator:
         self._announce("closed" if outcome != "abandoned" else "abandoned", r)
         self.store.append_round(record)
         self.recent.add(record)
+        self.selector.table.observe(record)
         self.next_round_id = r.round_id + 1
         self.metrics.round_ended(self, record)
         self._save_state()  # the commit point: a restart now starts the next round
@@ -516,7 +519,9 @@ class Aggregator:
         version = state.get("version")
         self._load_model(None if version is None else int(version))
         self.next_round_id = int(state.get("next_round", 1))
-        self.recent.extend(self.store.history())
+        history = self.store.history()
+        self.recent.extend(history)
+        self.selector.rebuild(history)  # what selection learnt: from the history, no file
         # the lineage of this state directory: set once, so a fresh directory (round ids and
         # versions start over) announces a newer epoch that signed-downlink agents follow
         self.epoch = int(state.get("epoch") or time.time() * 1000)
@@ -636,7 +641,8 @@ class Aggregator:
         """The rule, the next norm bound, and the privacy spent so far (central DP)."""
         s = self.s
         out: dict[str, Any] = {"rule": s.rule, "norm_bound": self._bounds()["bound"],
-                               "max_examples": s.max_examples, "privacy": None}  # fmt: skip
+                               "max_examples": s.max_examples, "privacy": None,
+                               "selection": self.selector.status()}  # fmt: skip
         if self.noise_multiplier:
             out["privacy"] = {"epsilon": self.privacy.epsilon, "delta": s.dp_delta,
                               "noise_multiplier": self.noise_multiplier,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from aggregator.fedbuff import BufferPolicy
 from aggregator.rounds import RoundPolicy
+from aggregator.selection import Participation, Selector, make_selection
 from fedmq.chunks import DEFAULT_MAX_MESSAGE_BYTES
 from fedmq.codecs import Pipeline, check_downlink, parse_pipeline
 from fedmq.link import BrokerAddress, require_credentials
@@ -46,6 +47,12 @@ class AggregatorSettings:
     server_beta2: float = 0.99  # adam and yogi: decay of the second moment
     server_tau: float = 1e-3  # adam, yogi, adagrad: adaptivity (epsilon); v starts at tau^2
     prox_mu: float = 0.0  # FedProx: proximal term mu/2 ||w - w_global||^2 on devices; 0 off
+    # device selection (docs/strategies.md "Selection"): random | utility (Oort-style)
+    selection: str = "random"
+    selection_exploration: float = 0.1  # utility: fraction of picks among untried devices
+    selection_round_s: float = 0.0  # utility: preferred round duration T; 0: the median
+    selection_speed_alpha: float = 2.0  # utility: devices slower than T weigh (T / t)^alpha
+    selection_max_skip_rounds: int = 0  # utility: guard; 0: 4 x ceil(online / picks)
     seed: int = 0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_update_bytes: int = 64 * 1024 * 1024  # refuse any update payload larger than this
@@ -102,6 +109,7 @@ class AggregatorSettings:
         self.policy  # noqa: B018
         self.train  # noqa: B018
         self.buffer  # noqa: B018
+        self.selector  # noqa: B018
         require_credentials(self.broker, insecure=self.insecure, bundle="the aggregator bundle "
                             "of `fedmq fleet init`, e.g. --config bundles/aggregator.<job>/"
                             "aggregator.toml")  # fmt: skip
@@ -246,6 +254,15 @@ class AggregatorSettings:
             staleness_exponent=self.staleness_exponent,
             max_staleness=self.max_staleness,
         )
+
+    @property
+    def selector(self) -> Selector:
+        """A fresh selection policy and its (empty) participation table."""
+        policy = make_selection(policy=self.selection, exploration=self.selection_exploration,
+                                round_s=self.selection_round_s,
+                                speed_alpha=self.selection_speed_alpha,
+                                max_skip_rounds=self.selection_max_skip_rounds)  # fmt: skip
+        return Selector(policy=policy, table=Participation(censor=self.mode == "sync"))
 
     @property
     def train(self) -> TrainConfig:

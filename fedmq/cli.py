@@ -68,6 +68,16 @@ AGGREGATOR_HELP = {
     "(1e-3, Reddi et al.'s recommendation)",
     "prox_mu": "FedProx: devices add mu/2 ||w - w_global||^2 to their local loss, announced "
     "in each round (0 = off, plain FedAvg; try 0.01-1; needs prox_mu x lr < 1)",
+    "selection": "device selection: random (uniform, seeded; the default) or utility "
+    "(Oort-style: prefers devices with high reported loss x examples and fast round trips, "
+    "explores untried ones, never starves one; docs/strategies.md)",
+    "selection_exploration": "utility: fraction of each round's picks among never-tried "
+    "devices (0.1)",
+    "selection_round_s": "utility: preferred round duration T in seconds; devices slower than "
+    "T weigh (T / t)^alpha (0 = the median observed round-trip time)",
+    "selection_speed_alpha": "utility: the speed penalty's exponent alpha (2; 0 = ignore speed)",
+    "selection_max_skip_rounds": "utility: fairness guard; a device left out this many rounds "
+    "in a row is selected next (0 = 4 x online devices / picks per round)",
     "seed": "seed for model initialisation and device selection",
     "max_message_bytes": "largest MQTT payload to publish (capped by the broker's CONNACK)",
     "max_update_bytes": "refuse update payloads larger than this",
