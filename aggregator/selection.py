@@ -22,7 +22,7 @@ from a device at some point, so it is clipped to a sane range before it weighs a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -82,6 +82,7 @@ class Participation:
     censor: bool = True
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
     rounds: int = 0  # history records observed
+    last_round: int = 0  # the newest round observed
     max_tracked: int = MAX_TRACKED
 
     @classmethod
@@ -102,6 +103,7 @@ class Participation:
         except (KeyError, TypeError, ValueError, AttributeError):
             return
         self.rounds += 1
+        self.last_round = max(self.last_round, round_id)
         for device in selected:
             d = self._get(device)
             d.selected += 1
@@ -316,6 +318,20 @@ class Selector:
     def select(self, c: Candidates) -> tuple[str, ...]:
         """The round's selected ids, sorted."""
         return self.policy.select(c, self.table)
+
+    def observe(self, record: Mapping[str, Any],
+                history: Callable[[], Iterable[Mapping[str, Any]]]) -> None:  # fmt: skip
+        """Take the record of the round that just closed. A round closed again (after a
+        crash between its record and the commit point) replaces its earlier record, as in
+        the history: the table is then rebuilt from history()."""
+        try:
+            again = int(record["round"]) <= self.table.last_round
+        except (KeyError, TypeError, ValueError):
+            return
+        if again:
+            self.rebuild(history())
+        else:
+            self.table.observe(record)
 
     def rebuild(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Learn the table afresh from the history (on start and after a restart)."""

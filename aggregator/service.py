@@ -450,7 +450,7 @@ class Aggregator:
         self._announce("closed" if outcome != "abandoned" else "abandoned", r)
         self.store.append_round(record)
         self.recent.add(record)
-        self.selector.table.observe(record)
+        self.selector.observe(record, self.store.history)
         self.next_round_id = r.round_id + 1
         self.metrics.round_ended(self, record)
         self._save_state()  # the commit point: a restart now starts the next round

@@ -198,8 +198,24 @@ def test_a_restarted_aggregator_selects_as_an_uninterrupted_one() -> None:
     for r in (61, 62):
         c = Candidates(online=list(speeds), round_id=r, seed=0, target=10)
         assert restarted.select(c) == live.select(c)
-    # a record written twice (a round re-closed after a crash; the history keeps the later)
-    # is the history's business: read_history dedupes; the table is a function of the list
+
+
+def test_a_round_closed_again_after_a_crash_replaces_its_first_record() -> None:
+    # killed between the round's history record and the commit point: the restart rebuilds
+    # from a history holding round 3's first record, resumes round 3 and closes it again
+    # with one more participant; the history (read_history) then keeps only the later one
+    first = [record(1, ["a", "b"], {"a": (2.0, 10, 1.0), "b": (1.0, 10, 2.0)}),
+             record(2, ["a", "c"], {"a": (1.5, 10, 1.0), "c": (1.0, 10, 3.0)}),
+             record(3, ["b", "c"], {"b": (0.9, 10, 2.0)}, wall=30.0)]  # fmt: skip
+    again = record(3, ["b", "c"], {"b": (0.9, 10, 2.0), "c": (0.8, 10, 40.0)})
+    history = [*first[:2], again]
+    live = Selector(policy=UtilitySelection())
+    live.rebuild(first)
+    live.observe(again, lambda: history)
+    assert live.table == Participation.from_history(history)
+    assert live.table.devices["c"].selected == 2 and live.table.devices["c"].took_part == 2
+    live.observe(record(4, ["a"], {"a": (1.0, 10, 1.0)}), lambda: [])  # a new round: no reread
+    assert live.table.devices["a"].selected == 3
 
 
 def test_hostile_numbers_are_clipped_or_ignored() -> None:

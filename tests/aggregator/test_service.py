@@ -285,3 +285,36 @@ def test_fedbuff_buffers_step_fedadam_and_rounds_announce_prox_mu(
     assert history == ["buffered"]  # the second buffer's line: the history follows the version
     assert (agg.s.state_dir / "versions" / "000002.opt").exists()  # written before it was published
     assert agg.optimizer.state.step == 2
+
+
+@pytest.mark.parametrize(
+    "service", [{"selection": "utility", "selection_exploration": 0.0, "seed": 2}], indirect=True
+)
+def test_utility_selection_follows_the_history_and_reports_participation(
+    service: tuple[Any, Any],
+) -> None:
+    from aggregator.selection import Candidates, Participation, RandomSelection, UtilitySelection
+
+    agg, dev = service
+    dev.online("a", "b", "c")
+    r1 = dev.open_round(1)  # nothing tried yet: seed 2 explores a and b (with or without c)
+    assert set(r1.selected) == {"a", "b"}
+    m0 = dev.pump(lambda: next((m for m in dev.manifests if m.version == 0), None))
+    w0 = decode_weights(dev.pump(lambda: dev.payloads.get(m0.weights.payload_id)))
+    ones = {k: np.ones_like(v) for k, v in w0.items()}
+    for d, loss in (("a", 2.0), ("b", 0.5)):
+        u = _update(f"u{d}", d, 1, 0, ones)
+        dev.send(d, Update(u.update_id, d, 1, 0, 10, u.codec, u.body,
+                           metrics={"train_loss": loss}))  # fmt: skip
+        assert dev.ack_for(f"u{d}").status == "accepted"
+    r2 = dev.open_round(2)
+    history = read_history(agg.s.state_dir)
+    assert all(p["arrived_s"] >= 0 for p in history[0]["participants"])
+    online = Candidates(online=["a", "b", "c"], round_id=2, seed=2, target=2)
+    want = UtilitySelection(exploration=0.0).select(online, Participation.from_history(history))
+    assert tuple(sorted(r2.selected)) == want == ("a", "b")  # the tried ones, no exploration
+    assert RandomSelection().select(online, Participation()) != want  # random: b and c
+    status = dev.pump(lambda: agg.status(time.time())["aggregation"]["selection"])
+    assert status["policy"] == "utility"
+    assert status["participation"] == {"a": {"selected": 1, "took_part": 1},
+                                       "b": {"selected": 1, "took_part": 1}}  # fmt: skip
