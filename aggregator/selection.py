@@ -239,7 +239,11 @@ class UtilitySelection:
             chosen += [untried[i] for i in rng.choice(len(untried), size=explore, replace=False)]
         left -= explore
         if left:
-            chosen += self._exploit(tried, rec, left, c.round_id, rng)
+            # the round waits for the slowest device the guard took into it: devices no
+            # slower than that cost it no time, so they are not penalised in this round
+            # (slow devices then take their turns together rather than one a round)
+            wait = max((rec[d].duration_s or 0.0 for d in chosen), default=0.0)
+            chosen += self._exploit(tried, rec, left, c.round_id, rng, wait_s=wait)
         return tuple(sorted(chosen))
 
     def _guard(self, online: list[str], rec: Mapping[str, DeviceRecord], k: int,
@@ -258,9 +262,10 @@ class UtilitySelection:
         return [online[i] for i in edf[: min(k, must)]]
 
     def scores(self, devices: Sequence[str], rec: Mapping[str, DeviceRecord],
-               round_id: int) -> np.ndarray:  # fmt: skip
+               round_id: int, *, wait_s: float = 0.0) -> np.ndarray:  # fmt: skip
         """Each tried device's utility: statistical utility (clipped, scaled to [0, 1]) plus
-        a staleness bonus, times the speed penalty (T / t)^alpha when t > T."""
+        a staleness bonus, times the speed penalty (T / t)^alpha when t > T, T being at
+        least wait_s (what the round waits for anyway)."""
         stat = np.array([_stat_utility(rec[d]) for d in devices], dtype=np.float64)
         known = stat[np.isfinite(stat)]
         # a device that never reported (selected, never took part) counts as the median one
@@ -273,7 +278,7 @@ class UtilitySelection:
         score = stat + bonus
         durations = np.array([rec[d].duration_s or np.nan for d in devices], dtype=np.float64)
         seen = durations[np.isfinite(durations)]
-        pref = self.round_s or (float(np.median(seen)) if seen.size else 0.0)
+        pref = max(wait_s, self.round_s or (float(np.median(seen)) if seen.size else 0.0))
         if pref > 0 and self.speed_alpha:
             t = np.where(np.isfinite(durations), durations, pref)
             slow = t > pref
@@ -281,10 +286,11 @@ class UtilitySelection:
         return score
 
     def _exploit(self, tried: list[str], rec: Mapping[str, DeviceRecord], k: int,
-                 round_id: int, rng: np.random.Generator) -> list[str]:  # fmt: skip
+                 round_id: int, rng: np.random.Generator, *,
+                 wait_s: float = 0.0) -> list[str]:  # fmt: skip
         """k of the tried devices: sampled in proportion to their scores among those scoring
         at least CUTOFF x the k-th best (Oort's cut-off), so near-ties share turns."""
-        score = self.scores(tried, rec, round_id)
+        score = self.scores(tried, rec, round_id, wait_s=wait_s)
         kth = float(np.sort(score)[::-1][k - 1])
         pool = np.flatnonzero(score >= CUTOFF * kth)
         w = score[pool]

