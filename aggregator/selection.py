@@ -226,7 +226,8 @@ class UtilitySelection:
         rng = np.random.default_rng([c.seed, c.round_id])
         rec = {d: table.devices.get(d) or DeviceRecord() for d in online}
         chosen = self._guard(online, rec, k, c.round_id, rng)
-        rest = [d for d in online if d not in set(chosen)]
+        taken = set(chosen)
+        rest = [d for d in online if d not in taken]
         left = k - len(chosen)
         untried = [d for d in rest if not rec[d].tried]
         tried = [d for d in rest if rec[d].tried]
@@ -294,7 +295,8 @@ class UtilitySelection:
         kth = float(np.sort(score)[::-1][k - 1])
         pool = np.flatnonzero(score >= CUTOFF * kth)
         w = score[pool]
-        p = w / w.sum() if w.sum() > 0 else None
+        # uniform when the weights cannot make k distinct picks (penalties that underflow)
+        p = w / w.sum() if np.count_nonzero(w > 0) >= k and np.isfinite(w).all() else None
         picked = rng.choice(pool, size=k, replace=False, p=p)
         return [tried[i] for i in picked]
 

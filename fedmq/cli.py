@@ -72,10 +72,10 @@ AGGREGATOR_HELP = {
     "(Oort-style: prefers devices with high reported loss x examples and fast round trips, "
     "explores untried ones, never starves one; docs/strategies.md)",
     "selection_exploration": "utility: fraction of each round's picks among never-tried "
-    "devices (0.1)",
+    "devices",
     "selection_round_s": "utility: preferred round duration T in seconds; devices slower than "
     "T weigh (T / t)^alpha (0 = the median observed round-trip time)",
-    "selection_speed_alpha": "utility: the speed penalty's exponent alpha (2; 0 = ignore speed)",
+    "selection_speed_alpha": "utility: the speed penalty's exponent alpha (0 = ignore speed)",
     "selection_max_skip_rounds": "utility: fairness guard; a device left out this many rounds "
     "in a row is selected next (0 = 4 x online devices / picks per round)",
     "seed": "seed for model initialisation and device selection",

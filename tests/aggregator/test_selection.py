@@ -247,6 +247,14 @@ def test_hostile_numbers_are_clipped_or_ignored() -> None:
     assert len(got) == 2 and set(got) <= set(online)
     scores = UtilitySelection().scores(["a", "b"], table.devices, 100)
     assert np.isfinite(scores).all() and (scores >= 0).all()
+    # round trips so long that the speed penalty all but vanishes for most devices
+    slow = Participation.from_history([record(1, [f"s{i}" for i in range(8)], {
+        f"s{i}": (1.0, 10, 1e-3 if i == 0 else 1e30) for i in range(8)})])  # fmt: skip
+    harsh = UtilitySelection(round_s=1e-3, speed_alpha=10.0, exploration=0.0)
+    assert (harsh.scores([f"s{i}" for i in range(8)], slow.devices, 2)[1:] < 1e-50).all()
+    got = harsh.select(Candidates(online=[f"s{i}" for i in range(8)], round_id=2, seed=0,
+                                  target=4), slow)  # fmt: skip
+    assert len(got) == 4 and "s0" in got
 
 
 def test_a_device_lying_about_its_loss_has_bounded_influence() -> None:
