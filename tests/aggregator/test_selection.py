@@ -289,3 +289,29 @@ def test_settings_validate_and_default_to_random() -> None:
             AggregatorSettings(insecure=True, **bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         make_selection(policy="nope")
+
+
+def test_the_service_rebuilds_the_table_from_its_history_on_start(tmp_path: Any) -> None:
+    from aggregator.service import Aggregator
+    from aggregator.store import Store
+
+    speeds = heterogeneous()
+    live, history = simulate(UtilitySelection(max_skip_rounds=8), speeds, rounds=30, k=10)
+    store = Store(root=tmp_path / "agg")
+    for rec in history:
+        store.append_round(rec)
+    settings = AggregatorSettings(insecure=True, task="digits-mlp", state_dir=tmp_path / "agg",
+                                  selection="utility", selection_max_skip_rounds=8,
+                                  devices_per_round=10,
+                                  publish_onnx=False)  # fmt: skip
+    agg = Aggregator(settings=settings)
+    try:
+        agg._resume()  # what run() does first, before it connects
+        assert agg.selector.table == live.table
+        r = agg.mode.open(round_id=31, version=0, online=list(speeds), seed=0, now=0.0)
+        want = live.select(Candidates(online=list(speeds), round_id=31, seed=0, target=10))
+        assert tuple(sorted(r.selected)) == want
+        assert agg.aggregation_status()["selection"] == live.status()
+    finally:
+        agg.journal.close()
+        agg.intake.close()
