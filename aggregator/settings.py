@@ -110,6 +110,9 @@ class AggregatorSettings:
         self.train  # noqa: B018
         self.buffer  # noqa: B018
         self.selector  # noqa: B018
+        if self.selection != "random" and (self.dp_noise_multiplier or self.dp_epsilon):
+            raise ValueError("central DP accounts its sampling rate as uniform random selection: "
+                             "use selection = 'random' with dp_*")  # fmt: skip
         require_credentials(self.broker, insecure=self.insecure, bundle="the aggregator bundle "
                             "of `fedmq fleet init`, e.g. --config bundles/aggregator.<job>/"
                             "aggregator.toml")  # fmt: skip

@@ -289,6 +289,9 @@ def test_settings_validate_and_default_to_random() -> None:
             AggregatorSettings(insecure=True, **bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         make_selection(policy="nope")
+    with pytest.raises(ValueError, match="central DP"):  # its accountant assumes uniform q
+        AggregatorSettings(insecure=True, selection="utility", rule="clip", clip_norm=1.0,
+                           dp_noise_multiplier=1.0)  # fmt: skip
 
 
 def test_the_service_rebuilds_the_table_from_its_history_on_start(tmp_path: Any) -> None:
