@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aggregator.bounds import example_cap
+from aggregator.personal import shared_body
 from fedmq.codecs import Decoded, decode_tensors
 from fedmq.errors import SchemaError, Unauthorized
 from fedmq.topics import check_name
@@ -58,6 +59,8 @@ class Admission:
     enrolled: frozenset[str] | None = None  # the fleet file's devices; None: any valid id
     max_examples: int = MAX_EXAMPLES_PER_UPDATE  # the policy's cap on num_examples
     example_caps: Mapping[str, int] = field(default_factory=dict)  # fleet file max_examples
+    # fedper's personal head (aggregator.personal): tensors an update leaves out; empty: none
+    head: frozenset[str] = frozenset()
 
     def sender(self, device: str | None) -> str:
         """The topic's device id, checked before anything else is done with the message:
@@ -96,7 +99,9 @@ class Admission:
         Any pipeline fedmq can decode is accepted (a device's budget may have made it
         sparser than announced); a sparse tensor stays sparse and is scattered into the sum.
         """
-        tensors = decode_tensors(u.body, u.codec, self.specs)
+        tensors = decode_tensors(u.body, u.codec, self.specs, optional=self.head)
+        if self.head:
+            tensors = shared_body(tensors, self.specs, self.head)
         for check in self.checks:
             check(u, tensors)
         return tensors

@@ -34,6 +34,7 @@ from aggregator.journal import Journal, Snapshot
 from aggregator.ledger import Ledger, verdict_summary
 from aggregator.metrics import metrics_for
 from aggregator.modes import BufferedRounds, Mode, SyncRounds
+from aggregator.personal import personal_stats, personal_train
 from aggregator.presence import Presence
 from aggregator.privacy import PrivacySpent, noise_for_epsilon
 from aggregator.recovery import recover_round
@@ -115,9 +116,13 @@ class Aggregator:
         # devices a round could have sampled (q = selected / enrolled); 0: unknown
         self.enrolled_count = len(self.enrolled) if self.enrolled is not None else 0
         self.metrics = metrics_for(s, fleet)  # Prometheus (docs/metrics.md); off by default
+        # the round's train map; under fedper with its head, which updates leave out
+        self.train = personal_train(s.train, head=s.personal_head_names,
+                                    default_head=self.task.head, specs=self.model.specs)
         self.admission = Admission(specs=self.model.specs, max_update_bytes=s.max_update_bytes,
                                    budget_bytes=s.update_budget_bytes, enrolled=self.enrolled,
-                                   max_examples=s.max_examples, example_caps=caps)  # fmt: skip
+                                   max_examples=s.max_examples, example_caps=caps,
+                                   head=frozenset(self.train.personal_head))  # fmt: skip
         self.median_norm = 0.0  # the median L2 norm of the last closed round's updates
         self.median_examples = 0.0  # and their median example count (after the caps)
         self.privacy = PrivacySpent(delta=s.dp_delta)
@@ -403,7 +408,7 @@ class Aggregator:
         msg = RoundAnnouncement(
             job=self.s.job, round_id=r.round_id, model_version=r.model_version, state=state,
             opened_at=r.opened_at, deadline=r.deadline, selected=tuple(sorted(r.selected)),
-            target=r.target, min_devices=r.min_devices, train=self.s.train,
+            target=r.target, min_devices=r.min_devices, train=self.train,
             codec=self.s.update_pipeline.name, max_update_bytes=self.s.update_budget_bytes,
             task=self.task.name, epoch=self.epoch, done=bool(self.done_reason),
         )  # fmt: skip
@@ -422,6 +427,7 @@ class Aggregator:
         self._flush()  # every update of the round durable and acknowledged first
         r, acc = self.intake.end()
         record = {**r.history_record(outcome, now), **self.ledger.round_stats()}
+        record.update(personal_stats(record["participants"]))  # {} without personal models
         counters = self.ledger.counters
         if outcome != "abandoned":
             refused = self._advance(r, acc)

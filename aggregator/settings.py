@@ -53,6 +53,10 @@ class AggregatorSettings:
     selection_round_s: float = 0.0  # utility: preferred round duration T; 0: the median
     selection_speed_alpha: float = 2.0  # utility: devices slower than T weigh (T / t)^alpha
     selection_max_skip_rounds: int = 0  # utility: guard; 0: 4 x ceil(online / picks)
+    # personal models on devices (docs/strategies.md), announced in each round's train map
+    personalization: str = "none"  # none | finetune | fedper
+    personal_steps: int = 50  # local SGD steps of the personal model (fedper: of its head)
+    personal_head: str = ""  # fedper: comma-separated head tensors; "": the task's last layer
     seed: int = 0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_update_bytes: int = 64 * 1024 * 1024  # refuse any update payload larger than this
@@ -271,5 +275,11 @@ class AggregatorSettings:
     def train(self) -> TrainConfig:
         return TrainConfig(
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-            prox_mu=self.prox_mu,
+            prox_mu=self.prox_mu, personal=self.personalization,
+            personal_steps=self.personal_steps,
         )  # fmt: skip
+
+    @property
+    def personal_head_names(self) -> tuple[str, ...]:
+        """personal_head as tensor names; () for the task's own head."""
+        return tuple(n.strip() for n in self.personal_head.split(",") if n.strip())

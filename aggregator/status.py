@@ -19,7 +19,8 @@ RECENT_ROUNDS = 30  # rounds in the status's tail (a freshly started monitor's s
 
 
 class RecentRounds:
-    """The last few closed rounds' {round, version, outcome, accuracy, loss}, oldest first."""
+    """The last few closed rounds' {round, version, outcome, accuracy, loss}, oldest first;
+    with personal models also their `personal` and `global_local` {mean, p10, n}."""
 
     def __init__(self, *, keep: int = RECENT_ROUNDS) -> None:
         self._rounds: deque[dict[str, Any]] = deque(maxlen=keep)
@@ -33,6 +34,9 @@ class RecentRounds:
                      "loss": _finite(record.get("loss"))}  # fmt: skip
         except (KeyError, TypeError, ValueError):
             return  # a record without a round number tells a sparkline nothing
+        for key in ("personal", "global_local"):  # personal models' {mean, p10, n}
+            if isinstance(record.get(key), Mapping):
+                point[key] = {k: _finite(record[key].get(k)) for k in ("mean", "p10", "n")}
         if self._rounds and self._rounds[-1]["round"] == point["round"]:
             self._rounds.pop()  # a later record of a round wins, as in the history
         self._rounds.append(point)

@@ -21,6 +21,7 @@ import numpy as np
 
 from edge_agent.fetch import Action, Hold, HoldOnnx, ModelFetch, Reject, Subscribe, Unsubscribe
 from edge_agent.hold import UpdateHold
+from edge_agent.personal import PersonalModels
 from edge_agent.settings import AgentSettings
 from edge_agent.state import DeviceStore
 from edge_agent.trust import DownlinkTrust, RoundGate
@@ -75,6 +76,9 @@ class Agent:
             device_index=settings.device_index, seed=settings.data_seed, alpha=settings.alpha,
         )  # fmt: skip
         self.store = DeviceStore(root=settings.state_dir / self.device)
+        self.personal = PersonalModels(store=self.store, x=self.x, y=self.y,
+                                       holdout=settings.holdout_fraction,
+                                       seed=settings.data_seed)  # fmt: skip
         progress = self.store.load()
         # a round is "already trained" only if both its id and its base model match
         self.last_round: int = int(progress.get("last_round", 0))
@@ -320,26 +324,26 @@ class Agent:
         return model, specs_of(get_weights(model))
 
     def _train(self, r: RoundAnnouncement, base: dict[str, np.ndarray]) -> None:
-        from edge_agent.training import Budget, train_local
-        from fedmq.tasks.weights import get_weights, set_weights
+        from edge_agent.training import Budget
 
-        set_weights(self._model, base)
         p = self.profile
-        result = train_local(
-            self._model, self.x, self.y, config=r.train,
+        # the round's training, and its personal model if the round asks for one
+        local = self.personal.train_round(
+            self._model, base, r.train,
             budget=Budget(max_seconds=p.max_train_seconds, max_memory_mb=p.max_memory_mb,
                           max_batch_size=p.max_batch_size),
-            seed=r.round_id * 100_003 + self.s.device_index,
+            seed=r.round_id * 100_003 + self.s.device_index, version=r.model_version,
         )  # fmt: skip
+        result = local.result
         if self.s.extra_delay_s:
             time.sleep(self.s.extra_delay_s)
-        metrics = {"train_loss": result.mean_loss, "train_s": result.seconds}
+        metrics = {"train_loss": result.mean_loss, "train_s": result.seconds, **local.metrics}
         built = build_update(
-            announcement=r, device=self.device, update_id=uuid.uuid4().hex, base=base,
-            trained=get_weights(self._model), residual=self.store.load_residual(),
+            announcement=r, device=self.device, update_id=uuid.uuid4().hex, base=local.base,
+            trained=local.trained, residual=self.store.load_residual(),
             profile_max_bytes=p.max_update_bytes,
             # FedAvg weight n_k: the local dataset, or what a budget-stopped run got through
-            num_examples=min(len(self.x), max(1, result.examples)), metrics=metrics,
+            num_examples=min(local.examples, max(1, result.examples)), metrics=metrics,
             fetched_bytes=self.fetched_bytes, rng=update_rng(r.round_id, self.device),
             local_dp=self.s.local_dp,
         )  # fmt: skip
@@ -352,6 +356,7 @@ class Agent:
             self.log.info("round %d: %s to fit the %d-byte budget",
                           r.round_id, built.pipeline.name, built.budget)  # fmt: skip
         self.uplink.keep(built.update_id, built.payload)
+        self.personal.keep(local)  # on this device only: never in an update
         # then the residual: a crash between the two renames adds the old residual once more
         self.store.save_residual(built.residual)
         self.last_round, self.last_round_sha = r.round_id, self.fetch.sha256

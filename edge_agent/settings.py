@@ -61,6 +61,9 @@ class AgentSettings:
     # exit, inference-only devices keep serving the last version)
     connect_timeout_s: float = 60.0
     on_done: str = "auto"
+    # personal models (docs/strategies.md): the fraction of local data held out to evaluate
+    # the global and the personal model, in rounds that announce personalisation only
+    holdout_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         check_name("device id", self.device_id)
@@ -92,6 +95,8 @@ class AgentSettings:
         if self.connect_timeout_s < 0 or self.on_done not in ON_DONE:
             raise ValueError(f"connect_timeout_s must be >= 0 (0: wait forever) and on_done "
                              f"one of {', '.join(ON_DONE)}, got {self.on_done!r}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.extra_delay_s < 0 or self.alpha <= 0:
             raise ValueError("extra_delay_s must be >= 0 and alpha positive")
 

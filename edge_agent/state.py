@@ -29,7 +29,8 @@ class HeldModel:
 
 
 class DeviceStore:
-    """<root>/model.weights, agent.json, residual.weights and outbox/ of one device."""
+    """<root>/model.weights, agent.json, residual.weights, outbox/ and the personal model
+    (personal.weights, personal.json: never sent) of one device."""
 
     def __init__(self, *, root: Path) -> None:
         self.root = Path(root)
@@ -83,3 +84,26 @@ class DeviceStore:
             path.unlink(missing_ok=True)
         else:
             write_atomic(path, encode_weights(residual))
+
+    def load_personal(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+        """The personal model kept on this device (its note and weights), or None when
+        there is none or it is not whole (a crash between its two files, a foreign file)."""
+        note_path, blob_path = self.root / "personal.json", self.root / "personal.weights"
+        if not (note_path.exists() and blob_path.exists()):
+            return None
+        try:
+            note = json.loads(note_path.read_text())
+            blob = blob_path.read_bytes()
+            if not isinstance(note, dict) or hashlib.sha256(blob).hexdigest() != note.get("sha256"):
+                return None
+            return note, decode_weights(blob)
+        except (ValueError, ProtocolError):
+            return None
+
+    def save_personal(self, note: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+        """Keep the personal model: the weights first, then the note naming their sha256
+        (a crash between the two leaves a pair load_personal refuses: the old note's sha)."""
+        blob = encode_weights(weights)
+        write_atomic(self.root / "personal.weights", blob)
+        write_atomic(self.root / "personal.json",
+                     json.dumps({**note, "sha256": hashlib.sha256(blob).hexdigest()}).encode())

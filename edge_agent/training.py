@@ -59,13 +59,15 @@ def train_local(
     config: TrainConfig,
     budget: Budget,
     seed: int,
+    max_steps: int = 0,
 ) -> TrainResult:
     """Run SGD on (x, y) for config.epochs, stopping early when the budget is spent.
 
     With config.prox_mu > 0 (FedProx) the loss minimised is the data loss plus
     mu/2 ||w - w_global||^2, w_global the weights the model holds on entry; mean_loss
     reports the data loss alone. With prox_mu = 0 not one operation differs from plain
-    SGD, so the weights come out bit for bit the same."""
+    SGD, so the weights come out bit for bit the same. max_steps > 0 ends training after
+    that many batches (a personal model's steps), epochs permitting."""
     if len(x) == 0:
         raise ValueError("this device has no training examples")
     # the memory budget is what training adds (resident now, against before training), not
@@ -103,9 +105,9 @@ def train_local(
                 stopped_by = "time"
             elif rss_mb() - baseline_mb > budget.max_memory_mb:
                 stopped_by = "memory"
-            if stopped_by:
+            if stopped_by or batches == max_steps:
                 break
-        if stopped_by:
+        if stopped_by or batches == max_steps:
             break
     return TrainResult(
         examples=seen,

@@ -78,6 +78,13 @@ AGGREGATOR_HELP = {
     "selection_speed_alpha": "utility: the speed penalty's exponent alpha (0 = ignore speed)",
     "selection_max_skip_rounds": "utility: fairness guard; a device left out this many rounds "
     "in a row is selected next (0 = 4 x online devices / picks per round)",
+    "personalization": "personal models on devices, announced in each round: none; "
+    "finetune (each device fine-tunes the global model on its own data and keeps it); fedper "
+    "(the head stays on devices, only the shared body is averaged) (docs/strategies.md)",
+    "personal_steps": "local SGD steps of a device's personal model per round (finetune: from "
+    "the global model; fedper: of the head before the body, FedRep; 0: trained together)",
+    "personal_head": "fedper: comma-separated tensor names kept on devices; empty = the "
+    "task's last layer (mnist-2nn: 4.weight,4.bias)",
     "seed": "seed for model initialisation and device selection",
     "max_message_bytes": "largest MQTT payload to publish (capped by the broker's CONNACK)",
     "max_update_bytes": "refuse update payloads larger than this",
@@ -173,6 +180,9 @@ AGENT_HELP = {
     "connect_timeout_s": AGGREGATOR_HELP["connect_timeout_s"],
     "on_done": "when the aggregator's last round ends: exit (0), idle (keep serving the last "
     "version), or auto: training devices exit, inference-only devices idle",
+    "holdout_fraction": "personal models: the seeded fraction of this device's data held out "
+    "to evaluate the global and its personal model, in rounds that announce personalization "
+    "(docs/strategies.md)",
 }
 
 

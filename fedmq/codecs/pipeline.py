@@ -266,8 +266,10 @@ def _decode_tensor(obj: Any, spec: TensorSpec, p: Pipeline) -> Decoded:
     return _decode_values(obj, spec.size, p, what).reshape(spec.shape)
 
 
-def decode_tensors(body: bytes, codec: str, specs: Sequence[TensorSpec]) -> dict[str, Decoded]:
-    """An encoded body back to tensors shaped by specs; only ProtocolErrors on bad input."""
+def decode_tensors(body: bytes, codec: str, specs: Sequence[TensorSpec], *,
+                   optional: frozenset[str] = frozenset()) -> dict[str, Decoded]:  # fmt: skip
+    """An encoded body back to tensors shaped by specs; only ProtocolErrors on bad input.
+    Tensors named in optional may be missing (a fedper update leaves its head out)."""
     p = parse_or_schema_error(codec)
     limit = decoded_bound(specs)
     if not isinstance(body, (bytes, bytearray)):
@@ -289,7 +291,7 @@ def decode_tensors(body: bytes, codec: str, specs: Sequence[TensorSpec]) -> dict
         if name in out:
             raise SchemaError(f"tensor {name!r} appears twice")
         out[name] = _decode_tensor(item, by_name[name], p)
-    missing = sorted(set(by_name) - set(out))
+    missing = sorted(set(by_name) - set(out) - optional)
     if missing:
         raise ShapeMismatch(f"tensors missing: {missing}")
     return out

