@@ -1,8 +1,15 @@
-"""Run the global model on the device with onnxruntime: no torch needed."""
+"""Run the global model on the device with onnxruntime: no torch needed (except to export
+a training device's own personal model, serving_model)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from edge_agent.state import DeviceStore
+    from fedmq.tasks import Task
 
 
 class OnnxModel:
@@ -40,3 +47,22 @@ def accuracy(model: OnnxModel, x: np.ndarray, y: np.ndarray, *, batch_size: int 
         batch = slice(first, first + batch_size)
         correct += int((model.predict(x[batch]) == y[batch]).sum())
     return correct / len(x)
+
+
+def serving_model(*, store: DeviceStore, task: Task, threads: int = 1) -> tuple[OnnxModel, str]:
+    """The model this device serves, in onnxruntime, and which it is: its personal model
+    where it keeps one (edge_agent.personal), else the global version it holds. Exported
+    here with torch: only a training device has a personal model, and torch with it. An
+    inference-only device has no training data, so no personal model: it serves the global
+    version's published ONNX export (Agent._evaluate_onnx). ValueError if it holds nothing."""
+    from edge_agent.personal import serving_weights
+    from fedmq.tasks.weights import export_onnx, get_weights, set_weights
+    from fedmq.wire import specs_of
+
+    model = task.build_model()
+    held = store.load_held(specs_of(get_weights(model)))
+    weights, which = serving_weights(store, held.weights if held else None)
+    if weights is None:
+        raise ValueError("this device holds no model to serve yet")
+    set_weights(model, weights)
+    return OnnxModel(onnx_bytes=export_onnx(model, task.input_shape), threads=threads), which

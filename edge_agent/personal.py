@@ -170,22 +170,24 @@ class PersonalModels:
         if local.personal is not None:
             self.store.save_personal(local.note, local.personal)
 
-    def serving_weights(self, global_weights: Mapping[str, np.ndarray] | None
-                        ) -> tuple[Weights | None, str]:  # fmt: skip
-        """The weights this device serves and which they are: its personal model where it
-        keeps one (fedper: its head on the newest global body), else the global model."""
-        kept = self.store.load_personal()
-        if kept is not None:
-            note, weights = kept
-            if note.get("mode") == "fedper" and global_weights is not None:
-                try:
-                    _, head = split_head(weights, [str(n) for n in note.get("head", [])])
-                    return combine(global_weights, head), "personal"
-                except ValueError:
-                    pass
-            elif note.get("mode") == "finetune":
-                return dict(weights), "personal"
-        return (dict(global_weights) if global_weights is not None else None), "global"
+
+def serving_weights(store: DeviceStore, global_weights: Mapping[str, np.ndarray] | None
+                    ) -> tuple[Weights | None, str]:  # fmt: skip
+    """The weights a device serves and which they are ("personal" or "global"): its
+    personal model where it keeps one (fedper: its head on the newest global body it
+    holds), else the global model (None if it holds none)."""
+    kept = store.load_personal()
+    if kept is not None:
+        note, weights = kept
+        if note.get("mode") == "fedper" and global_weights is not None:
+            try:
+                _, head = split_head(weights, [str(n) for n in note.get("head", [])])
+                return combine(global_weights, head), "personal"
+            except ValueError:
+                pass  # the kept head does not fit the global model: serve the global one
+        elif note.get("mode") == "finetune":
+            return dict(weights), "personal"
+    return (dict(global_weights) if global_weights is not None else None), "global"
 
 
 def max_epochs_hint(config: TrainConfig, n: int) -> int:
