@@ -23,8 +23,12 @@ from fedmq.wire import (
     encode_update,
 )
 
-SPECS = (TensorSpec("0.weight", "float32", (3, 2)), TensorSpec("0.bias", "float32", (3,)),
-         TensorSpec("2.weight", "float32", (2, 3)), TensorSpec("2.bias", "float32", (2,)))  # fmt: skip
+SPECS = (
+    TensorSpec("0.weight", "float32", (3, 2)),
+    TensorSpec("0.bias", "float32", (3,)),
+    TensorSpec("2.weight", "float32", (2, 3)),
+    TensorSpec("2.bias", "float32", (2,)),
+)
 HEAD = ("2.weight", "2.bias")
 
 
@@ -93,8 +97,8 @@ def test_personal_fields_travel_in_train_only_when_on_and_are_checked() -> None:
     raw = msgpack.unpackb(encode_round(plain))
     assert not {"personal", "personal_steps", "personal_head"} & set(raw["train"])
     assert decode_round(encode_round(plain)).train.personal == "none"
-    for train in (TrainConfig(personal="finetune", personal_steps=7),
-                  TrainConfig(personal="fedper", personal_steps=0, personal_head=HEAD)):  # fmt: skip
+    fedper = TrainConfig(personal="fedper", personal_steps=0, personal_head=HEAD)
+    for train in (TrainConfig(personal="finetune", personal_steps=7), fedper):
         assert decode_round(encode_round(_round(train))) == _round(train)
     raw = msgpack.unpackb(encode_round(_round(TrainConfig(personal="fedper",
                                                           personal_head=HEAD))))  # fmt: skip
