@@ -15,6 +15,7 @@ import numpy as np
 from aggregator.fedavg import AggregationRule, RunningSum
 from aggregator.journal import Journal
 from aggregator.ledger import Ledger
+from aggregator.personal import shared_body
 from aggregator.rounds import OpenRound
 from fedmq.codecs import decode_tensors
 from fedmq.wire import TensorSpec, check_tensors, decode_weights
@@ -24,12 +25,14 @@ def recover_round(
     *, journal: Journal, ledger: Ledger, round_id: int, version: int,
     specs: tuple[TensorSpec, ...],
     new_rule: Callable[[dict[str, Any]], AggregationRule] | None = None,
+    head: frozenset[str] = frozenset(),
 ) -> tuple[OpenRound, AggregationRule] | None:  # fmt: skip
     """The open round `round_id` on `version` and its sum, or None if there is none.
 
     new_rule rebuilds the round's aggregation rule from what the journal kept of it (its
     bounds); a rule that keeps every update (not streaming) gets every body replayed, a
-    streaming one only those after its snapshot. A journalled round opened on another
+    streaming one only those after its snapshot; head: fedper's, whose deltas a journalled
+    update left out or had discarded (aggregator.personal). A journalled round opened on another
     version (one never committed) is dropped. Raises (ValueError, KeyError, a ProtocolError,
     ...) when the journal cannot be trusted: a snapshot or body that does not decode, or a
     sum that is not finite; the caller moves the round aside."""
@@ -52,7 +55,8 @@ def recover_round(
         r.record(a.update_id, a.device)
         ledger.accept(a, replayed=True)
     for _seq, a in journal.replay(round_id, after_seq=snap.seq if snap else 0):
-        acc.add(decode_tensors(a.body, a.codec, specs), a.weight, norm=a.norm)
+        tensors = decode_tensors(a.body, a.codec, specs, optional=head)
+        acc.add(shared_body(tensors, specs, head) if head else tensors, a.weight, norm=a.norm)
     if isinstance(acc, RunningSum) and (not all(np.isfinite(v).all() for v in acc.sums.values())
                                         or not (np.isfinite(acc.total_weight)
                                                 and acc.total_weight >= 0)):  # fmt: skip

@@ -544,7 +544,8 @@ class Aggregator:
         try:
             found = recover_round(journal=self.journal, ledger=self.ledger,
                                   round_id=self.next_round_id, version=self.model.version,
-                                  specs=self.model.specs, new_rule=self._new_rule)  # fmt: skip
+                                  specs=self.model.specs, new_rule=self._new_rule,
+                                  head=self.admission.head)  # fmt: skip
         except Exception as err:  # a poisoned snapshot or body: the round is lost, not us
             found = None
             self._quarantine_round(self.next_round_id, err)

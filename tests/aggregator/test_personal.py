@@ -3,6 +3,8 @@ head named in the round, and the per-round distribution of reported accuracies."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgpack
 import numpy as np
 import pytest
@@ -149,3 +151,52 @@ def test_personal_stats_from_a_round_participants() -> None:
     assert point["personal"] == {"mean": 0.95, "p10": pytest.approx(0.91), "n": 3}
     recent.add({"round": 2, "version": 2, "outcome": "complete"})
     assert "personal" not in recent.as_list()[-1]
+
+
+def test_a_fedper_round_survives_a_restart_through_the_journal(tmp_path: Path) -> None:
+    """Body-only updates go through the real intake and journal; recovery replays them with
+    the head and gets the same sum; without the head the journal cannot be trusted."""
+    from aggregator.fedavg import RunningSum
+    from aggregator.intake import Intake
+    from aggregator.journal import Journal
+    from aggregator.ledger import Ledger
+    from aggregator.modes import SyncRounds
+    from aggregator.recovery import recover_round
+    from aggregator.rounds import RoundPolicy
+    from fedmq.chunks import encode_chunks
+
+    journal = Journal(root=tmp_path)
+    ledger = Ledger(journal=journal)
+    adm = Admission(specs=SPECS, max_update_bytes=1 << 20, head=frozenset(HEAD))
+    mode = SyncRounds(policy=RoundPolicy(target=3, timeout_s=60))
+    intake = Intake(admission=adm, mode=mode, ledger=ledger, max_message_bytes=65536,
+                    threads=1)  # fmt: skip
+    r = mode.open(round_id=1, version=0, online=["d0", "d1", "d2"], seed=0, now=0.0)
+    journal.open_round(1, {**r.meta(), "rule": {}})
+    intake.begin(r, RunningSum(specs=SPECS))
+    for i, (names, v) in enumerate([(BODY, 1.0), (ALL, 3.0)]):
+        body = encode_tensors(_delta(names, v), parse_pipeline("float32"),
+                              rng=np.random.default_rng(0))  # fmt: skip
+        u = Update(f"u{i}", f"d{i}", 1, 0, 10, "float32", body)
+        for chunk in encode_chunks(encode_update(u), u.update_id, 65536):
+            intake.on_chunk(u.device, chunk, now=1.0, version=0, next_round=2,
+                            trains=lambda d: True)  # fmt: skip
+        intake.drain()
+    live = intake.sum
+    assert live is not None and live.count == 2
+    want = live.mean()
+    np.testing.assert_array_equal(want["0.bias"], 2.0)
+    assert not np.any(want["2.weight"])  # the full update's head was discarded
+    intake.close()
+    journal.close()
+
+    journal = Journal(root=tmp_path)
+    found = recover_round(journal=journal, ledger=Ledger(journal=journal), round_id=1,
+                          version=0, specs=SPECS, head=frozenset(HEAD))  # fmt: skip
+    assert found is not None
+    got = found[1].mean()
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    with pytest.raises(ShapeMismatch):  # the service moves such a round aside
+        recover_round(journal=journal, ledger=Ledger(journal=journal), round_id=1, version=0,
+                      specs=SPECS)  # fmt: skip
+    journal.close()
