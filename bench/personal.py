@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--round-timeout-s", type=float, default=120.0,
                    help="round deadline in seconds (default 120)")
     p.add_argument("--out", type=Path, default=Path("bench/results/personal.json"))
+    p.add_argument("--append", action="store_true",
+                   help="keep the runs already in --out and add these (a grid in parts)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="brokers, state and logs (default: a new temp directory)")
     # fmt: on
@@ -160,7 +162,7 @@ def format_report(runs: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedmq-bench-personal-"))
-    runs = []
+    runs = json.loads(args.out.read_text())["runs"] if args.append and args.out.exists() else []
     for strategy in args.strategies:
         for steps in [0] if strategy == "fedavg" else args.personal_steps:
             runs.append(run_one(strategy, steps, args, work))
