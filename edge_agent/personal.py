@@ -146,7 +146,6 @@ class PersonalModels:
             trained, _ = split_head(get_weights(model), head)
             out_base, _ = split_head(base, head)
             personal = combine(base, new_head)
-            set_weights(model, personal)
             note["head"] = list(head)
         if len(xh):
             set_weights(model, personal)
