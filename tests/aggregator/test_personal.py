@@ -200,3 +200,22 @@ def test_a_fedper_round_survives_a_restart_through_the_journal(tmp_path: Path) -
         recover_round(journal=journal, ledger=Ledger(journal=journal), round_id=1, version=0,
                       specs=SPECS)  # fmt: skip
     journal.close()
+
+
+def test_settings_default_to_none_and_refuse_what_a_round_could_not_carry() -> None:
+    from aggregator.settings import AggregatorSettings
+    from edge_agent.settings import AgentSettings
+
+    s = AggregatorSettings(insecure=True)
+    before = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
+    assert encode_round(_round(s.train)) == encode_round(_round(before))  # none: as before
+    assert s.train.personal == "none" and s.personal_head_names == ()
+    fedper = AggregatorSettings(insecure=True, personalization="fedper",
+                                personal_head=" 2.weight, 2.bias ")  # fmt: skip
+    assert fedper.personal_head_names == HEAD and fedper.train.personal == "fedper"
+    for bad in ({"personalization": "ditto"}, {"personal_steps": -1}):
+        with pytest.raises(ValueError):
+            AggregatorSettings(insecure=True, **bad)  # type: ignore[arg-type]
+    assert AgentSettings(insecure=True).holdout_fraction == 0.2
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        AgentSettings(insecure=True, holdout_fraction=1.0)
