@@ -151,7 +151,8 @@ class GlobalModel:
             self.server = server
             # it was published: its chunks may still be retained on the broker
             extra = sum(ref.chunks for ref in (manifest.onnx, manifest.delta and
-                                               manifest.delta.payload) if ref)  # fmt: skip
+                                               manifest.delta.payload, manifest.control)
+                        if ref)  # fmt: skip
             self._published = (manifest.version, manifest.weights.chunks + extra)
             return
         self.full_body, self.weights = encode_model(self.weights, self.downlink, version=0)
@@ -245,8 +246,9 @@ class GlobalModel:
         )  # fmt: skip
 
     def manifest(
-        self, *, job: str, weight_chunks: int, onnx_chunks: int, delta_chunks: int, epoch: int = 0
-    ) -> Manifest:
+        self, *, job: str, weight_chunks: int, onnx_chunks: int, delta_chunks: int, epoch: int = 0,
+        control: bytes = b"", control_chunks: int = 0,
+    ) -> Manifest:  # fmt: skip
         """The manifest for the current version, given how its payloads were chunked."""
         blob = self.full_body
         delta_ref = None
@@ -292,11 +294,16 @@ class GlobalModel:
             model_sha256=self.model_sha,
             delta=delta_ref,
             epoch=epoch,
-        )
+            control=PayloadRef(
+                payload_id=f"c{self.version}", size=len(control),
+                sha256=hashlib.sha256(control).hexdigest(), chunks=control_chunks,
+                first_index=weight_chunks + onnx_chunks + delta_chunks,
+            ) if control and control_chunks else None,
+        )  # fmt: skip
 
     def publication(
         self, topics: Topics, *, limit: int, publish_onnx: bool, sign: SignFn | None = None,
-        epoch: int = 0,
+        epoch: int = 0, control: bytes = b"",
     ) -> Publication:  # fmt: skip
         """What to publish (retained) for this version: its chunks, then its manifest (signed
         with sign, over every field and payload digest), then empty payloads that clear what
@@ -310,11 +317,14 @@ class GlobalModel:
         delta_chunks = (
             encode_chunks(self.delta_body, f"d{self.version}", limit) if self.delta_body else []
         )
-        every = chunks + onnx_chunks + delta_chunks
+        # SCAFFOLD's server control variate of this version, after the other payloads
+        control_chunks = encode_chunks(control, f"c{self.version}", limit) if control else []
+        every = chunks + onnx_chunks + delta_chunks + control_chunks
         messages = [(topics.global_chunk(self.version, i), p) for i, p in enumerate(every)]
         m = self.manifest(
             job=topics.job, weight_chunks=len(chunks), onnx_chunks=len(onnx_chunks),
-            delta_chunks=len(delta_chunks), epoch=epoch,
+            delta_chunks=len(delta_chunks), epoch=epoch, control=control,
+            control_chunks=len(control_chunks),
         )  # fmt: skip
         manifest = encode_manifest(m, sign=sign)
         messages.append((topics.global_manifest(), manifest))

@@ -44,10 +44,13 @@ class Intake:
 
     def __init__(self, *, admission: Admission, mode: Mode, ledger: Ledger,
                  max_message_bytes: int, threads: int = DECODE_THREADS,
-                 max_partial_per_device: int = 4) -> None:  # fmt: skip
+                 max_partial_per_device: int = 4,
+                 weigh: Callable[[Contribution, Update], Contribution] | None = None,
+                 ) -> None:  # fmt: skip
         self.admission = admission
         self.mode = mode
         self.ledger = ledger
+        self.weigh = weigh  # e.g. FedNova's weight / tau_i (aggregator.clientside)
         self.max_chunk_bytes = max_message_bytes + 4096
         self.reassembler = Reassembler(max_payload_bytes=admission.max_update_bytes,
                                        max_open_per_source=max_partial_per_device)  # fmt: skip
@@ -158,6 +161,8 @@ class Intake:
         if r is not None and given is not None:  # its round-trip time (selection policies)
             given = dataclasses.replace(given, record={
                 **given.record, "arrived_s": round(max(0.0, now - r.opened_at), 3)})  # fmt: skip
+        if given is not None and self.weigh is not None:
+            given = self.weigh(given, u)  # a ProtocolError here refuses the update
         if r is None or given is None:
             self.ledger.verdict(update_id=u.update_id, device=u.device, round_id=u.round_id,
                                 verdict="late", reason="round already closed")  # fmt: skip

@@ -26,6 +26,7 @@ from typing import Any
 
 from aggregator.admission import Admission, check_device_id
 from aggregator.bounds import adaptive_bound, first_round_bound, round_example_cap
+from aggregator.clientside import ClientSide
 from aggregator.fedavg import AggregationRule, RunningSum
 from aggregator.fleetview import FleetView
 from aggregator.globals import GlobalModel, ModelRefused, StoredVersionError
@@ -119,7 +120,10 @@ class Aggregator:
         # the round's train map; under fedper with its head, which updates leave out
         self.train = personal_train(s.train, head=s.personal_head_names,
                                     default_head=self.task.head, specs=self.model.specs)
-        self.admission = Admission(specs=self.model.specs, max_update_bytes=s.max_update_bytes,
+        self.clientside = ClientSide(specs=self.model.specs, train=self.train, store=self.store,
+                                     normalize_local_work=s.normalize_local_work)  # fmt: skip
+        self.admission = Admission(specs=self.clientside.update_specs,
+                                   max_update_bytes=s.max_update_bytes,
                                    budget_bytes=s.update_budget_bytes, enrolled=self.enrolled,
                                    max_examples=s.max_examples, example_caps=caps,
                                    head=frozenset(self.train.personal_head))  # fmt: skip
@@ -135,7 +139,8 @@ class Aggregator:
         self.ledger = Ledger(journal=self.journal)
         self.intake = Intake(admission=self.admission, mode=self.mode, ledger=self.ledger,
                              max_message_bytes=s.max_message_bytes,
-                             max_partial_per_device=s.max_partial_updates_per_device)  # fmt: skip
+                             max_partial_per_device=s.max_partial_updates_per_device,
+                             weigh=self.clientside.weigh)  # fmt: skip
         self.device_metrics: dict[str, dict[str, float]] = {}
         self.fleet_view = FleetView(topics=self.topics)  # the JSON mirror of the device table
         self.recent = RecentRounds()  # the status's tail of closed rounds
@@ -161,10 +166,11 @@ class Aggregator:
         """The round's aggregation rule with the bounds it opened with (kept in the journal
         so that a restart rebuilds the same rule)."""
         s = self.s
-        return make_rule(specs=self.model.specs, rule=s.rule, bound=float(bounds.get("bound", 0)),
+        return self.clientside.rule(make_rule(
+                         specs=self.model.specs, rule=s.rule, bound=float(bounds.get("bound", 0)),
                          clip_norm=s.clip_norm, median_norm=float(bounds.get("median_norm", 0)),
                          noise_multiplier=self.noise_multiplier, trim=s.trim_fraction,
-                         krum_f=s.krum_f, krum_m=s.krum_m)  # fmt: skip
+                         krum_f=s.krum_f, krum_m=s.krum_m))  # fmt: skip
 
     def _bounds(self) -> dict[str, float]:
         """The next round's norm bound: fixed, or k x the last round's median norm."""
@@ -468,9 +474,12 @@ class Aggregator:
         """Make the round's mean the next version and publish it; "" when done, else the
         reason it was refused (the version stays: no input may stop the service)."""
         try:
-            weights = self.optimizer.step(self.model.base_weights, acc.mean())
+            self.clientside.population = self.enrolled_count or len(self.presence.devices)
+            mean = self.clientside.mean(acc, self.ledger.participants)
+            weights = self.optimizer.step(self.model.base_weights, mean)
             self.model.advance(weights, round_id=r.round_id)
             self.optimizer.commit(self.model.version)  # its state, before state.json names it
+            self.clientside.commit(self.model.version)
         except ModelRefused as err:
             self.ledger.counters["models_refused"] += 1
             log.warning("round %d abandoned: %s; keeping version %d",
@@ -504,6 +513,7 @@ class Aggregator:
     def _publish_model(self) -> None:
         pub = self.model.publication(
             self.topics, limit=self.link.max_message_bytes, publish_onnx=self.s.publish_onnx,
+            control=self.clientside.control_body(),
             sign=self.signer.for_topic(self.topics.global_manifest()), epoch=self.epoch,
         )  # fmt: skip
         for topic, payload in pub.messages:
@@ -536,6 +546,7 @@ class Aggregator:
         self.median_examples = float(state.get("median_examples", 0.0))
         self.privacy = PrivacySpent.from_json(state.get("privacy"), delta=self.s.dp_delta)
         self.ledger.counters["quarantined_files"] += self.optimizer.resume(
+            self.model.version, self.quarantine_dir) + self.clientside.resume(
             self.model.version, self.quarantine_dir)  # fmt: skip
         if state:
             log.info("resumed from %s: version %d, next round %d",
@@ -544,7 +555,7 @@ class Aggregator:
         try:
             found = recover_round(journal=self.journal, ledger=self.ledger,
                                   round_id=self.next_round_id, version=self.model.version,
-                                  specs=self.model.specs, new_rule=self._new_rule,
+                                  specs=self.admission.specs, new_rule=self._new_rule,
                                   head=self.admission.head)  # fmt: skip
         except Exception as err:  # a poisoned snapshot or body: the round is lost, not us
             found = None

@@ -10,6 +10,7 @@ from aggregator.rounds import RoundPolicy
 from aggregator.selection import Participation, Selector, make_selection
 from fedmq.chunks import DEFAULT_MAX_MESSAGE_BYTES
 from fedmq.codecs import Pipeline, check_downlink, parse_pipeline
+from fedmq.correction import CORRECTIONS
 from fedmq.link import BrokerAddress, require_credentials
 from fedmq.topics import Topics
 from fedmq.wire import TrainConfig, max_selected_ids
@@ -57,6 +58,8 @@ class AggregatorSettings:
     personalization: str = "none"  # none | finetune | fedper
     personal_steps: int = 50  # local SGD steps of the personal model (fedper: of its head)
     personal_head: str = ""  # fedper: comma-separated head tensors; "": the task's last layer
+    client_correction: str = "none"  # none | scaffold (control variates, fedmq.correction)
+    normalize_local_work: bool = False  # FedNova: each delta / its tau_i, times tau_eff
     seed: int = 0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_update_bytes: int = 64 * 1024 * 1024  # refuse any update payload larger than this
@@ -177,6 +180,17 @@ class AggregatorSettings:
             raise ValueError(f"prox_mu must be in [0, {MAX_PROX_MU:g}] with prox_mu x lr < 1 "
                              f"(else each local step overshoots the global model); got "
                              f"prox_mu={self.prox_mu}, lr={self.lr}")  # fmt: skip
+        if self.client_correction not in CORRECTIONS:
+            raise ValueError(f"client_correction must be one of {', '.join(CORRECTIONS)}, got "
+                             f"{self.client_correction!r}")  # fmt: skip
+        if (self.client_correction != "none" or self.normalize_local_work) and (
+                self.rule != "fedavg" or self.mode != "sync"):  # fmt: skip
+            raise ValueError("client_correction and normalize_local_work need rule = 'fedavg' "
+                             "and mode = 'sync'")  # fmt: skip
+        if self.client_correction == "scaffold" and self.personalization == "fedper":
+            raise ValueError("client_correction = 'scaffold' and personalization = 'fedper' do "
+                             "not combine: fedper's updates leave the head out, SCAFFOLD's "
+                             "control variates cover the whole model")  # fmt: skip
 
     def _check_robustness(self) -> None:
         from aggregator.bounds import MAX_EXAMPLES_LIMIT
@@ -276,7 +290,7 @@ class AggregatorSettings:
         return TrainConfig(
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
             prox_mu=self.prox_mu, personal=self.personalization,
-            personal_steps=self.personal_steps,
+            personal_steps=self.personal_steps, correction=self.client_correction,
         )  # fmt: skip
 
     @property

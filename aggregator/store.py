@@ -67,7 +67,7 @@ class Store:
         """Keep one global version's payloads (save_manifest completes it)."""
         self._version_path(version, "manifest").unlink(missing_ok=True)  # not complete yet
         kept = {"full": full, "weights": None if weights == full else weights, "onnx": onnx,
-                "delta": delta, "server": server, "opt": None}  # fmt: skip
+                "delta": delta, "server": server, "opt": None, "ctl": None}  # fmt: skip
         for ext, blob in kept.items():
             path = self._version_path(version, ext)
             if blob is None:
@@ -79,14 +79,14 @@ class Store:
         if self.keep_versions:
             for old in self.versions()[: -self.keep_versions]:
                 self._version_path(old, "manifest").unlink(missing_ok=True)  # first: incomplete
-                for ext in ("weights", "onnx", "full", "delta", "server", "opt"):
+                for ext in ("weights", "onnx", "full", "delta", "server", "opt", "ctl"):
                     self._version_path(old, ext).unlink(missing_ok=True)
 
     def quarantine_version(self, version: int, into: Path) -> list[Path]:
         """Move every file of a stored version that does not load into `into`."""
         manifest = self._version_path(version, "manifest")
         moved = [move_aside(manifest, into)] if manifest.exists() else []  # first: incomplete
-        for ext in ("weights", "onnx", "full", "delta", "server", "opt"):
+        for ext in ("weights", "onnx", "full", "delta", "server", "opt", "ctl"):
             path = self._version_path(version, ext)
             if path.exists():
                 moved.append(move_aside(path, into))
@@ -139,6 +139,19 @@ class Store:
     def quarantine_optimizer(self, version: int, into: Path) -> Path:
         """Move a version's server optimiser state that cannot be trusted into `into`."""
         return move_aside(self._version_path(version, "opt"), into)
+
+    def save_extra(self, version: int, ext: str, blob: bytes) -> None:
+        """Keep another per-version state file (e.g. SCAFFOLD's `.ctl`), after save_version."""
+        write_atomic(self._version_path(version, ext), blob)
+
+    def load_extra(self, version: int, ext: str) -> bytes | None:
+        """A per-version state file saved with save_extra, if there is one."""
+        path = self._version_path(version, ext)
+        return path.read_bytes() if path.exists() else None
+
+    def quarantine_extra(self, version: int, ext: str, into: Path) -> Path:
+        """Move a per-version state file that cannot be trusted into `into`."""
+        return move_aside(self._version_path(version, ext), into)
 
     def history(self) -> list[dict[str, Any]]:
         """Round records, oldest first."""

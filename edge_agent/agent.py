@@ -22,6 +22,7 @@ import numpy as np
 from edge_agent.fetch import Action, Hold, HoldOnnx, ModelFetch, Reject, Subscribe, Unsubscribe
 from edge_agent.hold import UpdateHold
 from edge_agent.personal import PersonalModels
+from edge_agent.scaffold import DeviceControl
 from edge_agent.settings import AgentSettings
 from edge_agent.state import DeviceStore
 from edge_agent.trust import DownlinkTrust, RoundGate
@@ -103,6 +104,8 @@ class Agent:
             epoch=int(progress.get("epoch", 0)) if held else 0,
             max_version_jump=settings.max_version_jump,
         )  # fmt: skip
+        self.scaffold = DeviceControl(store=self.store, specs=specs, progress=progress)
+        self.fetch.control_version = self.scaffold.version
         last = progress.get("round_key")
         self.gate = RoundGate(
             topics=self.topics, task=self.task.name, trust=self.trust,
@@ -254,6 +257,9 @@ class Agent:
                 self._save_progress()
                 self.log.info("holding global version %d (%d bytes fetched, %s)",
                               a.manifest.version, a.fetched_bytes, a.via)  # fmt: skip
+            elif self.scaffold.took(a):  # SCAFFOLD's c of the held version
+                self.fetched_bytes += self.scaffold.fetched_bytes(a)
+                self._save_progress()
             elif isinstance(a, HoldOnnx):
                 self.reason = ""
                 self._evaluate_onnx(a)
@@ -302,6 +308,8 @@ class Agent:
             return
         if f.fetching is not None and f.fetching.version == r.model_version:
             return  # the manifest names other bytes for this version: train once refetched
+        if not self.scaffold.ready(r):
+            return  # a SCAFFOLD round: train once the version's control variate is held
         self.pending = None
         if r.round_id <= self.last_round and f.sha256 == self.last_round_sha:
             return  # trained this round already (e.g. a retained redelivery after restart)
@@ -333,14 +341,19 @@ class Agent:
             budget=Budget(max_seconds=p.max_train_seconds, max_memory_mb=p.max_memory_mb,
                           max_batch_size=p.max_batch_size),
             seed=r.round_id * 100_003 + self.s.device_index, version=r.model_version,
+            correction=self.scaffold.correction(r),
         )  # fmt: skip
         result = local.result
         if self.s.extra_delay_s:
             time.sleep(self.s.extra_delay_s)
-        metrics = {"train_loss": result.mean_loss, "train_s": result.seconds, **local.metrics}
+        metrics = {"train_loss": result.mean_loss, "train_s": result.seconds,
+                   "local_steps": float(result.steps), **local.metrics}  # FedNova's tau_i
+        base, trained, c_new = local.base, local.trained, None
+        if self.scaffold.correction(r) is not None:  # the control delta travels with it
+            base, trained, c_new = self.scaffold.attach(r, base, trained, result.steps)
         built = build_update(
-            announcement=r, device=self.device, update_id=uuid.uuid4().hex, base=local.base,
-            trained=local.trained, residual=self.store.load_residual(),
+            announcement=r, device=self.device, update_id=uuid.uuid4().hex, base=base,
+            trained=trained, residual=self.store.load_residual(),
             profile_max_bytes=p.max_update_bytes,
             # FedAvg weight n_k: the local dataset, or what a budget-stopped run got through
             num_examples=min(local.examples, max(1, result.examples)), metrics=metrics,
@@ -357,6 +370,8 @@ class Agent:
                           r.round_id, built.pipeline.name, built.budget)  # fmt: skip
         self.uplink.keep(built.update_id, built.payload)
         self.personal.keep(local)  # on this device only: never in an update
+        if c_new is not None:
+            self.scaffold.commit(c_new)
         # then the residual: a crash between the two renames adds the old residual once more
         self.store.save_residual(built.residual)
         self.last_round, self.last_round_sha = r.round_id, self.fetch.sha256
@@ -401,6 +416,7 @@ class Agent:
             {"version": self.fetch.version, "model_sha": self.fetch.sha256,
              "last_round": self.last_round, "last_round_sha": self.last_round_sha,
              "fetched_bytes": self.fetched_bytes, "epoch": self.fetch.epoch,
+             "control_version": self.scaffold.version,
              "round_key": list(self.gate.last) if self.gate.last else None,
              "counters": dict(sorted(self.counters.items()))}
         )  # fmt: skip

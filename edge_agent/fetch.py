@@ -30,6 +30,7 @@ from fedmq.wire import (
     Manifest,
     PayloadRef,
     TensorSpec,
+    decode_weights,
     encode_weights,
     specs_of,
 )
@@ -96,7 +97,18 @@ class Reject:
     final: bool  # False: the version is being fetched again (or whole instead of as a delta)
 
 
-Action = Subscribe | Unsubscribe | Hold | HoldOnnx | Reject
+@dataclass(frozen=True, eq=False)
+class HoldControl:
+    """SCAFFOLD's server control variate of a held version (the manifest's `control`
+    payload, checked against its digest and the model's tensors)."""
+
+    version: int
+    control: dict[str, np.ndarray]
+    blob: bytes
+    fetched_bytes: int
+
+
+Action = Subscribe | Unsubscribe | Hold | HoldOnnx | HoldControl | Reject
 
 
 def same_specs(a: Sequence[TensorSpec], b: Sequence[TensorSpec]) -> bool:
@@ -160,6 +172,7 @@ class ModelFetch:
         self.max_payload_bytes = max_payload_bytes
         self._try: _Try | None = None
         self._reassembler = self._new_reassembler()
+        self.control_version = -1  # the version whose control variate is held (SCAFFOLD)
 
     @property
     def fetching(self) -> Manifest | None:
@@ -173,7 +186,15 @@ class ModelFetch:
         ref, what = self._choose(m)
         held = m.onnx.sha256 if what == "onnx" and m.onnx else m.model_sha256
         if (m.version, held) == (self.version, self.sha256):
-            return []
+            if (m.control is None or what == "onnx" or self._try is not None
+                    or self.control_version == m.version):  # fmt: skip
+                return []
+            # the version is held but not its control variate (e.g. after a restart)
+            verified, problem = self._check(m, m.control, "control")
+            if problem is not None:
+                return [Reject(m.version, problem[0], problem[1], final=True)]
+            return self._start(m, m.control, "control", now=now, attempt=1, fetched=0,
+                               verified=verified)  # fmt: skip
         t = self._try
         if t and (m.version, ref.sha256) == (t.manifest.version, t.ref.sha256):
             return []
@@ -320,6 +341,8 @@ class ModelFetch:
             return self._failed(t, "bad_payload", why, now=now)
         self._try = None
         done: list[Action] = [Unsubscribe(t.topics)]
+        if t.what == "control":
+            return done + self._control(t, payload)
         if t.what == "onnx":
             self.version, self.sha256, self.weights = m.version, ref.sha256, None
             self.epoch = m.epoch if t.verified else self.epoch
@@ -351,7 +374,28 @@ class ModelFetch:
             return [*done, Reject(m.version, "no_rebuild", reason, final=True)]
         self.version, self.sha256, self.weights = m.version, m.model_sha256, weights
         self.epoch = m.epoch if t.verified else self.epoch
-        return [*done, Hold(m, weights, blob, t.what, t.fetched_bytes)]
+        done.append(Hold(m, weights, blob, t.what, t.fetched_bytes))
+        if m.control is not None and self.specs is not None:  # SCAFFOLD's c comes next
+            return done + self._start(m, m.control, "control", now=now, attempt=1,
+                                      fetched=0, verified=t.verified)  # fmt: skip
+        return done
+
+    def _control(self, t: _Try, payload: bytes) -> list[Action]:
+        """A control payload that matched its digest: held if it fits the model and is
+        finite, else refused for good (the version stays held; SCAFFOLD rounds wait)."""
+        v = f"global version {t.manifest.version}"
+        try:
+            control = decode_weights(payload, max_bytes=self.max_payload_bytes)
+        except ProtocolError as err:
+            return [Reject(t.manifest.version, "bad_payload", f"{v}: control {err.reason}",
+                           final=True)]  # fmt: skip
+        specs = self.specs or ()
+        if not same_specs(specs_of(control), specs) or not all(
+                np.isfinite(a).all() for a in control.values()):  # fmt: skip
+            return [Reject(t.manifest.version, "bad_payload",
+                           f"{v}: its control variate does not fit this model", final=True)]
+        self.control_version = t.manifest.version
+        return [HoldControl(t.manifest.version, control, payload, t.fetched_bytes)]
 
     def _new_reassembler(self) -> Reassembler:
         return Reassembler(max_payload_bytes=self.max_payload_bytes, max_open=1,

@@ -101,8 +101,10 @@ class PersonalModels:
         self.train_idx, self.held_idx = train, held
 
     def train_round(self, model: Any, base: Mapping[str, np.ndarray], config: TrainConfig, *,
-                    budget: Any, seed: int, version: int) -> LocalRound:  # fmt: skip
-        """Train for the round as config says; under none exactly the old single call."""
+                    budget: Any, seed: int, version: int,
+                    correction: Mapping[str, np.ndarray] | None = None) -> LocalRound:  # fmt: skip
+        """Train for the round as config says; under none exactly the old single call.
+        correction (SCAFFOLD's c - c_i) applies to the global model's training only."""
         from edge_agent.training import train_local
         from fedmq.tasks.weights import get_weights, set_weights
 
@@ -111,7 +113,8 @@ class PersonalModels:
                               "tensors this model does not have")  # fmt: skip
         set_weights(model, dict(base))
         if config.personal == "none":
-            result = train_local(model, self.x, self.y, config=config, budget=budget, seed=seed)
+            result = train_local(model, self.x, self.y, config=config, budget=budget, seed=seed,
+                                 correction=correction)  # fmt: skip
             return LocalRound(dict(base), get_weights(model), result, len(self.x), {})
         x, y = self.x[self.train_idx], self.y[self.train_idx]
         xh, yh = self.x[self.held_idx], self.y[self.held_idx]
@@ -121,7 +124,8 @@ class PersonalModels:
         steps = dataclasses.replace(config, prox_mu=0.0, epochs=max_epochs_hint(config, len(x)))
         note = {"mode": config.personal, "base_version": version}
         if config.personal == "finetune":
-            result = train_local(model, x, y, config=config, budget=budget, seed=seed)
+            result = train_local(model, x, y, config=config, budget=budget, seed=seed,
+                                 correction=correction)  # fmt: skip
             trained = get_weights(model)
             set_weights(model, dict(base))
             if config.personal_steps:

@@ -1,5 +1,6 @@
 """What an agent keeps on disk between runs: its current global model, its progress, its
-outbox and its error-feedback residual."""
+outbox, its error-feedback residual and, with SCAFFOLD, its control variate c_i and the
+server's c of the held version."""
 
 from __future__ import annotations
 
@@ -107,3 +108,22 @@ class DeviceStore:
         write_atomic(self.root / "personal.weights", blob)
         write_atomic(self.root / "personal.json",
                      json.dumps({**note, "sha256": hashlib.sha256(blob).hexdigest()}).encode())
+    def load_tensors(self, name: str, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray] | None:
+        """A kept tensor file (`control.weights`: SCAFFOLD's c_i; `server_control.weights`:
+        the held version's c), or None when missing or when it does not fit the model
+        (a file that does not decode or fit is not fatal: c_i starts again at zero)."""
+        path = self.root / name
+        if not path.exists():
+            return None
+        try:
+            tensors = decode_weights(path.read_bytes())
+        except ProtocolError:
+            return None
+        if not same_specs(specs_of(tensors), specs) or not all(
+                np.isfinite(a).all() for a in tensors.values()):  # fmt: skip
+            return None
+        return tensors
+
+    def save_tensors(self, name: str, tensors: dict[str, np.ndarray]) -> None:
+        """Keep a tensor file atomically (see load_tensors)."""
+        write_atomic(self.root / name, encode_weights(tensors))

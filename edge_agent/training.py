@@ -6,6 +6,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ class TrainResult:
     mean_loss: float
     seconds: float
     stopped_by: str  # "" when every epoch ran, else the budget that ended training
+    steps: int = 0  # local SGD steps taken (FedNova's tau_i, SCAFFOLD's K)
 
 
 def peak_rss_mb() -> float:
@@ -60,6 +62,7 @@ def train_local(
     budget: Budget,
     seed: int,
     max_steps: int = 0,
+    correction: Mapping[str, np.ndarray] | None = None,
 ) -> TrainResult:
     """Run SGD on (x, y) for config.epochs, stopping early when the budget is spent.
 
@@ -67,7 +70,10 @@ def train_local(
     mu/2 ||w - w_global||^2, w_global the weights the model holds on entry; mean_loss
     reports the data loss alone. With prox_mu = 0 not one operation differs from plain
     SGD, so the weights come out bit for bit the same. max_steps > 0 ends training after
-    that many batches (a personal model's steps), epochs permitting."""
+    that many batches (a personal model's steps), epochs permitting.
+
+    correction (SCAFFOLD: c - c_i per parameter name, fedmq.correction) is added to every
+    gradient before the step; None leaves the loop as it was."""
     if len(x) == 0:
         raise ValueError("this device has no training examples")
     # the memory budget is what training adds (resident now, against before training), not
@@ -81,6 +87,8 @@ def train_local(
     loss_fn = nn.CrossEntropyLoss()
     mu = config.prox_mu
     anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
+    shift = [(p, torch.from_numpy(np.ascontiguousarray(correction[n], dtype=np.float32)))
+             for n, p in model.named_parameters()] if correction is not None else []  # fmt: skip
     model.train()
     start = time.monotonic()
     seen, loss_sum, batches, stopped_by = 0, 0.0, 0, ""
@@ -96,6 +104,9 @@ def train_local(
                 (loss + 0.5 * mu * prox).backward()
             else:
                 loss.backward()
+            for p, c in shift:  # SCAFFOLD: g - c_i + c
+                if p.grad is not None:
+                    p.grad.add_(c)
             opt.step()
             seen += len(idx)
             loss_sum += float(loss.detach())
@@ -115,4 +126,5 @@ def train_local(
         mean_loss=loss_sum / max(1, batches),
         seconds=time.monotonic() - start,
         stopped_by=stopped_by,
+        steps=batches,
     )

@@ -85,6 +85,12 @@ AGGREGATOR_HELP = {
     "the global model; fedper: of the head before the body, FedRep; 0: trained together)",
     "personal_head": "fedper: comma-separated tensor names kept on devices; empty = the "
     "task's last layer (mnist-2nn: 4.weight,4.bias)",
+    "client_correction": "none or scaffold: SCAFFOLD control variates, announced in each "
+    "round; devices send a control delta with every update (twice the upload) and agents "
+    "that do not know it are refused (docs/strategies.md)",
+    "normalize_local_work": "FedNova: divide each update by the local steps its device "
+    "reports and rescale by the example-weighted mean steps, so budget-stopped devices "
+    "weigh fairly (false = FedAvg)",
     "seed": "seed for model initialisation and device selection",
     "max_message_bytes": "largest MQTT payload to publish (capped by the broker's CONNACK)",
     "max_update_bytes": "refuse update payloads larger than this",

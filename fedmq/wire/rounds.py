@@ -37,6 +37,7 @@ class TrainConfig:
     personal: str = "none"
     personal_steps: int = 0
     personal_head: tuple[str, ...] = ()
+    correction: str = "none"  # "scaffold": control-variate corrected steps (fedmq.correction)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not (0 < self.lr < 100):
@@ -49,6 +50,8 @@ class TrainConfig:
         if not 0 <= self.prox_mu <= MAX_PROX_MU:
             raise ValueError(f"prox_mu must be in [0, {MAX_PROX_MU:g}], got {self.prox_mu}")
         self._check_personal()
+        if self.correction not in ("none", "scaffold"):
+            raise ValueError(f"unknown correction {self.correction!r} (none or scaffold)")
 
     def _check_personal(self) -> None:
         if self.personal not in PERSONALIZATIONS:
@@ -124,6 +127,7 @@ def encode_round(r: RoundAnnouncement, *, sign: SignFn | None = None) -> bytes:
             # only when on: a round without it is byte for byte what it was before FedProx
             **({"prox_mu": r.train.prox_mu} if r.train.prox_mu else {}),
             **_personal_fields(r.train),
+            **({"correction": r.train.correction} if r.train.correction != "none" else {}),
         },
         "codec": r.codec,
         "max_update_bytes": r.max_update_bytes,
@@ -160,6 +164,8 @@ def decode_round(payload: bytes, *, max_bytes: int = ROUND_MAX_BYTES) -> RoundAn
             personal=get_field(t, "personal", "str", optional=True) or "none",
             personal_steps=get_field(t, "personal_steps", "int", optional=True) or 0,
             personal_head=str_list(t, "personal_head") if "personal_head" in t else (),
+            # optional: absent when off; a value this device does not know drops the round
+            correction=get_field(t, "correction", "str", optional=True) or "none",
         )
     except ValueError as err:
         raise SchemaError(f"round: {err}") from err

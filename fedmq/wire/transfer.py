@@ -158,6 +158,7 @@ class Manifest:
     model_sha256: str = ""  # sha256 of the float32 weights blob devices rebuild
     delta: DeltaRef | None = None
     epoch: int = 0  # the aggregator state directory's lineage (ms since 1970); 0: unknown
+    control: PayloadRef | None = None  # SCAFFOLD's server control variate (float32 weights)
     # set by decode_manifest when the message was signed; never compared
     sig: Signature | None = field(default=None, compare=False, repr=False)
 
@@ -183,6 +184,8 @@ def encode_manifest(m: Manifest, *, sign: SignFn | None = None) -> bytes:
         "model_sha256": m.model_sha256,
         "delta": m.delta.to_wire() if m.delta else None,
         "epoch": m.epoch,
+        # only with SCAFFOLD: a manifest without it is byte for byte what it was before
+        **({"control": m.control.to_wire()} if m.control else {}),
     }
     return pack_message("global", sign_body("global", body, sign))
 
@@ -193,6 +196,7 @@ def decode_manifest(payload: bytes, *, max_bytes: int = 1 << 20) -> Manifest:
     specs = tuple(TensorSpec.from_wire(s) for s in get_field(obj, "tensors", "list"))
     onnx = get_field(obj, "onnx", "map", optional=True)
     delta = get_field(obj, "delta", "map", optional=True)
+    control = get_field(obj, "control", "map", optional=True)
     m = Manifest(
         job=get_field(obj, "job", "str"),
         version=get_field(obj, "version", "int"),
@@ -208,6 +212,7 @@ def decode_manifest(payload: bytes, *, max_bytes: int = 1 << 20) -> Manifest:
         delta=DeltaRef.from_wire(delta) if delta is not None else None,
         # optional: aggregators before signed downlink do not send it
         epoch=get_field(obj, "epoch", "int", optional=True) or 0,
+        control=PayloadRef.from_wire(control) if control is not None else None,
         sig=read_signature(obj),
     )
     if len(m.model_sha256) != 64:
