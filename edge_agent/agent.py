@@ -236,7 +236,7 @@ class Agent:
             if isinstance(a, Subscribe):
                 for topic in a.topics:
                     self.link.subscribe(topic, 1)
-                if a.attempt == 1 and not a.verified:
+                if a.attempt == 1 and not a.verified and a.what != "control":
                     self._count("unverified_global")
                 if a.attempt == 1:
                     self.log.debug("fetching global version %d (%s, %d chunks)",
