@@ -57,8 +57,8 @@ GRID: dict[str, tuple[str, tuple[float, ...]]] = {
     "scaffold": ("server_lr", (1.0,)),
     "fednova": ("server_lr", (1.0,)),
     "fedavgm": ("server_lr", (0.3, 1.0)),
-    "fedadam": ("server_lr", (0.003, 0.01, 0.03)),
-    "fedyogi": ("server_lr", (0.003, 0.01, 0.03)),
+    "fedadam": ("server_lr", (0.003, 0.01, 0.03, 0.1, 0.3)),
+    "fedyogi": ("server_lr", (0.003, 0.01, 0.03, 0.1, 0.3)),
     "fedadagrad": ("server_lr", (0.03, 0.1, 0.3)),
 }
 OPTIMIZER = {"fedavgm": "avgm", "fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "tuned setting (default: search on every partition)")
     p.add_argument("--broker", default="", metavar="STRATEGY:SETTING",
                    help="run this one configuration through Mosquitto and real agents")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="a .partial.jsonl of an earlier run with the same workload: its runs "
+                        "are kept and not run again")
     p.add_argument("--round-timeout-s", type=float, default=120.0)
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/strategies.json")
     # fmt: on
@@ -330,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the grid (or one --broker configuration), write JSON and PNG, print a table."""
     args = parse_args(argv)
     runs: list[dict[str, Any]] = []
+    if args.reuse is not None:
+        runs = [json.loads(line) for line in args.reuse.read_text().splitlines() if line]
+        runs = [r for r in runs if r["partition"] in args.partitions
+                and r["strategy"] in args.strategies]  # fmt: skip
+    done = {(r["partition"], r["strategy"], r["setting"]) for r in runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     if args.broker:
         strategy, _, value = args.broker.partition(":")
@@ -347,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                         grid = tuple(v for v in grid
                                      if setting_name(strategy, v) == best["setting"])
                 for value in grid:
+                    if (part, strategy, setting_name(strategy, value)) in done:
+                        continue
                     t0 = time.monotonic()
                     runs.append(run_in_process(part, strategy, value, args))
                     r = runs[-1]

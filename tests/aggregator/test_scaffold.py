@@ -5,6 +5,7 @@ Pure: no broker, no torch."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,61 @@ def test_settings_off_are_fedavg_bit_for_bit() -> None:
     for k in want:
         assert got[k].tobytes() == want[k].tobytes()
     assert rescale(want, 1.0)["w"].tobytes() == want["w"].tobytes()
+
+
+def test_a_restart_mid_round_replays_model_and_control_sums_and_the_weights(
+    tmp_path: Path,
+) -> None:
+    from aggregator.intake import Intake
+    from aggregator.journal import Journal, read_ledger
+    from aggregator.ledger import Ledger
+    from aggregator.modes import SyncRounds
+    from aggregator.recovery import recover_round
+    from aggregator.rounds import RoundPolicy
+    from fedmq.chunks import encode_chunks
+
+    train = TrainConfig(lr=0.1, batch_size=10, correction="scaffold")
+    side = ClientSide(specs=SPECS, train=train, normalize_local_work=True)
+    mode = SyncRounds(policy=RoundPolicy(target=4, timeout_s=60))
+    journal = Journal(root=tmp_path)
+    ledger = Ledger(journal=journal)
+    admission = Admission(specs=side.update_specs, max_update_bytes=1 << 20)
+    intake = Intake(admission=admission, mode=mode, ledger=ledger, max_message_bytes=65536,
+                    threads=1, weigh=side.weigh)  # fmt: skip
+    r = mode.open(round_id=1, version=0, online=["d0", "d1", "d2"], seed=0, now=0.0)
+    journal.open_round(1, {**r.meta(), "rule": {}})
+    intake.begin(r, side.rule(RunningSum(specs=SPECS)))
+    sent = [("d0", _scaffold_delta([0.1, 0.2], [0.0], [-1.0, -2.0], [0.5]), 20, 2.0),
+            ("d1", _scaffold_delta([0.3, -0.1], [0.1], [1.0, 0.5], [-0.5]), 40, 4.0),
+            ("d2", _scaffold_delta([0.1, 0.1], [0.0], [1e6, 0.0], [0.0]), 20, 2.0)]  # hostile
+    for device, tensors, n, steps in sent:
+        u = dataclasses.replace(_update(tensors, examples=n, steps=steps), update_id=device,
+                                device=device)  # fmt: skip
+        for chunk in encode_chunks(encode_update(u), u.update_id, 65536):
+            intake.on_chunk(device, chunk, now=1.0, version=0, next_round=2,
+                            trains=lambda d: True)  # fmt: skip
+        intake.drain()
+        journal.commit()
+    live = intake.sum
+    assert isinstance(live, ScaffoldRule) and live.count == 2 and live.control_count == 2
+    want, want_c = live.mean(), live.mean_control()
+    verdicts = {v["update_id"]: v for v in read_ledger(tmp_path)}
+    assert verdicts["d2"]["verdict"] == "rejected" and "allows" in verdicts["d2"]["reason"]
+    intake.close()
+    journal.close()  # the service dies here, the round still open
+
+    journal = Journal(root=tmp_path)
+    ledger = Ledger(journal=journal)
+    found = recover_round(journal=journal, ledger=ledger, round_id=1, version=0,
+                          specs=side.update_specs,
+                          new_rule=lambda meta: side.rule(RunningSum(specs=SPECS)))  # fmt: skip
+    assert found is not None
+    acc = found[1]
+    assert isinstance(acc, ScaffoldRule) and acc.count == 2
+    for k in want:
+        assert acc.mean()[k].tobytes() == want[k].tobytes()
+        assert acc.mean_control()[k].tobytes() == want_c[k].tobytes()
+    # the FedNova weights came back with the participants: tau_eff = (20*2 + 40*4) / 60
+    assert [p["local_steps"] for p in ledger.participants] == [2, 4]
+    assert tau_effective(ledger.participants) == pytest.approx(200 / 60)
+    journal.close()
