@@ -335,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     if args.reuse is not None:
         runs = [json.loads(line) for line in args.reuse.read_text().splitlines() if line]
-        runs = [r for r in runs if r["partition"] in args.partitions
-                and r["strategy"] in args.strategies]  # fmt: skip
+        keyed = {(r["partition"], r["strategy"], r["setting"]): r for r in reversed(runs)
+                 if r["partition"] in args.partitions and r["strategy"] in args.strategies}
+        runs = list(reversed(keyed.values()))  # one per configuration, the first kept
     done = {(r["partition"], r["strategy"], r["setting"]) for r in runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
