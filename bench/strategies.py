@@ -227,8 +227,9 @@ def run_broker(partition: str, strategy: str, setting: float,
                                        devices=[device_id(i) for i in range(args.devices)])
     common = ["--host", broker.host, "--port", str(broker.port), "--job", job,
               "--mqtt-version", broker.mqtt_version, "--task", TASK]  # fmt: skip
-    if scheme == "dirichlet":
-        print(f"note: agents take their own alpha default; {partition} needs --alpha {alpha}")
+    if scheme == "dirichlet" and alpha != 0.5:  # run_fleet passes no alpha to the agents
+        raise SystemExit(f"--broker runs shards and dirichlet0.5 (the agents' alpha), "
+                         f"not {partition}")  # fmt: skip
     flags = ["--codec", "float32", "--server-optimizer", s.server_optimizer,
              "--prox-mu", str(s.prox_mu), "--client-correction", s.client_correction]
     if s.server_lr:
@@ -299,14 +300,20 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = sorted({r["partition"] for r in runs})
+    parts = [p for p in PARTITIONS if any(r["partition"] == p for r in runs)]
+    style = {name: (f"C{i}", "-") for i, name in enumerate(GRID)}
+    style["fedavg"] = ("black", "--")  # on top: strategies equal to FedAvg hide under it
     fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), squeeze=False)
     for ax, part in zip(axes[0], parts, strict=True):
-        for r in runs:
-            if r["partition"] == part and r.get("tuned"):
-                label = f"{r['strategy']} {r['setting']}".strip()
-                ax.plot(range(1, len(r["accuracy_per_round"]) + 1), r["accuracy_per_round"],
-                        label=label)  # fmt: skip
+        tuned = {r["strategy"]: r for r in runs if r["partition"] == part and r.get("tuned")}
+        for name in [*(n for n in GRID if n != "fedavg"), "fedavg"]:
+            if name not in tuned:
+                continue
+            r = tuned[name]
+            color, line = style[name]
+            ax.plot(range(1, len(r["accuracy_per_round"]) + 1), r["accuracy_per_round"],
+                    color=color, linestyle=line,
+                    label=f"{name} {r['setting']}".strip())  # fmt: skip
         ax.set_title(f"mnist-2nn, {part}")
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy")
@@ -325,7 +332,9 @@ def merged(runs: list[dict[str, Any]], results: Path) -> dict[str, Any]:
     if personal.exists():
         out["runs"] += json.loads(personal.read_text()).get("runs", [])
     if selection.exists():
-        out["selection"] = json.loads(selection.read_text()).get("selection", [])
+        keep = ("policy", "time_to_85_s", "rounds_to_85", "final_accuracy")
+        out["selection"] = [{k: s[k] for k in keep if k in s}
+                            for s in json.loads(selection.read_text()).get("selection", [])]
     return out
 
 
