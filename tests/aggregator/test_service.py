@@ -318,3 +318,50 @@ def test_utility_selection_follows_the_history_and_reports_participation(
     assert status["policy"] == "utility"
     assert status["participation"] == {"a": {"selected": 1, "took_part": 1},
                                        "b": {"selected": 1, "took_part": 1}}  # fmt: skip
+
+
+@pytest.mark.parametrize("service", [{"client_correction": "scaffold", "lr": 0.1,
+                                      "normalize_local_work": True}], indirect=True)  # fmt: skip
+def test_scaffold_and_fednova_through_the_wire(service: tuple[Any, Any]) -> None:
+    import dataclasses
+
+    from fedmq.correction import control_name
+
+    agg, dev = service
+    dev.online("a", "b")
+    r1 = dev.open_round(1)
+    assert r1.train.correction == "scaffold"
+    m0 = dev.pump(lambda: next((m for m in dev.manifests if m.version == 0), None))
+    assert m0.control is not None  # c of version 0 (zero), signed in the manifest
+    w0 = decode_weights(dev.pump(lambda: dev.payloads.get(m0.weights.payload_id)))
+    c0 = decode_weights(dev.pump(lambda: dev.payloads.get(m0.control.payload_id)))
+    assert all(not c.any() for c in c0.values()) and c0.keys() == w0.keys()
+
+    def scaffold_update(uid: str, device: str, value: float, n: int, steps: int) -> Update:
+        # an honest device: dc = -(c + delta / (K lr)) with c = 0
+        tensors = {**{k: np.full_like(v, value) for k, v in w0.items()},
+                   **{control_name(k): np.full_like(v, -value / (steps * 0.1))
+                      for k, v in w0.items()}}  # fmt: skip
+        return dataclasses.replace(_update(uid, device, 1, 0, tensors, n=n),
+                                   metrics={"local_steps": float(steps)})  # fmt: skip
+
+    dev.send("a", _update("plain", "a", 1, 0, {k: np.ones_like(v) for k, v in w0.items()}))
+    ack = dev.ack_for("plain")  # an agent that does not know SCAFFOLD: no control delta
+    assert ack.status == "rejected" and "tensors missing" in ack.reason
+    dev.send("a", scaffold_update("ua", "a", 0.01, n=10, steps=1))
+    dev.send("b", scaffold_update("ub", "b", 0.04, n=30, steps=6))
+    assert dev.ack_for("ua").status == "accepted" and dev.ack_for("ub").status == "accepted"
+
+    m1 = dev.pump(lambda: next((m for m in dev.manifests if m.version == 1), None))
+    w1 = decode_weights(dev.pump(lambda: dev.payloads.get(m1.weights.payload_id)))
+    assert m1.control is not None
+    c1 = decode_weights(dev.pump(lambda: dev.payloads.get(m1.control.payload_id)))
+    for k in w0:
+        # FedNova: (10/1 * 0.01 + 30/6 * 0.04) / 40 * tau_eff (10 * 1 + 30 * 6) / 40 = 0.035625
+        # (FedAvg would move it by 0.0325)
+        np.testing.assert_allclose(w1[k] - w0[k], 0.035625, rtol=1e-5)
+        # c = 0 + 2/2 * mean(-0.1, -0.04 / 0.6)
+        np.testing.assert_allclose(c1[k], (-0.1 - 0.04 / 0.6) / 2, rtol=1e-6)
+    assert (agg.s.state_dir / "versions" / "000001.ctl").exists()
+    history = dev.pump(lambda: read_history(agg.s.state_dir))  # written after publishing
+    assert [p["local_steps"] for p in history[0]["participants"]] == [1, 6]
