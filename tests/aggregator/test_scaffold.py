@@ -235,3 +235,17 @@ def test_a_restart_mid_round_replays_model_and_control_sums_and_the_weights(
     assert [p["local_steps"] for p in ledger.participants] == [2, 4]
     assert tau_effective(ledger.participants) == pytest.approx(200 / 60)
     journal.close()
+
+
+@pytest.mark.parametrize("bad", [
+    {"client_correction": "scafold"},
+    {"client_correction": "scaffold", "rule": "median"},
+    {"normalize_local_work": True, "mode": "async"},
+    {"client_correction": "scaffold", "personalization": "fedper"},
+])  # fmt: skip
+def test_settings_refuse_what_does_not_combine(bad: dict[str, object]) -> None:
+    from aggregator.settings import AggregatorSettings
+
+    AggregatorSettings(insecure=True, client_correction="scaffold", normalize_local_work=True)
+    with pytest.raises(ValueError, match="correction|normalize_local_work"):
+        AggregatorSettings(insecure=True, **bad)  # type: ignore[arg-type]
