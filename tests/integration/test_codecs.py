@@ -41,10 +41,12 @@ def updates_seen(watcher: Watcher) -> list[tuple[int, Any]]:
 
 # (uplink pipeline, full-model codec, delta codec, most bytes an update may take, the
 # accuracy 3 rounds of 3 IID devices must reach: top-k 1% sends 1% a round, so it is slower)
+# (three fleets, one per kind of path: dense float32 up with a full fp16 model down; sparse
+# fp16 up with a float32 model and dense deltas; the default sparse int8 up with sparse
+# deltas down. The other pipelines' encodings, the int8 full model among them, are judged
+# by the pure tests of tests/fedmq/test_codecs.py and tests/aggregator/test_bounds.py)
 PIPELINES = [
     ("float32", "fp16", "", FLOAT32_UPDATE + 4096, 0.75),
-    ("int8+zstd", "int8", "", FLOAT32_UPDATE // 3.5, 0.75),
-    ("topk:0.05+int8+zstd", "fp16", "int8+zstd", FLOAT32_UPDATE // 20, 0.75),
     ("topk:0.01+fp16+zstd", "float32", "fp16+zstd", FLOAT32_UPDATE // 60, 0.5),
     ("topk:0.1+int8+zstd", "fp16", "topk:0.1+int8+zstd", FLOAT32_UPDATE // 15, 0.75),
 ]
@@ -80,7 +82,8 @@ def test_fleet_trains_through_a_128k_broker(
         agent_log = fleet.log_text("agent-0")
         # version 0 comes whole; every later version as a delta when one is published
         held = agent_log.count("holding global version")
-        assert held >= 3 and agent_log.count("(delta, ") == (held - 1 if delta else 0), agent_log
+        via_delta = agent_log.count(" bytes fetched, delta)")
+        assert held >= 3 and via_delta == (held - 1 if delta else 0), agent_log
         assert "does not rebuild" not in agent_log
     finally:
         watcher.close()
