@@ -80,9 +80,13 @@ class Broker:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
 
     def publish_version(self, v: Version) -> None:
-        """Chunks, then the manifest, retained: as the aggregator publishes a version."""
-        for i, c in enumerate(v.full + v.onnx + v.delta):
-            self.publish(self.topics.global_chunk(v.manifest.version, i), encode_chunk(c))
+        """Chunks, then the manifest, retained: as the aggregator publishes a version (the
+        chunks all in flight at once: one PUBACK wait each would take a delayed ACK each)."""
+        sent = [self.client.publish(self.topics.global_chunk(v.manifest.version, i),
+                                    encode_chunk(c), qos=1, retain=True)
+                for i, c in enumerate(v.full + v.onnx + v.delta)]  # fmt: skip
+        for info in sent:
+            info.wait_for_publish(10)
         self.publish(self.topics.global_manifest(), encode_manifest(v.manifest))
 
     def open_round(self, round_id: int, version: int, device: str = "d1") -> None:
