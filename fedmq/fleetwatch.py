@@ -36,6 +36,15 @@ def open_link(settings: Any, topics: Topics, *, devices: bool, states: bool,
     return link
 
 
+def _connected(link: Link, settings: Any) -> bool:
+    """Whether the session came up within the timeout; else the one line saying so."""
+    if link.wait_connected(settings.timeout):
+        return True
+    print(f"fedmq: no broker at {settings.host}:{settings.port} after {settings.timeout:g} s",
+          file=sys.stderr)  # fmt: skip
+    return False
+
+
 def _feed(state: FleetState, events: list[Any], now: float) -> tuple[bool, bool | None]:
     """Take events; (anything changed, connected now or None when unchanged)."""
     changed, connected = False, None
@@ -59,9 +68,7 @@ def run_status(settings: Any, *, as_json: bool, devices: bool, watch: bool,
     state = FleetState(topics=topics)
     link = open_link(settings, topics, devices=devices, states=False, tag="status")
     try:
-        if not link.wait_connected(settings.timeout):
-            print(f"fedmq: no broker at {settings.host}:{settings.port} after "
-                  f"{settings.timeout:g} s", file=sys.stderr)  # fmt: skip
+        if not _connected(link, settings):
             return EXIT_NO_BROKER
         deadline = time.monotonic() + settings.timeout
         while state.status is None and time.monotonic() < deadline:
@@ -119,9 +126,7 @@ def run_monitor(settings: Any) -> int:
     state = FleetState(topics=topics)
     link = open_link(settings, topics, devices=True, states=True, tag="monitor")
     try:
-        if not link.wait_connected(settings.timeout):
-            print(f"fedmq: no broker at {settings.host}:{settings.port} after "
-                  f"{settings.timeout:g} s", file=sys.stderr)  # fmt: skip
+        if not _connected(link, settings):
             return EXIT_NO_BROKER
         connected = True
 
