@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.admission import Admission, check_device_id
-from aggregator.bounds import adaptive_bound, first_round_bound, round_example_cap
 from aggregator.clientside import ClientSide
 from aggregator.fedavg import AggregationRule, RunningSum
 from aggregator.fleetview import FleetView
 from aggregator.globals import GlobalModel, ModelRefused, StoredVersionError
+from aggregator.guards import RoundGuards
 from aggregator.intake import Intake
 from aggregator.journal import Journal, Snapshot
 from aggregator.ledger import Ledger, verdict_summary
@@ -37,9 +37,8 @@ from aggregator.metrics import metrics_for
 from aggregator.modes import BufferedRounds, Mode, SyncRounds
 from aggregator.personal import personal_stats, personal_train
 from aggregator.presence import Presence
-from aggregator.privacy import PrivacySpent, noise_for_epsilon
 from aggregator.recovery import recover_round
-from aggregator.robust import make_rule, round_bound
+from aggregator.robust import make_rule
 from aggregator.rounds import OpenRound
 from aggregator.server_opt import make_server_optimizer
 from aggregator.settings import AggregatorSettings
@@ -114,7 +113,6 @@ class Aggregator:
                          if fleet else None)  # fmt: skip
         caps = {d.id: d.max_examples for d in fleet.devices.values()
                 if not d.revoked and d.max_examples is not None} if fleet else {}  # fmt: skip
-        # devices a round could have sampled (q = selected / enrolled); 0: unknown
         self.enrolled_count = len(self.enrolled) if self.enrolled is not None else 0
         self.metrics = metrics_for(s, fleet)  # Prometheus (docs/metrics.md); off by default
         # the round's train map; under fedper with its head, which updates leave out
@@ -127,12 +125,8 @@ class Aggregator:
                                    budget_bytes=s.update_budget_bytes, enrolled=self.enrolled,
                                    max_examples=s.max_examples, example_caps=caps,
                                    head=frozenset(self.train.personal_head))  # fmt: skip
-        self.median_norm = 0.0  # the median L2 norm of the last closed round's updates
-        self.median_examples = 0.0  # and their median example count (after the caps)
-        self.privacy = PrivacySpent(delta=s.dp_delta)
-        self.noise_multiplier = s.dp_noise_multiplier or (noise_for_epsilon(
-            epsilon=s.dp_epsilon, delta=s.dp_delta, rounds=s.rounds,
-            q=self._sample_rate(self._expected_selected())) if s.dp_epsilon else 0.0)  # fmt: skip
+        # adaptive bounds and central DP, learnt round to round (kept in state.json)
+        self.guards = RoundGuards(s, enrolled_count=self.enrolled_count)
         self.optimizer = make_server_optimizer(s, self.model.specs, self.store)
         self.presence = Presence(job=s.job, grace_s=s.drop_grace_s, enrolled=self.enrolled,
                                  max_devices=s.max_devices)  # fmt: skip
@@ -169,32 +163,8 @@ class Aggregator:
         return self.clientside.rule(make_rule(
                          specs=self.model.specs, rule=s.rule, bound=float(bounds.get("bound", 0)),
                          clip_norm=s.clip_norm, median_norm=float(bounds.get("median_norm", 0)),
-                         noise_multiplier=self.noise_multiplier, trim=s.trim_fraction,
+                         noise_multiplier=self.guards.noise_multiplier, trim=s.trim_fraction,
                          krum_f=s.krum_f, krum_m=s.krum_m))  # fmt: skip
-
-    def _bounds(self) -> dict[str, float]:
-        """The next round's norm bound: fixed, or k x the last round's median norm."""
-        bound = round_bound(fixed=self.s.norm_bound, factor=self.s.norm_bound_factor,
-                            median_norm=self.median_norm)  # fmt: skip
-        if not bound and self.s.norm_bound_factor and not self.median_norm:
-            bound = first_round_bound(self.model.base_weights)  # no median to learn from yet
-        return {"bound": bound, "median_norm": self.median_norm}
-
-    def _example_cap(self) -> int:
-        """The next round's adaptive example cap: k x the median claim of the last closed
-        round's accepted updates; 1 (alike) before the first round closed."""
-        return round_example_cap(self.s.examples_factor, self.median_examples)
-
-    def _expected_selected(self) -> int:
-        p = self.s.policy
-        n = self.enrolled_count or p.target
-        return min(n, int(p.target * (1 + p.over_select) + 0.999999)) if p.target else n
-
-    def _sample_rate(self, selected: int) -> float:
-        """q = selected / enrolled; 1 without a fleet file (no amplification is claimed)."""
-        if not self.enrolled_count or selected <= 0:
-            return 1.0
-        return min(1.0, selected / self.enrolled_count)
 
     # ------------------------------------------------------------ the loop
 
@@ -395,8 +365,8 @@ class Aggregator:
     def _open_round(self, online: list[str], now: float) -> None:
         r = self.mode.open(round_id=self.next_round_id, version=self.model.version,
                            online=online, seed=self.s.seed, now=now)  # fmt: skip
-        r.example_cap = self._example_cap()
-        bounds = self._bounds()
+        r.example_cap = self.guards.example_cap()
+        bounds = self.guards.bounds(self.model.base_weights)
         self.intake.begin(r, self._new_rule(bounds))
         self.ledger.begin_round()
         self.intake.folded = 0
@@ -442,7 +412,9 @@ class Aggregator:
                 record.update(outcome=outcome, reason=refused)
             else:
                 record.update(version=self.model.version, **self.model.metrics,
-                              **self._account(r))  # fmt: skip
+                              **self.guards.account(self.ledger.participants,
+                                                    example_cap=r.example_cap,
+                                                    selected=len(r.selected)))  # fmt: skip
                 counters["rounds_closed"] += 1
                 log.info("round %d %s with %d updates%s: version %d, accuracy %.4f, loss %.4f",
                          r.round_id, outcome, len(r.accepted), verdict_summary(record),
@@ -492,24 +464,6 @@ class Aggregator:
         self._publish_model()
         return ""
 
-    def _account(self, r: OpenRound) -> dict[str, Any]:
-        """After a round closed: the next adaptive bound and, with central DP, the privacy
-        it spent; what the round's history line says of both."""
-        norms = [float(p["l2"]) for p in self.ledger.participants if "l2" in p]
-        self.median_norm = adaptive_bound(norms, 1.0) or self.median_norm
-        # claims, not what they were capped to: the median of the honest majority's claims
-        examples = [float(p.get("examples_claimed", p.get("examples", 0)))
-                    for p in self.ledger.participants]  # fmt: skip
-        self.median_examples = adaptive_bound(examples, 1.0) or self.median_examples
-        out: dict[str, Any] = {"rule": self.s.rule, "median_l2": round(self.median_norm, 6),
-                               "example_cap": r.example_cap}  # fmt: skip
-        if self.noise_multiplier:
-            q = self._sample_rate(len(r.selected))
-            eps = self.privacy.record(noise_multiplier=self.noise_multiplier, q=q)
-            out.update(dp_epsilon=eps, dp_delta=self.s.dp_delta,
-                       dp_noise_multiplier=self.noise_multiplier, dp_sample_rate=q)  # fmt: skip
-        return out
-
     def _publish_model(self) -> None:
         pub = self.model.publication(
             self.topics, limit=self.link.max_message_bytes, publish_onnx=self.s.publish_onnx,
@@ -542,9 +496,7 @@ class Aggregator:
         # versions start over) announces a newer epoch that signed-downlink agents follow
         self.epoch = int(state.get("epoch") or time.time() * 1000)
         self.ledger.counters.update(state.get("counters", {}))
-        self.median_norm = float(state.get("median_norm", 0.0))
-        self.median_examples = float(state.get("median_examples", 0.0))
-        self.privacy = PrivacySpent.from_json(state.get("privacy"), delta=self.s.dp_delta)
+        self.guards.load_state(state)
         self.ledger.counters["quarantined_files"] += self.optimizer.resume(
             self.model.version, self.quarantine_dir) + self.clientside.resume(
             self.model.version, self.quarantine_dir)  # fmt: skip
@@ -641,9 +593,7 @@ class Aggregator:
                                "version": self.model.version, "next_round": self.next_round_id,
                                "epoch": self.epoch,
                                "counters": dict(self.ledger.counters),
-                               "median_norm": self.median_norm,
-                               "median_examples": self.median_examples,
-                               "privacy": self.privacy.to_json()})  # fmt: skip
+                               **self.guards.to_state()})  # fmt: skip
 
     def status(self, now: float) -> dict[str, Any]:
         """What the retained status topic says: readable by people and monitoring tools."""
@@ -658,14 +608,9 @@ class Aggregator:
     def aggregation_status(self) -> dict[str, Any]:
         """The rule, the next norm bound, and the privacy spent so far (central DP)."""
         s = self.s
-        out: dict[str, Any] = {"rule": s.rule, "norm_bound": self._bounds()["bound"],
-                               "max_examples": s.max_examples, "privacy": None,
-                               "selection": self.selector.status()}  # fmt: skip
-        if self.noise_multiplier:
-            out["privacy"] = {"epsilon": self.privacy.epsilon, "delta": s.dp_delta,
-                              "noise_multiplier": self.noise_multiplier,
-                              "clip_norm": s.clip_norm, "rounds": self.privacy.rounds}  # fmt: skip
-        return out
+        return {"rule": s.rule, "norm_bound": self.guards.bounds(self.model.base_weights)["bound"],
+                "max_examples": s.max_examples, "privacy": self.guards.privacy_status(),
+                "selection": self.selector.status()}  # fmt: skip
 
     def _publish_status(self, now: float, *, force: bool = False) -> None:
         if not force and (not self._status_dirty or now - self._status_at < STATUS_EVERY_S):

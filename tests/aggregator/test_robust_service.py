@@ -129,9 +129,9 @@ def test_fleet_file_caps_examples_and_sets_the_sampling_rate(tmp_path: Any) -> N
     try:
         assert dict(agg.admission.example_caps) == {"a": 600}  # the revoked device is gone
         assert agg.admission.enrolled == frozenset({"a", "b", "d"})
-        assert agg.enrolled_count == 3 and agg._sample_rate(2) == pytest.approx(2 / 3)
+        assert agg.guards.enrolled_count == 3 and agg.guards.sample_rate(2) == pytest.approx(2 / 3)
         # z was calibrated for 10 rounds at q = 2 / 3: spending them all gives epsilon 2
-        spent = epsilon_of([(agg.noise_multiplier, 2 / 3, 10)], 1e-5)
+        spent = epsilon_of([(agg.guards.noise_multiplier, 2 / 3, 10)], 1e-5)
         assert spent == pytest.approx(2.0, rel=1e-2)
     finally:
         agg.journal.close()
