@@ -319,10 +319,14 @@ def test_added_operators_watch_side_by_side_and_lose_their_reads_when_revoked(
         broker.reload()
         assert operator_identity(TEST_JOB, "alice") not in fleet.acl.read_text()
         # its certificate stays valid until the broker's restart reads the CRL: no reads
+        # (alice's first client goes first: one certificate, one client id, one session)
+        watcher.close()
         late = Client(broker, bundle=type(alice)(stolen))
         try:
-            assert not late.refused()  # connected (paho drops a SUBSCRIBE sent before that)
-            late.subscribe(t.status())
+            # Mosquitto may refuse it outright (nothing to read, then) or let it connect
+            # without reads; a subscription waits for CONNACK (paho drops one sent before)
+            if not late.refused():
+                late.subscribe(t.status())
             aggregator.publish(t.status(), b"2")
             wait_until(lambda: len(operator.received()) >= 2, "the second status")
             assert late.received() == []
