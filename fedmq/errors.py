@@ -86,3 +86,9 @@ class OutOfBounds(ProtocolError):
     """An update whose values no honest device sends: a non-finite or absurd L2 norm."""
 
     reason_code = "out_of_bounds"
+
+
+class DuplicateReport(ProtocolError):
+    """A second, different evaluation report of one version from one device."""
+
+    reason_code = "duplicate_report"
