@@ -160,7 +160,8 @@ def headline(metrics: Mapping[str, float], federated: Mapping[str, Any] | None) 
     federated, else a note that neither exists yet."""
     parts = []
     if "accuracy" in metrics:
-        parts.append(f"accuracy {metrics['accuracy']:.4f}, loss {metrics.get('loss', math.nan):.4f}")
+        loss = metrics.get("loss", math.nan)
+        parts.append(f"accuracy {metrics['accuracy']:.4f}, loss {loss:.4f}")
     if federated:
         parts.append(f"federated accuracy {federated['accuracy']:.4f} of version "
                      f"{federated['version']} ({federated['devices']} devices)")  # fmt: skip

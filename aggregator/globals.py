@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aggregator.evalset import central_test_set
 from aggregator.store import Store
 from fedmq.chunks import encode_chunks
 from fedmq.codecs import Pipeline, encode_model, encode_model_delta
@@ -80,6 +81,7 @@ class GlobalModel:
         seed: int = 0,
         downlink: Pipeline | None = None,
         downlink_delta: Pipeline | None = None,
+        eval_data: str = "",
     ) -> None:
         import torch
 
@@ -99,7 +101,8 @@ class GlobalModel:
         self.metrics: dict[str, float] = {}
         self.onnx: bytes | None = None
         self._published: tuple[int, int] | None = None  # (version, chunk count) on the broker
-        self._test = task.load_test()
+        # None: no central test set (aggregator.evalset); devices evaluate (aggregator.fedeval)
+        self._test = central_test_set(task, eval_data)
         self.downlink = downlink or Pipeline()
         self.downlink_delta = downlink_delta
         self.full_body = b""  # this version's full payload in the downlink codec
@@ -229,11 +232,19 @@ class GlobalModel:
         return self.metrics
 
     def _evaluate(self, weights: dict[str, np.ndarray]) -> tuple[dict[str, float], bytes]:
-        """(test metrics, ONNX export) of weights; changes nothing of the version."""
+        """(test metrics, ONNX export) of weights; changes nothing of the version. Without a
+        central test set the metrics are empty, and ModelRefused when the outputs on a probe
+        input are not finite (what the test set's loss would have caught)."""
         self._tw.set_weights(self._model, weights)
-        x, y = self._test
         onnx = self._tw.export_onnx(self._model, self.task.input_shape)
-        return self._tw.evaluate(self._model, x, y), onnx
+        if self._test is not None:
+            x, y = self._test
+            return self._tw.evaluate(self._model, x, y), onnx
+        probe = np.random.default_rng(0).normal(size=(8, *self.task.input_shape))
+        checked = self._tw.evaluate(self._model, probe.astype(np.float32), np.zeros(8, np.int64))
+        if not all(np.isfinite(v) for v in checked.values()):
+            raise ModelRefused("the new model's outputs on a probe input are not finite")
+        return {}, onnx
 
     def _store(self) -> None:
         """Keep this version's payloads; its manifest follows once it is published."""

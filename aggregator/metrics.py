@@ -48,6 +48,16 @@ SERIES: dict[str, tuple[str, str]] = {
     "fedmq_model_version": ("gauge", "The global model's version."),
     "fedmq_model_accuracy": ("gauge", "The global model's test accuracy (central evaluation)."),
     "fedmq_model_loss": ("gauge", "The global model's test loss (central evaluation)."),
+    "fedmq_federated_version": ("gauge", "The newest version devices reported an evaluation "
+                                         "of (federated evaluation)."),
+    "fedmq_federated_accuracy": ("gauge", "Federated evaluation of that version: accuracy on the "
+                                          "union of the devices' held-out data."),
+    "fedmq_federated_loss": ("gauge", "Federated evaluation of that version: mean cross-entropy "
+                                      "on the union of the devices' held-out data."),
+    "fedmq_federated_devices": ("gauge", "Devices whose reports make up that result."),
+    "fedmq_federated_examples": ("gauge", "Held-out examples behind that result."),
+    "fedmq_federated_accuracy_spread": ("gauge", "The devices' accuracies on that version, by "
+                                                 "stat: min, p10, p90, max, std."),
     "fedmq_rounds_closed": ("counter", "Rounds closed with a new version (as in the status)."),
     "fedmq_rounds_abandoned": ("counter", "Rounds abandoned, the version kept."),
     "fedmq_round_id": ("gauge", "The open round's id; 0 while none is open."),
@@ -213,6 +223,7 @@ class Metrics:
         for key in ("accuracy", "loss"):
             if key in agg.model.metrics:  # only once a version was evaluated
                 yield gauge(f"fedmq_model_{key}", float(agg.model.metrics[key]))
+        yield from _federated(gauge, job, agg.fedeval.latest())
         counters = dict(agg.ledger.counters)
         yield counter("fedmq_rounds_closed", counters.get("rounds_closed", 0))
         yield counter("fedmq_rounds_abandoned", counters.get("rounds_abandoned", 0))
@@ -273,6 +284,21 @@ class Metrics:
         ):
             self.classes.add(profile)
         return profile if profile in self.classes else "other"
+
+
+def _federated(gauge: Any, job: str, result: dict[str, Any] | None) -> Iterator[Any]:
+    """The newest federated evaluation's gauges; none before any device reported."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    if result is None:
+        return
+    for key in ("version", "accuracy", "loss", "devices", "examples"):
+        yield gauge(f"fedmq_federated_{key}", float(result[key]))
+    name = "fedmq_federated_accuracy_spread"
+    spread = GaugeMetricFamily(name, SERIES[name][1], labels=["fedmq_job", "stat"])
+    for stat in ("min", "p10", "p90", "max", "std"):
+        spread.add_metric([job, stat], float(result[f"accuracy_{stat}"]))
+    yield spread
 
 
 class _Snapshot:

@@ -27,6 +27,7 @@ from typing import Any
 from aggregator.admission import Admission, check_device_id
 from aggregator.clientside import ClientSide
 from aggregator.fedavg import AggregationRule, RunningSum
+from aggregator.fedeval import FederatedEval, accuracy_of, headline
 from aggregator.fleetview import FleetView
 from aggregator.globals import GlobalModel, ModelRefused, StoredVersionError
 from aggregator.guards import RoundGuards
@@ -92,7 +93,7 @@ class Aggregator:
             address=s.broker,
             subscriptions=[(self.topics.updates_filter(), 1),
                            (self.topics.device_states_filter(), 1),
-                           (self.topics.metrics_filter(), 0),
+                           (self.topics.metrics_filter(), 1),  # evaluation reports: QoS 1
                            *((topic, 1) for topic in own)],  # fmt: skip
             max_message_bytes=s.max_message_bytes,
             will=(self.topics.status(), will),  # marks the job's status offline
@@ -102,7 +103,8 @@ class Aggregator:
                                connect_timeout_s=s.connect_timeout_s, log=log)  # fmt: skip
         self.model = GlobalModel(task=self.task, store=self.store, seed=s.seed,
                                  downlink=s.downlink_pipeline,
-                                 downlink_delta=s.downlink_delta_pipeline)  # fmt: skip
+                                 downlink_delta=s.downlink_delta_pipeline,
+                                 eval_data=s.eval_data)  # fmt: skip
         self.selector = s.selector  # the selection policy and its participation table
         self.mode: Mode = (
             BufferedRounds(policy=s.policy, buffer=s.buffer, selection=self.selector)
@@ -136,6 +138,7 @@ class Aggregator:
                              max_partial_per_device=s.max_partial_updates_per_device,
                              weigh=self.clientside.weigh)  # fmt: skip
         self.device_metrics: dict[str, dict[str, float]] = {}
+        self.fedeval = FederatedEval(max_devices=s.max_devices)  # the devices' evaluations
         self.fleet_view = FleetView(topics=self.topics)  # the JSON mirror of the device table
         self.recent = RecentRounds()  # the status's tail of closed rounds
         self._online = True  # False while stopping: the last status says offline
@@ -310,6 +313,9 @@ class Aggregator:
                     raise Unauthorized(f"metrics for {m.device!r} on another device's topic")
                 if device not in self.presence.devices:  # bounded by the device table
                     raise Unauthorized("metrics from a device without a state")
+                if self.fedeval.observe(device, m.model_version, m.metrics,
+                                        current=self.model.version):  # fmt: skip
+                    self._status_dirty = True
                 self.device_metrics[device] = m.metrics
                 if len(self.device_metrics) > 2 * len(self.presence.devices):
                     self.device_metrics = {d: v for d, v in self.device_metrics.items()
@@ -404,6 +410,8 @@ class Aggregator:
         r, acc = self.intake.end()
         record = {**r.history_record(outcome, now), **self.ledger.round_stats()}
         record.update(personal_stats(record["participants"]))  # {} without personal models
+        federated = self.fedeval.result(r.model_version)  # of the version the round began at
+        record.update({"federated": federated} if federated else {})
         counters = self.ledger.counters
         if outcome != "abandoned":
             refused = self._advance(r, acc)
@@ -416,10 +424,9 @@ class Aggregator:
                                                     example_cap=r.example_cap,
                                                     selected=len(r.selected)))  # fmt: skip
                 counters["rounds_closed"] += 1
-                log.info("round %d %s with %d updates%s: version %d, accuracy %.4f, loss %.4f",
-                         r.round_id, outcome, len(r.accepted), verdict_summary(record),
-                         self.model.version, self.model.metrics["accuracy"],
-                         self.model.metrics["loss"])  # fmt: skip
+                log.info("round %d %s with %d updates%s: version %d, %s", r.round_id, outcome,
+                         len(r.accepted), verdict_summary(record), self.model.version,
+                         headline(self.model.metrics, federated))  # fmt: skip
         else:
             record["reason"] = (f"quorum_missed: {len(r.accepted)} of {r.min_devices} needed "
                                 "updates arrived")  # fmt: skip
@@ -430,7 +437,7 @@ class Aggregator:
             counters["rounds_abandoned"] += 1
         # a last round says so: its devices learn that the job is done (done in the message)
         self.done_reason = done_reason(self.s, r.round_id, counters["rounds_closed"],
-                                       self.model.metrics)  # fmt: skip
+                                       accuracy_of(self.model.metrics, self.fedeval.latest()))
         self._announce("closed" if outcome != "abandoned" else "abandoned", r)
         self.store.append_round(record)
         self.recent.add(record)
@@ -603,7 +610,8 @@ class Aggregator:
                          counters=self.ledger.counters, now=now,
                          signing_key=self.signer.key_id, online=self._online,
                          recent=self.recent.as_list(),
-                         aggregation=self.aggregation_status())  # fmt: skip
+                         aggregation=self.aggregation_status(),
+                         federated=self.fedeval.latest())  # fmt: skip
 
     def aggregation_status(self) -> dict[str, Any]:
         """The rule, the next norm bound, and the privacy spent so far (central DP)."""

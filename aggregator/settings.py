@@ -32,6 +32,8 @@ class AggregatorSettings:
     state_dir: Path = Path("fedmq-state")
     rounds: int = 50  # rounds to run; 0 runs until stopped
     target_accuracy: float = 0.0  # stop once the global model reaches it; 0 never
+    # the central test set (aggregator.evalset): "" the task's own, "none", or an .npz path
+    eval_data: str = ""
     devices_per_round: int = 0  # updates that complete a round; 0 = all online devices
     over_select: float = 0.0
     min_devices: int = 1

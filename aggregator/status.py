@@ -34,6 +34,11 @@ class RecentRounds:
                      "loss": _finite(record.get("loss"))}  # fmt: skip
         except (KeyError, TypeError, ValueError):
             return  # a record without a round number tells a sparkline nothing
+        fed = record.get("federated")
+        if isinstance(fed, Mapping):  # the devices' evaluation of the round's base version
+            point["federated"] = {"version": fed.get("version"),
+                                  "accuracy": _finite(fed.get("accuracy")),
+                                  "loss": _finite(fed.get("loss"))}  # fmt: skip
         for key in ("personal", "global_local"):  # personal models' {mean, p10, n}
             if isinstance(record.get(key), Mapping):
                 point[key] = {k: _finite(record[key].get(k)) for k in ("mean", "p10", "n")}
@@ -48,6 +53,14 @@ class RecentRounds:
 
     def as_list(self) -> list[dict[str, Any]]:
         return list(self._rounds)
+
+
+def _federated(result: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A federated result as the status shows it: its numbers rounded, None without one."""
+    if not result:
+        return None
+    return {k: (v if isinstance(v, int) and not isinstance(v, bool) else _finite(v))
+            for k, v in result.items()}  # fmt: skip
 
 
 def _finite(value: Any) -> float | None:
@@ -76,12 +89,13 @@ def _iso(ts: float) -> str:
 
 
 def done_reason(s: AggregatorSettings, round_id: int, rounds_closed: int,
-                metrics: Mapping[str, float]) -> str:  # fmt: skip
-    """Why the job is done once round round_id has ended ("" while it goes on)."""
+                accuracy: float | None) -> str:  # fmt: skip
+    """Why the job is done once round round_id has ended ("" while it goes on); accuracy is
+    the deciding one (aggregator.fedeval.accuracy_of: central, else federated)."""
     if s.rounds and round_id >= s.rounds:
         return f"ran {round_id} rounds"
-    accuracy = metrics.get("accuracy", 0.0)
-    if s.target_accuracy and rounds_closed and accuracy >= s.target_accuracy:
+    if (s.target_accuracy and rounds_closed and accuracy is not None
+            and accuracy >= s.target_accuracy):  # fmt: skip
         return f"reached accuracy {accuracy:.4f}"
     return ""
 
@@ -101,6 +115,7 @@ def status_of(
     aggregation: Mapping[str, Any] | None = None,
     online: bool = True,
     recent: list[dict[str, Any]] | None = None,
+    federated: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The status document for this moment; online=False: the service is stopping."""
     s = settings
@@ -124,6 +139,8 @@ def status_of(
         "model_version": version,
         "accuracy": metrics.get("accuracy"),
         "loss": metrics.get("loss"),
+        # the devices' evaluation of the newest version they reported on (aggregator.fedeval)
+        "federated": _federated(federated),
         "rounds_closed": counters.get("rounds_closed", 0),
         "codec": {
             "updates": s.update_pipeline.name,

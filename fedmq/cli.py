@@ -45,7 +45,10 @@ AGGREGATOR_HELP = {
     "task": "built-in task (fedmq tasks) or package.module:attr",
     "state_dir": "directory for global versions, round history and service state",
     "rounds": "rounds to run, 0 = until stopped",
-    "target_accuracy": "stop once the global model reaches this test accuracy (0 = never)",
+    "target_accuracy": "stop once the global model reaches this accuracy: the central test "
+    "set's, else the devices' federated evaluation (0 = never)",
+    "eval_data": "central test set: '' = the task's bundled one, 'none' = no central "
+    "evaluation (devices evaluate each version), or an .npz file with x and y",
     "devices_per_round": "updates that complete a round (0 = every online device)",
     "over_select": "select this fraction more devices than needed, for dropouts",
     "min_devices": "quorum: updates needed to close a round at its deadline",
