@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.journal import read_ledger
-from fedmq.report import read_history, summarize
+from fedmq.report import plot_versions, read_history, summarize
 
 
 class ReportError(Exception):
@@ -68,7 +68,7 @@ def render_report(state_dir: Path) -> str:
     except (KeyError, TypeError, ValueError) as err:  # written by hand, or by another tool
         raise _unreadable(history_file, err) from None
     plots = {
-        "accuracy and loss": _plot_metrics(rows),
+        "accuracy and loss": _plot_metrics(rounds),
         "bytes per round": _plot_bytes(rows),
         "participation per round": _plot_participation(rows),
     }
@@ -111,6 +111,7 @@ def _row(r: dict[str, Any], given: list[tuple[float, str]] | None) -> dict[str, 
         "late": None if given is None else window["late"],
         "accuracy": r.get("accuracy"),
         "loss": r.get("loss"),
+        "federated": r.get("federated") if isinstance(r.get("federated"), dict) else None,
         "wall_s": r.get("wall_s", 0.0),
         "bytes_up": r.get("bytes_up", 0),
         "bytes_down": r.get("bytes_down", 0),
@@ -143,6 +144,8 @@ def _summary(
         "final accuracy": _num(s["final_accuracy"]),
         "best accuracy": "-" if best is None else f"{best['accuracy']:.4f} (round {best['round']})",
         "final loss": _num(s["final_loss"]),
+        "federated accuracy": "-" if s["federated_version"] is None else
+        f"{s['final_federated_accuracy']:.4f} (version {s['federated_version']})",
         "updates accepted": str(sum(r["accepted"] for r in rows)),
         "updates rejected": rejected,
         "devices that contributed": str(len(devices - {None})),
@@ -189,18 +192,13 @@ def _figure() -> tuple[Any, Any]:
     return fig, ax
 
 
-def _plot_metrics(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Accuracy and loss of each new version, per round: two images."""
-    closed = [r for r in rows if r["accuracy"] is not None]
-    xs = [r["round"] for r in closed]
+def _plot_metrics(rounds: Sequence[dict[str, Any]]) -> list[str]:
+    """Accuracy and loss of each version, central and federated (the devices'): two images."""
     out = []
     for key, color in (("accuracy", "tab:blue"), ("loss", "tab:red")):
         fig, ax = _figure()
-        ax.plot(xs, [r[key] for r in closed], marker=".", color=color)
-        ax.set_xlabel("round")
-        ax.set_ylabel(f"test {key}")
-        ax.set_title(f"test {key} of each new version")
-        ax.grid(alpha=0.3)
+        plot_versions(ax, rounds, key, color)
+        ax.set_title(f"{key} of each version")
         out.append(_png(fig))
     return out
 
@@ -273,6 +271,7 @@ COLUMNS = (
     "late",
     "accuracy",
     "loss",
+    "federated accuracy",
     "wall s",
     "up KiB",
     "down KiB",
@@ -293,10 +292,20 @@ def _cells(r: dict[str, Any]) -> list[str]:
         dash if r["late"] is None else str(r["late"]),
         "" if r["accuracy"] is None else f"{r['accuracy']:.4f}",
         "" if r["loss"] is None else f"{r['loss']:.4f}",
+        _federated_cell(r["federated"]),
         f"{r['wall_s']:.2f}",
         f"{r['bytes_up'] / 1024:.1f}",
         f"{r['bytes_down'] / 1024:.1f}",
     ]
+
+
+def _federated_cell(fed: dict[str, Any] | None) -> str:
+    """The devices' evaluation of the round's base version: "0.8123 (v3, 9 devices)"."""
+    try:
+        return (f"{float(fed['accuracy']):.4f} (v{int(fed['version'])}, "
+                f"{int(fed['devices'])} devices)") if fed else ""  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        return ""
 
 
 def _page(

@@ -118,6 +118,31 @@ class RoundInfo:
 
 
 @dataclass(frozen=True)
+class Federated:
+    """The status's `federated`: the devices' evaluation of one version (docs/devices.md)."""
+
+    version: int
+    accuracy: float
+    loss: float | None
+    devices: int
+    examples: int
+    p10: float | None
+    p90: float | None
+
+
+def _federated(doc: Any) -> Federated | None:
+    if not isinstance(doc, dict):
+        return None
+    version, accuracy = _int(doc.get("version"), None), _num(doc.get("accuracy"))
+    if version is None or accuracy is None:
+        return None
+    return Federated(version=version, accuracy=accuracy, loss=_num(doc.get("loss")),
+                     devices=_int(doc.get("devices")) or 0,
+                     examples=_int(doc.get("examples")) or 0,
+                     p10=_num(doc.get("accuracy_p10")), p90=_num(doc.get("accuracy_p90")))
+
+
+@dataclass(frozen=True)
 class Status:
     """The aggregator's status document, checked field by field."""
 
@@ -140,6 +165,7 @@ class Status:
     updated_at: float | None
     offline_reason: str
     codec: str
+    federated: Federated | None = None  # the devices' evaluation of the newest version
 
     @property
     def rejected(self) -> int:
@@ -177,8 +203,13 @@ def parse_status(payload: bytes) -> Status | None:
     if isinstance(tail, list):
         for p in tail[-MAX_POINTS:]:
             if isinstance(p, dict) and _int(p.get("round"), None) is not None:
-                recent.append((_int(p.get("round")) or 0, _num(p.get("accuracy")),
-                               _num(p.get("loss"))))  # fmt: skip
+                # no central test set: the devices' evaluation of the round's base version
+                fed = _federated(p.get("federated"))
+                central = _num(p.get("accuracy"))
+                recent.append((_int(p.get("round")) or 0,
+                               central if central is not None or fed is None else fed.accuracy,
+                               _num(p.get("loss")) if central is not None or fed is None
+                               else fed.loss))  # fmt: skip
     codec = doc.get("codec")
     aggregator = clean_text(doc.get("aggregator"), 16)
     return Status(
@@ -195,6 +226,7 @@ def parse_status(payload: bytes) -> Status | None:
         updated_at=_num(doc.get("updated_at")),
         offline_reason=clean_text(doc.get("offline_reason")),
         codec=clean_text(codec.get("updates"), 64) if isinstance(codec, dict) else "",
+        federated=_federated(doc.get("federated")),
     )  # fmt: skip
 
 

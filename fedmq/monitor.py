@@ -76,6 +76,9 @@ def _header(state: FleetState, now: float, connected: bool) -> RenderableType:
             t.append(f"  accuracy {s.accuracy:.4f}")
         if s.loss is not None:
             t.append(f"  loss {s.loss:.4f}")
+        if s.federated is not None:
+            t.append(f"  federated {s.federated.accuracy:.4f} (v{s.federated.version}, "
+                     f"{s.federated.devices} devices)")  # fmt: skip
         t.append(f"\n{s.online} devices online of {s.known} known, {s.rounds_closed} rounds "
                  f"closed", style="dim")  # fmt: skip
         if s.updated_at is not None:

@@ -28,6 +28,49 @@ def read_history(state_dir: Path) -> list[dict[str, Any]]:
     return list(rounds.values())
 
 
+def by_version(rounds: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per global version, oldest first: the central test set's `accuracy` and `loss` (from
+    the record of the round that made the version) beside the devices' federated evaluation
+    (`federated`, from the record of the round that began at it); None where one is missing."""
+    versions: dict[int, dict[str, Any]] = {}
+
+    def row(version: Any) -> dict[str, Any] | None:
+        if not isinstance(version, int) or isinstance(version, bool):
+            return None
+        return versions.setdefault(version, {"version": version, "accuracy": None,
+                                             "loss": None, "federated": None})  # fmt: skip
+
+    for r in rounds:
+        made = row(r.get("version")) if r.get("outcome") != "abandoned" else None
+        if made is not None and r.get("accuracy") is not None:
+            made["accuracy"], made["loss"] = r.get("accuracy"), r.get("loss")
+        fed = r.get("federated")
+        began = row(fed.get("version")) if isinstance(fed, dict) else None
+        if began is not None:
+            began["federated"] = fed
+    return [versions[v] for v in sorted(versions)]
+
+
+def format_versions(rounds: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of each version's central and federated accuracy side by side."""
+    head = f"{'version':>7} {'central acc':>11} {'federated acc':>13} {'p10..p90':>13} " \
+           f"{'devices':>7} {'central loss':>12} {'fed loss':>8}"  # fmt: skip
+    lines = [head, "-" * len(head)]
+
+    def num(x: Any, width: int) -> str:
+        return f"{'' if x is None else f'{x:.4f}':>{width}}"
+
+    for v in by_version(rounds):
+        fed = v["federated"] or {}
+        spread = (f"{fed['accuracy_p10']:.3f}..{fed['accuracy_p90']:.3f}"
+                  if "accuracy_p10" in fed else "")  # fmt: skip
+        lines.append(f"{v['version']:>7} {num(v['accuracy'], 11)} "
+                     f"{num(fed.get('accuracy'), 13)} {spread:>13} "
+                     f"{fed.get('devices', ''):>7} {num(v['loss'], 12)} "
+                     f"{num(fed.get('loss'), 8)}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def format_table(rounds: Sequence[dict[str, Any]]) -> str:
     """A plain-text table, one line per round."""
     head = f"{'round':>5} {'outcome':>9} {'updates':>7} {'accuracy':>8} {'loss':>7} " \
@@ -47,35 +90,53 @@ def format_table(rounds: Sequence[dict[str, Any]]) -> str:
 def summarize(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Totals over a run: rounds, final and best accuracy, bytes up and down."""
     closed = [r for r in rounds if r.get("accuracy") is not None]
+    federated = [v["federated"] for v in by_version(rounds) if v["federated"]]
     return {
         "rounds": len(rounds),
         "rounds_closed": len(closed),
         "final_accuracy": closed[-1]["accuracy"] if closed else None,
         "best_accuracy": max((r["accuracy"] for r in closed), default=None),
         "final_loss": closed[-1]["loss"] if closed else None,
+        # the devices' evaluation of the newest version that has one (docs/devices.md)
+        "federated_version": federated[-1]["version"] if federated else None,
+        "final_federated_accuracy": federated[-1]["accuracy"] if federated else None,
         "bytes_up": sum(r["bytes_up"] for r in rounds),
         "bytes_down": sum(r["bytes_down"] for r in rounds),
     }
 
 
+def plot_versions(ax: Any, rounds: Sequence[dict[str, Any]], key: str, color: str) -> None:
+    """Draw key ("accuracy" or "loss") per version on ax: the central test set's (a line)
+    and the federated evaluation's (dashed; for accuracy with the devices' p10..p90 band)."""
+    rows = by_version(rounds)
+    central = [(v["version"], v[key]) for v in rows if v[key] is not None]
+    fed = [(v["version"], v["federated"]) for v in rows if v["federated"]]
+    if central:
+        ax.plot(*zip(*central, strict=True), marker=".", color=color, label="central test set")
+    if fed:
+        xs = [x for x, _ in fed]
+        ax.plot(xs, [f[key] for _, f in fed], marker="x", linestyle="--", color=color,
+                alpha=0.7, label="federated (devices)")  # fmt: skip
+        if key == "accuracy" and all("accuracy_p10" in f for _, f in fed):
+            ax.fill_between(xs, [f["accuracy_p10"] for _, f in fed],
+                            [f["accuracy_p90"] for _, f in fed], color=color, alpha=0.12,
+                            label="devices p10..p90")  # fmt: skip
+        ax.legend(fontsize="small")
+    ax.set_xlabel("model version")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+
+
 def plot_history(rounds: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> Path:
-    """Accuracy and loss per round, side by side, as a PNG."""
+    """Accuracy and loss per version, side by side, as a PNG: central and federated."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    closed = [r for r in rounds if r.get("accuracy") is not None]
-    xs = [r["round"] for r in closed]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_acc.plot(xs, [r["accuracy"] for r in closed], marker=".")
-    ax_acc.set_xlabel("round")
-    ax_acc.set_ylabel("test accuracy")
-    ax_acc.grid(alpha=0.3)
-    ax_loss.plot(xs, [r["loss"] for r in closed], marker=".", color="tab:red")
-    ax_loss.set_xlabel("round")
-    ax_loss.set_ylabel("test loss")
-    ax_loss.grid(alpha=0.3)
+    plot_versions(ax_acc, rounds, "accuracy", "tab:blue")
+    plot_versions(ax_loss, rounds, "loss", "tab:red")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -92,6 +153,6 @@ def write_report(
     summary = summarize(rounds)
     doc = {"config": config, "summary": summary, "rounds": list(rounds)}
     (run_dir / "metrics.json").write_text(json.dumps(doc, indent=1))
-    if any(r.get("accuracy") is not None for r in rounds):
+    if any(v["accuracy"] is not None or v["federated"] for v in by_version(rounds)):
         plot_history(rounds, run_dir / "accuracy.png", title=title)
     return summary

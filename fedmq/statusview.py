@@ -36,6 +36,13 @@ def summary_lines(state: FleetState, now: float) -> list[str]:
         if s.loss is not None:
             model += f", loss {s.loss:.4f}"
         lines.append(f"  model     {model} ({s.rounds_closed} rounds closed)")
+    if s.federated is not None:
+        f = s.federated
+        spread = f", p10..p90 {f.p10:.3f}..{f.p90:.3f}" if f.p10 is not None and (
+            f.p90 is not None) else ""  # fmt: skip
+        loss = f", loss {f.loss:.4f}" if f.loss is not None else ""
+        lines.append(f"  federated version {f.version}: accuracy {f.accuracy:.4f}{loss} on "
+                     f"{f.examples} held-out examples of {f.devices} devices{spread}")  # fmt: skip
     if s.round is not None:
         r = s.round
         text = (f"{r.round_id}: {r.received} of {r.target} updates, {r.selected} selected, "

@@ -149,3 +149,62 @@ def test_the_deciding_accuracy_is_central_else_federated() -> None:
     assert accuracy_of({"accuracy": 0.9, "loss": 0.3}, fed) == 0.9
     assert accuracy_of({}, fed) == 0.7
     assert accuracy_of({}, None) is None
+
+
+def _record(round_id: int, version: int | None, acc: float | None,
+            fed: dict | None = None) -> dict:  # fmt: skip
+    r: dict = {"round": round_id, "outcome": "complete" if version is not None else "abandoned",
+               "base_version": round_id - 1, "bytes_up": 0, "bytes_down": 0}  # fmt: skip
+    if version is not None:
+        r["version"] = version
+    if acc is not None:
+        r.update(accuracy=acc, loss=1 - acc)
+    if fed is not None:
+        r["federated"] = fed
+    return r
+
+
+def test_history_reads_per_version_central_beside_federated() -> None:
+    from fedmq.report import by_version, format_versions, summarize
+
+    fed0 = combine([EvalReport("a", 0, 0.1, 2.3, 10), EvalReport("b", 0, 0.2, 2.2, 30)])
+    fed1 = combine([EvalReport("a", 1, 0.6, 1.0, 10)])
+    rounds = [_record(1, 1, 0.55, fed0), _record(2, None, None, fed1),
+              _record(3, 2, 0.7, fed1)]  # fmt: skip
+    rows = by_version(rounds)
+    assert [r["version"] for r in rows] == [0, 1, 2]
+    assert rows[0]["accuracy"] is None and rows[0]["federated"]["accuracy"] == 0.175
+    assert rows[1]["accuracy"] == 0.55 and rows[1]["federated"]["accuracy"] == 0.6
+    assert rows[2]["accuracy"] == 0.7 and rows[2]["federated"] is None
+    table = format_versions(rounds).splitlines()
+    assert len(table) == 2 + 3 and "0.5500" in table[3] and "0.6000" in table[3]
+    s = summarize(rounds)
+    assert (s["federated_version"], s["final_federated_accuracy"]) == (1, 0.6)
+    # no central test set: the plots and the summary still have a series to show
+    assert summarize([_record(1, 1, None, fed0)])["final_federated_accuracy"] == 0.175
+
+
+def test_status_shows_the_live_federated_result() -> None:
+    import json
+
+    from aggregator.status import RecentRounds, _federated
+    from fedmq.fleetstate import FleetState, parse_status
+    from fedmq.statusview import summary_lines
+    from fedmq.topics import Topics
+
+    fed = combine([EvalReport("a", 4, 0.5, 1.0, 10), EvalReport("b", 4, 0.9, 0.2, 30)])
+    recent = RecentRounds()
+    recent.add(_record(5, 5, None, fed))  # no central test set
+    doc = {"job": "j", "phase": "training", "aggregator": "online", "model_version": 5,
+           "accuracy": None, "loss": None, "federated": _federated(fed),
+           "recent_rounds": recent.as_list(), "updated_at": 100.0}  # fmt: skip
+    status = parse_status(json.dumps(doc).encode())
+    assert status is not None and status.federated is not None
+    assert (status.federated.version, status.federated.devices) == (4, 2)
+    assert status.recent == ((5, pytest.approx(0.8), pytest.approx(0.4)),)
+    state = FleetState(topics=Topics(job="j"))
+    state.status = status
+    text = "\n".join(summary_lines(state, 101.0))
+    assert "federated version 4: accuracy 0.8000" in text and "of 2 devices" in text
+    hostile = dict(doc, federated={"version": "x", "accuracy": float("inf")})
+    assert parse_status(json.dumps(hostile).encode()).federated is None  # type: ignore[union-attr]

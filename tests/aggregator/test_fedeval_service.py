@@ -42,7 +42,8 @@ class StatusReader:
         self.client.subscribe(topic, 1)
         assert subscribed.wait(10)
 
-    def wait(self, until: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+    def wait(self, until: Callable[[dict[str, Any]], bool],
+             timeout: float = 30.0) -> dict[str, Any]:  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.last and until(self.last):
@@ -59,8 +60,9 @@ class StatusReader:
 
 
 @pytest.fixture
-def no_test_set(plain_broker: Any, tmp_path: Path,
-                topic_prefix: str) -> Iterator[tuple[Aggregator, ScriptedDevice, StatusReader]]:  # fmt: skip
+def no_test_set(
+    plain_broker: Any, tmp_path: Path, topic_prefix: str
+) -> Iterator[tuple[Aggregator, ScriptedDevice, StatusReader]]:
     settings = AggregatorSettings(
         job="svc", prefix=topic_prefix, port=plain_broker.port, task="digits-mlp",
         state_dir=tmp_path / "agg", rounds=5, target_accuracy=0.7, devices_per_round=2,

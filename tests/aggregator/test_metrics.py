@@ -25,7 +25,7 @@ from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
 from fedmq.cli import main
 from fedmq.report import read_history
-from fedmq.wire import decode_weights
+from fedmq.wire import DeviceMetrics, decode_weights, encode_metrics
 from tests.aggregator.test_service import ScriptedDevice, _update
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "examples" / "grafana" / "fedmq-dashboard.json"
@@ -88,6 +88,12 @@ def test_metrics_agree_with_the_records_and_the_report_shows_the_run(
         m0 = dev.pump(lambda: next((m for m in dev.manifests if m.version == 0), None))
         w0 = decode_weights(dev.pump(lambda: dev.payloads.get(m0.weights.payload_id)))
         small = {k: np.full_like(v, 0.01) for k, v in w0.items()}
+        # the devices' evaluation of version 0 (federated evaluation), before round 1 closes
+        for d, acc, n in (("a", 0.25, 10), ("b", 0.75, 30)):
+            body = encode_metrics(DeviceMetrics(device=d, round_id=1, model_version=0, metrics={
+                "eval_accuracy": acc, "eval_loss": 2.0, "eval_examples": n}))  # fmt: skip
+            dev.client.publish(settings.topics.metrics(d), body, qos=1)
+        dev.pump(lambda: _value(_scrape(port)[1], "fedmq_federated_devices") == 2)
         sent = [
             ("a", _update("a1", "a", 1, 0, small)),
             ("b", _update("stale", "b", 9, 0, small)),  # rejected: stale_update
@@ -134,6 +140,13 @@ def test_metrics_agree_with_the_records_and_the_report_shows_the_run(
     assert _value(s, "fedmq_model_accuracy") == history[-1]["accuracy"]
     assert _value(s, "fedmq_model_loss") == history[-1]["loss"]
     assert _value(s, "fedmq_round_id") == 3
+    fed = history[0]["federated"]  # round 1's record: its base version 0, as the devices said
+    assert (fed["version"], fed["devices"], fed["examples"]) == (0, 2, 40)
+    assert _value(s, "fedmq_federated_accuracy") == fed["accuracy"] == 0.625
+    assert _value(s, "fedmq_federated_loss") == fed["loss"] == 2.0
+    assert _value(s, "fedmq_federated_version") == 0 and "federated" not in history[1]
+    assert _value(s, "fedmq_federated_accuracy_spread", stat="min") == 0.25
+    assert _value(s, "fedmq_federated_accuracy_spread", stat="max") == 0.75
 
     by_verdict = Counter((v["verdict"], v["reason"].split(":")[0]) for v in ledger)
     assert by_verdict == Counter({("accepted", ""): 4, ("rejected", "stale_update"): 1})
