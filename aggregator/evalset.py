@@ -39,6 +39,8 @@ def central_test_set(task: Task, eval_data: str) -> Arrays | None:
 
 def read_npz_test_set(path: Path, task: Task) -> Arrays:
     """x and y of an .npz file, checked against the task's input shape and labels."""
+    if not path.is_file():
+        raise ConfigError(f"eval_data {path}: no such file")
     # never pickle: loading pickled bytes runs code
     try:
         with np.load(path, allow_pickle=False) as data:

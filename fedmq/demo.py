@@ -89,7 +89,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from broker.provision import aggregator_identity, credential_flags
     from fedmq.demo_checks import check_demo_args
     from fedmq.processes import device_id
-    from fedmq.report import format_table, read_history, write_report
+    from fedmq.report import by_version, format_table, format_versions, read_history, write_report
 
     run_dir = args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     check_demo_args(args, run_dir)  # every argument, before anything starts or is made
@@ -149,7 +149,17 @@ def run_demo(args: argparse.Namespace) -> int:
         print()
         print(format_table(rounds))
         print()
-        final = summary["final_accuracy"]
+        if any(v["federated"] for v in by_version(rounds)):  # the agents evaluated versions
+            print("central test set and federated evaluation (the devices' held-out data):")
+            print(format_versions(rounds))
+            agree = summary["central_vs_federated"]
+            if agree:
+                print(f"they differ by {agree['mean_abs_diff']:.4f} on average (at most "
+                      f"{agree['max_abs_diff']:.4f}) over {agree['versions']} versions")
+            print()
+        final = summary["final_accuracy"]  # the central test set's, else the devices'
+        if final is None:
+            final = summary["final_federated_accuracy"]
         print(f"final accuracy {final if final is None else f'{final:.4f}'} after "
               f"{summary['rounds_closed']} rounds; uplink {summary['bytes_up'] / 1e6:.1f} MB, "
               f"downlink {summary['bytes_down'] / 1e6:.1f} MB")  # fmt: skip

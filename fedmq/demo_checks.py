@@ -81,6 +81,9 @@ class DemoProgress:
             return
         closed = int(status.get("rounds_closed", 0))
         acc = status.get("accuracy")
+        fed = status.get("federated")
+        if acc is None and isinstance(fed, dict):  # no central test set: the devices' result
+            acc = fed.get("accuracy")
         online = f"{status.get('devices', {}).get('online', 0)}/{self.devices} devices online"
         if self.bar is None:
             if closed != self.shown_round and acc is not None:

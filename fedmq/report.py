@@ -51,6 +51,17 @@ def by_version(rounds: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [versions[v] for v in sorted(versions)]
 
 
+def central_vs_federated(rounds: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """How far the federated accuracy is from the central one over the versions that have
+    both: {versions, mean_abs_diff, max_abs_diff}; None when none has both."""
+    diffs = [abs(v["accuracy"] - v["federated"]["accuracy"]) for v in by_version(rounds)
+             if v["accuracy"] is not None and v["federated"]]  # fmt: skip
+    if not diffs:
+        return None
+    return {"versions": len(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
+            "max_abs_diff": max(diffs)}  # fmt: skip
+
+
 def format_versions(rounds: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of each version's central and federated accuracy side by side."""
     head = f"{'version':>7} {'central acc':>11} {'federated acc':>13} {'p10..p90':>13} " \
@@ -100,6 +111,7 @@ def summarize(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
         # the devices' evaluation of the newest version that has one (docs/devices.md)
         "federated_version": federated[-1]["version"] if federated else None,
         "final_federated_accuracy": federated[-1]["accuracy"] if federated else None,
+        "central_vs_federated": central_vs_federated(rounds),
         "bytes_up": sum(r["bytes_up"] for r in rounds),
         "bytes_down": sum(r["bytes_down"] for r in rounds),
     }

@@ -208,3 +208,14 @@ def test_status_shows_the_live_federated_result() -> None:
     assert "federated version 4: accuracy 0.8000" in text and "of 2 devices" in text
     hostile = dict(doc, federated={"version": "x", "accuracy": float("inf")})
     assert parse_status(json.dumps(hostile).encode()).federated is None  # type: ignore[union-attr]
+
+
+def test_central_and_federated_agreement() -> None:
+    from fedmq.report import central_vs_federated
+
+    fed = [combine([EvalReport("a", v, acc, 1.0, 10)]) for v, acc in ((0, 0.1), (1, 0.5))]
+    rounds = [_record(1, 1, 0.52, fed[0]), _record(2, 2, 0.61, fed[1])]
+    got = central_vs_federated(rounds)  # only version 1 has both: 0.52 vs 0.5
+    assert got is not None and got["versions"] == 1
+    assert got["mean_abs_diff"] == pytest.approx(0.02) == got["max_abs_diff"]
+    assert central_vs_federated([_record(1, 1, 0.5)]) is None
