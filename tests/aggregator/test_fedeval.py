@@ -119,7 +119,8 @@ def test_versions_outside_the_window_are_refused() -> None:
     # a newer version moves the window: version 3's reports are dropped
     fed.observe("d1", 6, _metrics(0.8, 0.6, 10), current=6)
     assert fed.result(3) is None and fed.result(5) is not None
-    assert fed.latest() is not None and fed.latest()["version"] == 6
+    latest = fed.latest()
+    assert latest is not None and latest["version"] == 6
 
 
 def test_one_report_per_device_per_version() -> None:

@@ -12,8 +12,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,26 +20,32 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from aggregator.service import Aggregator
-from aggregator.settings import AggregatorSettings
 from fedmq.report import read_history
 from fedmq.wire import DeviceMetrics, decode_weights, encode_metrics
+from tests.aggregator import test_service
 from tests.aggregator.test_service import ScriptedDevice, _update
+
+service = test_service.service  # the scripted service fixture, with settings of its own here
 
 
 class StatusReader:
     """Keeps the newest status document of the job."""
 
-    def __init__(self, broker: Any, topic: str) -> None:
+    def __init__(self, host: str, port: int, topic: str) -> None:
         self.docs: queue.Queue[dict[str, Any]] = queue.Queue()
         self.last: dict[str, Any] = {}
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         subscribed = threading.Event()
-        self.client.on_message = lambda c, u, m: m.payload and self.docs.put(json.loads(m.payload))
+        self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *_: subscribed.set()
-        self.client.connect(broker.host, broker.port)
+        self.client.connect(host, port)
         self.client.loop_start()
         self.client.subscribe(topic, 1)
         assert subscribed.wait(10)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if msg.payload:  # an empty payload: the retained status cleared
+            self.docs.put(json.loads(msg.payload))
 
     def wait(self, until: Callable[[dict[str, Any]], bool],
              timeout: float = 30.0) -> dict[str, Any]:  # fmt: skip
@@ -59,36 +64,23 @@ class StatusReader:
         self.client.disconnect()
 
 
-@pytest.fixture
-def no_test_set(
-    plain_broker: Any, tmp_path: Path, topic_prefix: str
-) -> Iterator[tuple[Aggregator, ScriptedDevice, StatusReader]]:
-    settings = AggregatorSettings(
-        job="svc", prefix=topic_prefix, port=plain_broker.port, task="digits-mlp",
-        state_dir=tmp_path / "agg", rounds=5, target_accuracy=0.7, devices_per_round=2,
-        min_devices=2, round_timeout_s=30, start_wait_s=30, publish_onnx=False, insecure=True,
-        norm_bound_factor=0, examples_factor=0, downlink="float32", downlink_delta="",
-        eval_data="none",
-    )  # fmt: skip
-    agg = Aggregator(settings=settings)
-    stop = threading.Event()
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(agg.run(stop=stop)), daemon=True)
-    thread.start()
-    device = ScriptedDevice(plain_broker, settings.topics)
-    status = StatusReader(plain_broker, settings.topics.status())
-    yield agg, device, status
-    stop.set()
-    thread.join(timeout=15)
-    device.close()
-    status.close()
-    assert result == [0]
+# the scripted service of test_service.py, with no central test set and a target accuracy
+NO_TEST_SET = {"eval_data": "none", "target_accuracy": 0.7}
 
 
+@pytest.mark.parametrize("service", [NO_TEST_SET], indirect=True)
 def test_federated_result_in_status_and_history_without_a_test_set(
-    no_test_set: tuple[Aggregator, ScriptedDevice, StatusReader],
+    service: tuple[Aggregator, ScriptedDevice],
 ) -> None:
-    agg, dev, status = no_test_set
+    agg, dev = service
+    status = StatusReader(agg.s.host, agg.s.port, agg.s.topics.status())
+    try:
+        _federated_run(agg, dev, status)
+    finally:
+        status.close()
+
+
+def _federated_run(agg: Aggregator, dev: ScriptedDevice, status: StatusReader) -> None:
     dev.online("a", "b")
     r1 = dev.open_round(1)
     assert r1.model_version == 0
