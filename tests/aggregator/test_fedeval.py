@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aggregator.fedeval import (
     MAX_EVAL_EXAMPLES,
@@ -15,7 +18,14 @@ from aggregator.fedeval import (
     combine,
     read_report,
 )
-from fedmq.errors import DuplicateReport, OutOfBounds, OverCapacity, SchemaError, StaleUpdate
+from fedmq.errors import (
+    DuplicateReport,
+    OutOfBounds,
+    OverCapacity,
+    ProtocolError,
+    SchemaError,
+    StaleUpdate,
+)
 
 
 def _device_sets(seed: int = 0, devices: int = 7, classes: int = 5):
@@ -220,3 +230,29 @@ def test_central_and_federated_agreement() -> None:
     assert got is not None and got["versions"] == 1
     assert got["mean_abs_diff"] == pytest.approx(0.02) == got["max_abs_diff"]
     assert central_vs_federated([_record(1, 1, 0.5)]) is None
+
+
+_ANY_NUMBER = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                        st.integers(-(2**70), 2**70).map(float))  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(reports=st.lists(st.tuples(
+    st.sampled_from(["a", "b", "c"]), st.integers(-3, 12),
+    st.dictionaries(st.sampled_from(["eval_accuracy", "eval_loss", "eval_examples", "other"]),
+                    _ANY_NUMBER)), max_size=20), current=st.integers(0, 10))  # fmt: skip
+def test_any_reports_end_as_results_in_range_or_protocol_errors(
+    reports: list[tuple[str, int, dict[str, float]]], current: int
+) -> None:
+    fed = FederatedEval(keep_versions=3)
+    for device, version, metrics in reports:
+        # refused with a reason (a ProtocolError) is what the service counts and logs
+        with contextlib.suppress(ProtocolError):
+            fed.observe(device, version, metrics, current=current)
+    for version in range(current - 2, current + 1):
+        got = fed.result(version)
+        if got is None:
+            continue
+        assert 0 <= got["accuracy"] <= 1 and 0 <= got["loss"] <= 1e4
+        assert 1 <= got["devices"] <= 3 and got["examples"] >= got["devices"]
+        assert all(math.isfinite(v) for v in got.values())

@@ -35,3 +35,13 @@ def test_on_a_terminal_the_bar_ends_at_the_target_accuracy() -> None:
     assert (progress.bar.n, progress.bar.total) == (61, 80)
     progress.close()
     assert "accuracy to 80%" in out.getvalue() and "3/60 rounds" in out.getvalue()
+
+
+def test_without_a_central_test_set_the_progress_is_the_federated_accuracy() -> None:
+    out = Terminal()
+    progress = DemoProgress(rounds=60, target=0.8, devices=10, stream=out)
+    progress.update({**STATUS, "accuracy": None, "federated": {"version": 2, "accuracy": 0.45}})
+    assert progress.bar.n == 45
+    progress.update({**STATUS, "accuracy": None, "federated": "not an object"})
+    assert progress.bar.n == 0  # nothing to show yet, and no exception
+    progress.close()
