@@ -144,8 +144,7 @@ def _summary(
         "final accuracy": _num(s["final_accuracy"]),
         "best accuracy": "-" if best is None else f"{best['accuracy']:.4f} (round {best['round']})",
         "final loss": _num(s["final_loss"]),
-        "federated accuracy": "-" if s["federated_version"] is None else
-        f"{s['final_federated_accuracy']:.4f} (version {s['federated_version']})",
+        "federated accuracy": _federated_summary(s),
         "updates accepted": str(sum(r["accepted"] for r in rows)),
         "updates rejected": rejected,
         "devices that contributed": str(len(devices - {None})),
@@ -153,6 +152,13 @@ def _summary(
         "bytes down": _size(s["bytes_down"]),
         "wall time": f"{wall:.1f} s",
     }
+
+
+def _federated_summary(s: dict[str, Any]) -> str:
+    """The newest federated accuracy and its version, or "-"."""
+    if s["federated_version"] is None:
+        return "-"
+    return f"{s['final_federated_accuracy']:.4f} (version {s['federated_version']})"
 
 
 def _num(x: float | None) -> str:
