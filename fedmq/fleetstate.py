@@ -155,6 +155,7 @@ class Status:
     model_version: int | None
     accuracy: float | None
     loss: float | None
+    federated: Federated | None  # the devices' evaluation of the newest version they report
     rounds_closed: int
     round: RoundInfo | None
     online: int
@@ -165,7 +166,6 @@ class Status:
     updated_at: float | None
     offline_reason: str
     codec: str
-    federated: Federated | None = None  # the devices' evaluation of the newest version
 
     @property
     def rejected(self) -> int:
@@ -219,6 +219,7 @@ def parse_status(payload: bytes) -> Status | None:
         done_reason=clean_text(doc.get("done_reason")),
         model_version=_int(doc.get("model_version"), None),
         accuracy=_num(doc.get("accuracy")), loss=_num(doc.get("loss")),
+        federated=_federated(doc.get("federated")),
         rounds_closed=_int(doc.get("rounds_closed")) or 0, round=rnd,
         online=_int(devices.get("online")) or 0,
         trainers_online=_int(devices.get("trainers_online")) or 0,
@@ -226,7 +227,6 @@ def parse_status(payload: bytes) -> Status | None:
         updated_at=_num(doc.get("updated_at")),
         offline_reason=clean_text(doc.get("offline_reason")),
         codec=clean_text(codec.get("updates"), 64) if isinstance(codec, dict) else "",
-        federated=_federated(doc.get("federated")),
     )  # fmt: skip
 
 
