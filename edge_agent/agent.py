@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from edge_agent.data import load_device_data
+from edge_agent.evaluation import DeviceEvaluation
 from edge_agent.fetch import Action, Hold, HoldOnnx, ModelFetch, Reject, Subscribe, Unsubscribe
 from edge_agent.hold import UpdateHold
 from edge_agent.personal import PersonalModels
@@ -30,12 +32,11 @@ from edge_agent.updates import BuiltUpdate, build_update, update_rng
 from edge_agent.uplink import Uplink
 from fedmq import __version__
 from fedmq.codecs import parse_or_schema_error
-from fedmq.errors import DecodeError, ProtocolError
+from fedmq.errors import ProtocolError
 from fedmq.link import Connected, Link, Message
 from fedmq.signing import load_public_key
 from fedmq.startup import LinkWatch
 from fedmq.tasks import Task, get_task
-from fedmq.tasks.partition import device_data
 from fedmq.wire import (
     DeviceMetrics,
     DeviceState,
@@ -72,14 +73,17 @@ class Agent:
                           settings.local_dp_clip, settings.local_dp_clip * settings.local_dp_noise)
         self.infer_only = settings.infer_only or not self.profile.can_train
         self.task = task or get_task(settings.task)
-        self.x, self.y = device_data(
-            self.task, scheme=settings.partition, num_devices=settings.num_devices,
-            device_index=settings.device_index, seed=settings.data_seed, alpha=settings.alpha,
-        )  # fmt: skip
+        self.data = load_device_data(settings, self.task, trains=not self.infer_only)
+        self.x, self.y = self.data.x, self.data.y
         self.store = DeviceStore(root=settings.state_dir / self.device)
         self.personal = PersonalModels(store=self.store, x=self.x, y=self.y,
-                                       holdout=settings.holdout_fraction,
-                                       seed=settings.data_seed)  # fmt: skip
+                                       held_x=self.data.eval_x,
+                                       held_y=self.data.eval_y)  # fmt: skip
+        self.evaluation = DeviceEvaluation(
+            root=self.store.root, device=self.device, x=self.data.eval_x, y=self.data.eval_y,
+            max_examples=settings.max_eval_examples, batch_size=self.profile.max_batch_size,
+            threads=settings.torch_threads or self.profile.torch_threads, seed=settings.data_seed,
+        )  # fmt: skip
         progress = self.store.load()
         # a round is "already trained" only if both its id and its base model match
         self.last_round: int = int(progress.get("last_round", 0))
@@ -141,7 +145,8 @@ class Agent:
 
     def run(self, *, stop: Any = None, max_rounds: int = 0) -> int:
         """Serve until stop, the job's end (on_done) or max_rounds; FatalError: see startup."""
-        self.log.info("starting: %d local examples, profile %s, %s", len(self.x), self.profile.name,
+        self.log.info("starting: %d local examples, %d to evaluate on (%s), profile %s, %s",
+                      len(self.x), len(self.data.eval_x), self.data.source, self.profile.name,
                       "inference only" if self.infer_only else "training")  # fmt: skip
         self.log.log(*self.trust.describe(insecure=self.s.insecure))
         watch = LinkWatch(link=self.link, identity=f"device {self.device}",
@@ -257,24 +262,24 @@ class Agent:
                 self._save_progress()
                 self.log.info("holding global version %d (%d bytes fetched, %s)",
                               a.manifest.version, a.fetched_bytes, a.via)  # fmt: skip
+                self._contain("evaluation", self._evaluate, a)
             elif self.scaffold.took(a):  # SCAFFOLD's c of the held version
                 self.fetched_bytes += self.scaffold.fetched_bytes(a)
                 self._save_progress()
             elif isinstance(a, HoldOnnx):
                 self.reason = ""
-                self._evaluate_onnx(a)
+                self._contain("evaluation", self._evaluate, a)
 
-    def _evaluate_onnx(self, a: HoldOnnx) -> None:
-        from edge_agent.inference import OnnxModel, accuracy
-
-        try:
-            model = OnnxModel(onnx_bytes=a.onnx, threads=self.profile.torch_threads)
-        except ValueError as err:
-            raise DecodeError(f"global version {a.manifest.version}: {err}") from err
-        acc = accuracy(model, self.x, self.y)
-        self.log.info("global version %d: local accuracy %.4f (onnxruntime)",
-                      a.manifest.version, acc)  # fmt: skip
-        self._publish_metrics(a.manifest.round_id, a.manifest.version, {"onnx_accuracy": acc})
+    def _evaluate(self, a: Hold | HoldOnnx) -> None:
+        """Federated evaluation of a newly held version: one metrics message (evaluation.py)."""
+        msg = self.evaluation.run(a.manifest, model=self._model,
+                                  weights=getattr(a, "weights", None),
+                                  onnx=getattr(a, "onnx", None))  # fmt: skip
+        if msg is not None:
+            self.link.publish(self.topics.metrics(self.device), encode_metrics(msg), qos=1)
+            self.evaluation.reported(a.manifest)
+            self.log.info("global version %d: eval loss %.4f, accuracy %.4f on %d examples",
+                          msg.model_version, *msg.metrics.values())  # fmt: skip
 
     # ------------------------------------------------------------ rounds
 

@@ -1,7 +1,7 @@
 """Personal models on the device: a held-out share of its data, and one round of training
 that also makes (or refreshes) the personal model the device keeps and never sends.
 
-    none      the round trains the global model on every local example, as always
+    none      the round trains the global model on the training share, as always
     finetune  the update is trained as always (on the training share); then a copy of the
               global model is fine-tuned for personal_steps steps: the personal model
     fedper    the head tensors (the round names them) never leave the device: the device
@@ -91,14 +91,14 @@ class LocalRound:
 
 
 class PersonalModels:
-    """A device's data split for personalisation and its kept personal model."""
+    """A device's training share (x, y), its held-out share (the device's evaluation data,
+    edge_agent/data.py) and its kept personal model."""
 
     def __init__(self, *, store: DeviceStore, x: np.ndarray, y: np.ndarray,
-                 holdout: float, seed: int) -> None:  # fmt: skip
+                 held_x: np.ndarray, held_y: np.ndarray) -> None:  # fmt: skip
         self.store = store
         self.x, self.y = x, y
-        train, held = holdout_split(len(x), holdout, seed)
-        self.train_idx, self.held_idx = train, held
+        self.held_x, self.held_y = held_x, held_y
 
     def train_round(self, model: Any, base: Mapping[str, np.ndarray], config: TrainConfig, *,
                     budget: Any, seed: int, version: int,
@@ -116,8 +116,7 @@ class PersonalModels:
             result = train_local(model, self.x, self.y, config=config, budget=budget, seed=seed,
                                  correction=correction)  # fmt: skip
             return LocalRound(dict(base), get_weights(model), result, len(self.x), {})
-        x, y = self.x[self.train_idx], self.y[self.train_idx]
-        xh, yh = self.x[self.held_idx], self.y[self.held_idx]
+        x, y, xh, yh = self.x, self.y, self.held_x, self.held_y
         metrics: dict[str, float] = {}
         if len(xh):
             metrics = {GLOBAL_ACC: accuracy(model, xh, yh), HOLDOUT_EXAMPLES: float(len(xh))}

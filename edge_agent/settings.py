@@ -30,6 +30,13 @@ class AgentSettings:
     device_index: int = 0  # which share is this device's
     alpha: float = 0.5  # Dirichlet concentration for partition = dirichlet
     data_seed: int = 0
+    # the device's own data (fedmq/datasources.py): a .npz, a .csv, a folder of class
+    # subfolders of images, or module:attr / file.py:attr; "" = the task's bundled pool,
+    # shared out by partition/num_devices/device_index (edge_agent/data.py)
+    data: str = ""
+    eval_data: str = ""  # held-out data to evaluate each version on; "" = a holdout of data
+    label_column: str = "label"  # the label column of CSV data
+    max_eval_examples: int = 2000  # evaluate each version on at most this many examples
     state_dir: Path = Path("fedmq-agent")
     profile: str = "rpi4"
     max_message_bytes: int = 0  # 0: take the profile's
@@ -97,6 +104,8 @@ class AgentSettings:
                              f"one of {', '.join(ON_DONE)}, got {self.on_done!r}")
         if not 0 <= self.holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if self.max_eval_examples < 1 or not self.label_column:
+            raise ValueError("max_eval_examples must be >= 1 and label_column non-empty")
         if self.extra_delay_s < 0 or self.alpha <= 0:
             raise ValueError("extra_delay_s must be >= 0 and alpha positive")
 

@@ -168,11 +168,21 @@ AGENT_HELP = {
     "device_index": "which share is this device's (0-based)",
     "alpha": "Dirichlet concentration for --partition dirichlet",
     "data_seed": "seed of the partition (the same on every device)",
+    "data": "this device's own data: a .npz (x, y), a .csv with a label column, a folder of "
+    "class subfolders of images (needs Pillow), or module:attr / file.py:attr returning (x, y) "
+    "or (x, y) batches; '' = its share of the task's bundled pool (--partition, --num-devices, "
+    "--device-index) (docs/devices.md)",
+    "eval_data": "data to evaluate each new global version on, in any --data format ('' = "
+    "hold out --holdout-fraction of --data; inference-only devices evaluate on all of --data)",
+    "label_column": "the label column of CSV data",
+    "max_eval_examples": "evaluate each global version on at most this many examples (a seeded "
+    "sample), to stay within the device's budget",
     "state_dir": "directory for the held model, progress and the outbox",
     "profile": "firmware profile: a bundled name (fedmq tasks) or a TOML file",
     "max_message_bytes": "largest MQTT payload to publish (0 = the profile's)",
     "torch_threads": "CPU threads for local training (0 = the profile's)",
-    "infer_only": "never train: fetch each version's ONNX export and evaluate it locally",
+    "infer_only": "never train: fetch each version's ONNX export (and evaluate it on "
+    "--eval-data or --data, if any)",
     "extra_delay_s": "simulated slowness in seconds after training (tests, benchmarks)",
     "server_key": "the aggregator's Ed25519 public key (PEM): manifests and rounds must be "
     "signed by it",
@@ -189,9 +199,9 @@ AGENT_HELP = {
     "connect_timeout_s": AGGREGATOR_HELP["connect_timeout_s"],
     "on_done": "when the aggregator's last round ends: exit (0), idle (keep serving the last "
     "version), or auto: training devices exit, inference-only devices idle",
-    "holdout_fraction": "personal models: the seeded fraction of this device's data held out "
-    "to evaluate the global and its personal model, in rounds that announce personalization "
-    "(docs/strategies.md)",
+    "holdout_fraction": "the seeded fraction of this device's data held out (not trained on) to "
+    "evaluate each global version (federated evaluation) and its personal model "
+    "(docs/strategies.md); unused with --eval-data",
 }
 
 

@@ -44,6 +44,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "sklearn": ("scikit-learn", "data"),
     "mlxtend": ("mlxtend", "data"),
     "amqtt": ("amqtt", "demo"),
+    "PIL": ("pillow", "images"),
 }
 _CHECKOUT = Path(__file__).resolve().parent.parent  # the source tree, when run from one
 

@@ -1,4 +1,5 @@
-"""Learning tasks: a model factory, a training pool to partition and a held-out test set.
+"""Learning tasks: a model factory, an input spec and a label set; the built-in tasks also
+bring a training pool to partition and a held-out test set (the demo's and benchmarks').
 
 torch, scikit-learn and mlxtend are imported only inside the functions that need them, so
 this package imports on a device that has none of them (partitioning needs only numpy).
@@ -7,7 +8,6 @@ Loaded datasets are cached in-process; every call returns fresh, writable copies
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,20 +28,25 @@ MNIST_TEST_PER_CLASS = 100
 
 @dataclass(frozen=True)
 class Task:
-    """What to train (build_model) and on what (load_pool), and how to judge it (load_test).
+    """What to train (build_model), what goes in (input_shape) and what comes out (labels).
 
-    X arrays are float32 shaped (n, *input_shape); y arrays are int64 class indices.
+    X arrays are float32 shaped (n, *input_shape); y arrays are int64 class indices, and
+    labels[i] names class i (default: "0" .. str(num_classes - 1)): image folders and
+    string labels in CSV files are mapped through it (fedmq/datasources.py). load_pool (the
+    pool devices split with --partition) and load_test (the aggregator's central test set)
+    are optional: a device brings its own data with --data.
     """
 
     name: str
     num_classes: int
     input_shape: tuple[int, ...]
     build_model: Callable[[], torch.nn.Module]
-    load_pool: Callable[[], Arrays]
-    load_test: Callable[[], Arrays]
+    load_pool: Callable[[], Arrays] | None = None
+    load_test: Callable[[], Arrays] | None = None
     description: str = ""
     # the tensors of the personal head under fedper (docs/strategies.md): the final layer
     head: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -55,9 +60,17 @@ class Task:
                 f"got {self.input_shape!r}"
             )
         object.__setattr__(self, "input_shape", shape)
-        for field_name in ("build_model", "load_pool", "load_test"):
-            if not callable(getattr(self, field_name)):
-                raise ValueError(f"Task {self.name!r}: {field_name} must be callable")
+        if not callable(self.build_model):
+            raise ValueError(f"Task {self.name!r}: build_model must be callable")
+        for field_name in ("load_pool", "load_test"):
+            if getattr(self, field_name) is not None and not callable(getattr(self, field_name)):
+                raise ValueError(f"Task {self.name!r}: {field_name} must be callable or None")
+        labels = tuple(self.labels) or tuple(str(i) for i in range(self.num_classes))
+        if len(labels) != self.num_classes or len(set(labels)) != len(labels) or not all(
+                isinstance(label, str) and label for label in labels):  # fmt: skip
+            raise ValueError(f"Task {self.name!r}: labels must be {self.num_classes} distinct "
+                             f"non-empty strings, got {self.labels!r}")  # fmt: skip
+        object.__setattr__(self, "labels", labels)
 
 
 def _import_torch() -> Any:
@@ -226,27 +239,23 @@ def list_tasks() -> list[str]:
 def _spec_help() -> str:
     return (
         f"built-in tasks are {', '.join(list_tasks())}; "
-        "or give 'package.module:attr' naming a Task or a zero-argument function returning one"
+        "or give 'package.module:attr' (or 'file.py:attr') naming a Task or a zero-argument "
+        "function returning one"
     )
 
 
 def get_task(spec: str) -> Task:
-    """The task named spec: a built-in name, or 'package.module:attr' for a user task."""
+    """The task named spec: a built-in name, or 'package.module:attr' / 'file.py:attr' for a
+    user task (the working directory is on the import path, fedmq/importspec.py)."""
+    from fedmq.importspec import is_import_spec, resolve_spec
+
     if spec in _BUILTINS:
         return _BUILTINS[spec]
-    if ":" not in spec:
+    if not is_import_spec(spec):
+        if ":" in spec:
+            raise ValueError(f"bad task spec {spec!r}; {_spec_help()}")
         raise ValueError(f"unknown task {spec!r}; {_spec_help()}")
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path:
-        raise ValueError(f"bad task spec {spec!r}; {_spec_help()}")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"task spec {spec!r}: cannot import {module_name!r}: {err}") from err
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"task spec {spec!r}: {module_name!r} has no attribute {attr_path!r}")
-        obj = getattr(obj, part)
+    obj = resolve_spec(spec, what="task spec")
     if not isinstance(obj, Task) and callable(obj):
         obj = obj()
     if not isinstance(obj, Task):

@@ -136,6 +136,9 @@ def device_data(
             f"device_index must be in 0..{num_devices - 1} for {num_devices} devices, "
             f"got {device_index}"
         )
+    if task.load_pool is None:
+        raise ValueError(f"task {task.name} has no bundled pool to share out; give each "
+                         "device its own data (--data)")
     X, y = task.load_pool()
     parts = partition(
         y, scheme, num_devices, seed=seed, alpha=alpha, shards_per_device=shards_per_device

@@ -90,10 +90,16 @@ def _global_model() -> tuple[object, dict[str, np.ndarray]]:
     return _model(), {k: v.copy() for k, v in _global_weights().items()}
 
 
+def _models(root: Path, x: np.ndarray, y: np.ndarray, holdout: float = 0.2) -> PersonalModels:
+    train, held = holdout_split(len(x), holdout, 0)
+    return PersonalModels(store=DeviceStore(root=root), x=x[train], y=y[train],
+                          held_x=x[held], held_y=y[held])  # fmt: skip
+
+
 def test_finetuning_improves_held_out_accuracy_on_a_label_skewed_device(tmp_path: Path) -> None:
     model, base = _global_model()
     x, y = _blobs([2, 5], 200, seed=2)  # this device sees two labels only
-    pm = PersonalModels(store=DeviceStore(root=tmp_path), x=x, y=y, holdout=0.2, seed=0)
+    pm = _models(tmp_path, x, y)
     local = pm.train_round(model, base, TrainConfig(personal="finetune", personal_steps=40),
                            budget=Budget(), seed=1, version=4)  # fmt: skip
     assert local.metrics["holdout_examples"] == 40 and local.examples == 160
@@ -114,7 +120,7 @@ def test_none_is_the_plain_training_call_bit_for_bit(tmp_path: Path) -> None:
 
     model, base = _global_model()
     x, y = _blobs([2, 5], 100, seed=2)
-    pm = PersonalModels(store=DeviceStore(root=tmp_path), x=x, y=y, holdout=0.2, seed=0)
+    pm = _models(tmp_path, x, y, holdout=0.0)  # none trains on the whole training share
     cfg = TrainConfig()
     local = pm.train_round(model, base, cfg, budget=Budget(), seed=9, version=1)
     set_weights(model, base)
@@ -131,7 +137,7 @@ def test_fedper_sends_the_body_and_keeps_its_head(tmp_path: Path) -> None:
     model, base = _global_model()
     head = ("2.weight", "2.bias")
     x, y = _blobs([2, 5], 200, seed=2)
-    pm = PersonalModels(store=DeviceStore(root=tmp_path), x=x, y=y, holdout=0.2, seed=0)
+    pm = _models(tmp_path, x, y)
     cfg = TrainConfig(personal="fedper", personal_steps=30, personal_head=head)
     local = pm.train_round(model, base, cfg, budget=Budget(), seed=1, version=1)
     assert set(local.trained) == set(local.base) == {"0.weight", "0.bias"}

@@ -157,7 +157,8 @@ def test_task_validates_eagerly() -> None:
         ({"num_classes": 1}, "num_classes"),
         ({"input_shape": ()}, "input_shape"),
         ({"input_shape": (0, 3)}, "input_shape"),
-        ({"load_pool": None}, "load_pool must be callable"),
+        ({"load_pool": 42}, "load_pool must be callable or None"),
+        ({"labels": ("a", "a", "b")}, "labels must be"),
     ]
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):
