@@ -4,9 +4,14 @@ Run a fleet on it from the repository root:
 
     fedmq demo --task examples.digits_cnn:TASK --devices 4 --partition dirichlet
 
-A task is a model factory, the training pool that devices split among themselves, and a
-held-out test set the aggregator evaluates every global version on. On a real fleet each
-device loads its own data instead; `load_pool` is how the demo and tests stand one in.
+or run one device of it on its own data (examples/device_data.py):
+
+    fedmq agent --task examples.digits_cnn:TASK --data examples/device_data.py:stream ...
+
+A task is a model factory, its input shape and its labels. The training pool that the
+demo's devices split among themselves (`load_pool`) and the held-out test set the
+aggregator evaluates every global version on (`load_test`) are optional: on a real fleet
+each device brings its own data (--data; docs/devices.md).
 """
 
 from __future__ import annotations

@@ -141,6 +141,8 @@ def _require_file(path: Path) -> None:
 
 def _load_npz(path: Path, task: Task) -> Arrays:
     _require_file(path)
+    if not zipfile.is_zipfile(path):  # else np.load would take it for a pickle
+        raise ConfigError(f"data {path}: not a .npz file (np.savez writes a zip archive)")
     try:
         # never pickle: loading pickled objects runs code
         with np.load(path, allow_pickle=False) as npz:
