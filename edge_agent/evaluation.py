@@ -30,6 +30,13 @@ EVAL_LOSS, EVAL_ACCURACY, EVAL_EXAMPLES = "eval_loss", "eval_accuracy", "eval_ex
 STATE_FILE = "evaluated.json"
 
 
+class EvaluationFailed(DecodeError):
+    """A global version that does not run on this device's data, or gives non-finite
+    outputs there: nothing is reported; counted as eval_failed."""
+
+    reason_code = "eval_failed"
+
+
 def eval_sample(n: int, max_examples: int, seed: int) -> np.ndarray:
     """Indices of at most max_examples of n examples: all of them, or a seeded sample."""
     if n <= max_examples:
@@ -108,7 +115,7 @@ class DeviceEvaluation:
             weights: dict[str, np.ndarray] | None = None,
             onnx: bytes | None = None) -> DeviceMetrics | None:  # fmt: skip
         """The metrics message for a newly held version (torch model + weights, or its ONNX
-        export), or None when it is not due. DecodeError when the model cannot be run on
+        export), or None when it is not due. EvaluationFailed when the model cannot be run on
         this device's data or gives non-finite outputs (nothing reported)."""
         if not self.due(manifest):
             return None
@@ -122,10 +129,10 @@ class DeviceEvaluation:
                                          batch_size=self.batch_size)  # fmt: skip
             else:
                 return None
-        except ValueError as err:
-            raise DecodeError(f"global version {v}: {err}") from err
+        except Exception as err:  # whatever the model raises on this data: not reported
+            raise EvaluationFailed(f"global version {v} cannot be evaluated: {err}") from err
         if not all(math.isfinite(m) for m in metrics.values()):
-            raise DecodeError(f"global version {v} gives non-finite outputs on this device's "
+            raise EvaluationFailed(f"global version {v} gives non-finite outputs on this device's "
                               "data; no evaluation reported")  # fmt: skip
         return DeviceMetrics(device=self.device, round_id=manifest.round_id, model_version=v,
                              metrics=metrics)  # fmt: skip

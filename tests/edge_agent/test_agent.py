@@ -222,7 +222,7 @@ def test_a_failing_training_round_is_contained_and_the_device_goes_on(
     torch.manual_seed(0)
     v0 = make_version(get_weights(_Broken()), 0, job=JOB, task="digits-mlp")
     broker.publish_version(v0)
-    run = env["start"](task=_broken_task())
+    run = env["start"](task=_broken_task(), holdout_fraction=0.0)  # nothing to evaluate
     wait_until("version 0 held", lambda: run.agent.fetch.version == 0)
     broker.open_round(1, 0)
     wait_until("the failure counted", lambda: run.agent.counters.get("agent_error"))

@@ -17,6 +17,7 @@ from edge_agent.evaluation import (
     EVAL_EXAMPLES,
     EVAL_LOSS,
     DeviceEvaluation,
+    EvaluationFailed,
     cross_entropy_sums,
     eval_sample,
     evaluate_onnx,
@@ -24,7 +25,6 @@ from edge_agent.evaluation import (
 )
 from edge_agent.settings import AgentSettings
 from fedmq.config import ConfigError
-from fedmq.errors import DecodeError
 from fedmq.tasks import Task, get_task
 from fedmq.tasks.weights import export_onnx, get_weights
 from fedmq.wire import Manifest, PayloadRef
@@ -201,9 +201,9 @@ def test_a_model_that_cannot_run_or_gives_nan_is_not_reported(tmp_path: Path) ->
     x, y = rng.random((10, 64)).astype(np.float32), rng.integers(0, 10, 10)
     ev = DeviceEvaluation(root=tmp_path, device="d", x=x, y=y, max_examples=100,
                           batch_size=8, threads=1, seed=0)  # fmt: skip
-    with pytest.raises(DecodeError, match="global version 2"):
+    with pytest.raises(EvaluationFailed, match="global version 2"):
         ev.run(_manifest(2), onnx=b"not an onnx model")
     poisoned = {k: np.full_like(v, np.nan) for k, v in weights.items()}
-    with pytest.raises(DecodeError, match="non-finite"):
+    with pytest.raises(EvaluationFailed, match="non-finite"):
         ev.run(_manifest(3), model=model, weights=poisoned)
     assert ev.last is None and not (tmp_path / "evaluated.json").exists()
