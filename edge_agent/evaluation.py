@@ -141,5 +141,7 @@ class DeviceEvaluation:
         """Remember that this version's evaluation was published (after the publish: a crash
         in between reports it once more, which the aggregator keeps once per device)."""
         self.last = (manifest.version, manifest.model_sha256)
-        write_atomic(self.path, json.dumps({"version": manifest.version,
-                                            "sha256": manifest.model_sha256}).encode())
+        write_atomic(
+            self.path,
+            json.dumps({"version": manifest.version, "sha256": manifest.model_sha256}).encode(),
+        )

@@ -36,4 +36,4 @@ def stream() -> Iterator[tuple[np.ndarray, np.ndarray]]:
     x = (np.asarray(digits.data, dtype=np.float32) / 16.0)[device::devices]
     y = np.asarray(digits.target, dtype=np.int64)[device::devices]
     for first in range(0, len(x), BATCH):  # flat 64 values: fedmq reshapes them to 1x8x8
-        yield x[first:first + BATCH], y[first:first + BATCH]
+        yield x[first : first + BATCH], y[first : first + BATCH]

@@ -204,8 +204,10 @@ def _image_mode(task: Task, folder: Path) -> tuple[str, tuple[int, int]]:
     side = math.isqrt(shape[0]) if len(shape) == 1 else 0
     if side and side * side == shape[0]:
         return "L", (side, side)
-    raise ConfigError(f"data {folder}: task {task.name}'s input shape {shape} is not an image "
-                      "(C x H x W with C 1 or 3, H x W, or a square number of grey pixels)")
+    raise ConfigError(
+        f"data {folder}: task {task.name}'s input shape {shape} is not an image "
+        "(C x H x W with C 1 or 3, H x W, or a square number of grey pixels)"
+    )
 
 
 def _load_image_folders(folder: Path, task: Task) -> Arrays:

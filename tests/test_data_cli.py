@@ -90,17 +90,23 @@ def _images(tmp: Path) -> Path:
 
 CASES = {
     "label out of range": ("--data", _bad_npz, EXIT_CONFIG, "label 10 (example 2) is outside"),
-    "csv without its label column": ("--eval-data", _no_label_csv, EXIT_CONFIG,
-                                     "no label column 'label'"),
-    "images without Pillow": ("--data", _images, EXIT_NOT_READY,
-                              "pillow is not installed (it comes with fedmq's 'images' extra)"),
+    "csv without its label column": (
+        "--eval-data",
+        _no_label_csv,
+        EXIT_CONFIG,
+        "no label column 'label'",
+    ),
+    "images without Pillow": (
+        "--data",
+        _images,
+        EXIT_NOT_READY,
+        "pillow is not installed (it comes with fedmq's 'images' extra)",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_a_broken_data_file_ends_the_agent_in_one_line_naming_it(
-    case: str, tmp_path: Path
-) -> None:
+def test_a_broken_data_file_ends_the_agent_in_one_line_naming_it(case: str, tmp_path: Path) -> None:
     flag, make, code, says = CASES[case]
     path = make(tmp_path)
     argv = ["-c", BLOCK_PIL, "agent", "--insecure", "--task", "digits-mlp", flag, str(path),

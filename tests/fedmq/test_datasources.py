@@ -106,9 +106,9 @@ def test_python_sources_module_or_file_pair_or_batches(tmp_path: Path) -> None:
 def test_a_module_source_is_found_in_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "my_sensor_mod.py").write_text("import numpy as np\n"
-                                               "def read():\n"
-                                               "    return np.zeros((3, 6)), [0, 0, 1]\n")
+    (tmp_path / "my_sensor_mod.py").write_text(
+        "import numpy as np\ndef read():\n    return np.zeros((3, 6)), [0, 0, 1]\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".")])
     assert load_data("my_sensor_mod:read", task=FLAT)[1].tolist() == [0, 0, 1]
@@ -161,8 +161,10 @@ BROKEN: dict[str, tuple[Callable[[Path], Path], str]] = {
     "unknown format": (_write("d.txt", "1,2"), "unknown format"),
     "not a zip": (_write("d.npz", b"garbage"), "not a .npz file"),
     "no y": (_npz_of(x=X6), "needs arrays 'x' and 'y'"),
-    "pickled objects": (_npz_of(x=np.array([{"a": 1}] * 4, dtype=object), y=[0] * 4),
-                        "cannot read it as .npz"),
+    "pickled objects": (
+        _npz_of(x=np.array([{"a": 1}] * 4, dtype=object), y=[0] * 4),
+        "cannot read it as .npz",
+    ),
     "lengths differ": (_npz_of(x=X6, y=[0, 1, 2]), "x has 4 examples but y has 3"),
     "empty": (_npz_of(x=np.zeros((0, 6)), y=np.zeros(0, dtype=int)), "no examples"),
     "wrong shape": (_npz_of(x=np.zeros((4, 5)), y=[0] * 4), "takes (6,)"),
@@ -172,29 +174,40 @@ BROKEN: dict[str, tuple[Callable[[Path], Path], str]] = {
     "negative label": (_npz_of(x=X6, y=[0, -1, 0, 0]), "label -1"),
     "fractional label": (_npz_of(x=X6, y=[0.5, 1, 0, 0]), "whole numbers"),
     "unknown label name": (_npz_of(x=X6, y=["0", "1", "zebra", "2"]), "label 'zebra'"),
-    "csv without label column": (_write("d.csv", "a,b,c,d,e,f,g\n1,2,3,4,5,6,7\n"),
-                                 "no label column 'label'"),
-    "csv word in a feature": (_write("d.csv", "label,a,b,c,d,e,f\n1,2,x,4,5,6,7\n"),
-                              "line 2"),
+    "csv without label column": (
+        _write("d.csv", "a,b,c,d,e,f,g\n1,2,3,4,5,6,7\n"),
+        "no label column 'label'",
+    ),
+    "csv word in a feature": (_write("d.csv", "label,a,b,c,d,e,f\n1,2,x,4,5,6,7\n"), "line 2"),
     "csv ragged line": (_write("d.csv", "label,a,b,c,d,e,f\n1,2,3\n"), "line 2 has 3 fields"),
     "csv empty": (_write("d.csv", ""), "empty file"),
     "csv header only": (_write("d.csv", "label,a,b,c,d,e,f\n"), "no examples"),
     "csv not text": (_write("d.csv", b"\xff\xfe\x00label"), "cannot read it as CSV"),
     "image folder not a label": (_image_dir("zebra"), "folder name 'zebra'"),
     "broken image": (_image_dir("1", b"not a png"), "cannot read the image"),
-    "no class folders": (lambda root: (root / "imgs").mkdir() or root / "imgs",
-                         "no class subfolders"),
-    "empty class folders": (lambda root: (root / "imgs" / "1").mkdir(parents=True)
-                            or root / "imgs", "no images"),
+    "no class folders": (
+        lambda root: (root / "imgs").mkdir() or root / "imgs",
+        "no class subfolders",
+    ),
+    "empty class folders": (
+        lambda root: (root / "imgs" / "1").mkdir(parents=True) or root / "imgs",
+        "no images",
+    ),
     "not an image task": (_image_dir("1"), "is not an image"),
     "source missing module": (lambda root: Path("no_such_module_xyz:read"), "cannot import"),
-    "source missing attribute": (lambda root: Path("tests.fedmq.test_datasources:nope"),
-                                 "has no attribute"),
-    "source raises": (_write("s.py", "def read():\n    raise OSError('sensor unplugged')\n"),
-                      "sensor unplugged"),
+    "source missing attribute": (
+        lambda root: Path("tests.fedmq.test_datasources:nope"),
+        "has no attribute",
+    ),
+    "source raises": (
+        _write("s.py", "def read():\n    raise OSError('sensor unplugged')\n"),
+        "sensor unplugged",
+    ),
     "source gives a number": (_write("s.py", "def read():\n    return 42\n"), "gave a int"),
-    "source gives bad batches": (_write("s.py", "def read():\n    yield 1\n"),
-                                 "batch 0 is not an (x, y) pair"),
+    "source gives bad batches": (
+        _write("s.py", "def read():\n    yield 1\n"),
+        "batch 0 is not an (x, y) pair",
+    ),
 }
 
 
