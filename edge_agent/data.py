@@ -71,7 +71,7 @@ def load_device_data(s: AgentSettings, task: Task, *, trains: bool) -> DeviceDat
         return DeviceData(x, y, ex, ey, f"{what}, evaluation only")
     if s.data:
         x, y = load_data(s.data, task=task, label_column=s.label_column)
-        where = s.data
+        where = str(s.data)
     else:
         x, y = _bundled(s, task)
         where = f"share {s.device_index + 1}/{s.num_devices} of {task.name}'s bundled pool"

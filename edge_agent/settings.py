@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.privacy import LocalDP
+from fedmq.importspec import DataSpec
 from fedmq.link import BrokerAddress, require_credentials
 from fedmq.topics import Topics, check_name
 
@@ -33,8 +34,8 @@ class AgentSettings:
     # the device's own data (fedmq/datasources.py): a .npz, a .csv, a folder of class
     # subfolders of images, or module:attr / file.py:attr; "" = the task's bundled pool,
     # shared out by partition/num_devices/device_index (edge_agent/data.py)
-    data: str = ""
-    eval_data: str = ""  # held-out data to evaluate each version on; "" = a holdout of data
+    data: DataSpec = DataSpec("")
+    eval_data: DataSpec = DataSpec("")  # data to evaluate versions on; "" = a holdout of data
     label_column: str = "label"  # the label column of CSV data
     max_eval_examples: int = 2000  # evaluate each version on at most this many examples
     state_dir: Path = Path("fedmq-agent")

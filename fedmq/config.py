@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedmq.importspec import DataSpec
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -129,6 +131,8 @@ def _convert(value: Any, tp: Any, source: str, base: Path | None = None) -> Any:
             return int(value)
         if tp is float:
             return float(value)
+        if tp is DataSpec:  # a path in it is relative to the TOML file too
+            return DataSpec.at(str(value), base)
         if tp is Path:
             path = Path(value).expanduser()
             return base / path if base is not None and not path.is_absolute() else path

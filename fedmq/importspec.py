@@ -17,7 +17,25 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["is_import_spec", "resolve_spec"]
+__all__ = ["DataSpec", "is_import_spec", "resolve_spec"]
+
+
+class DataSpec(str):
+    """A setting naming a file, a folder, 'file.py:attr' or 'module:attr' (--data): a path
+    in it given in a TOML file is relative to that file, like every Path setting."""
+
+    @classmethod
+    def at(cls, value: str, base: Path | None) -> DataSpec:
+        """value with its path made relative to base (a module spec stays as it is)."""
+        head, sep, attr = value.rpartition(":") if is_import_spec(value) else (value, "", "")
+        if not value or base is None or (sep and not _is_file_spec(head)):
+            return cls(value)
+        path = Path(head).expanduser()
+        return cls(f"{path if path.is_absolute() else base / path}{sep}{attr}")
+
+
+def _is_file_spec(head: str) -> bool:
+    return head.endswith(".py") or "/" in head or os.sep in head
 
 
 def is_import_spec(spec: str) -> bool:
@@ -67,7 +85,7 @@ def resolve_spec(spec: str, *, what: str) -> Any:
     head, _, attr_path = spec.rpartition(":")
     if not head or not attr_path:
         raise ValueError(f"bad {what} {spec!r}: give 'package.module:attr' or 'file.py:attr'")
-    if head.endswith(".py") or "/" in head or os.sep in head:
+    if _is_file_spec(head):
         obj: Any = _load_file(Path(head), what, spec)
     else:
         obj = _import(head, what, spec)

@@ -257,3 +257,23 @@ def test_image_folders_without_pillow_name_the_extra(
         load_data(str(tmp_path / "imgs"), task=FLAT)
     fatal = missing_package(err.value)
     assert fatal is not None and "'images' extra" in fatal.message and fatal.exit_code == 5
+
+
+def test_a_data_path_in_toml_is_relative_to_the_file_as_every_path(tmp_path: Path) -> None:
+    from edge_agent.settings import AgentSettings
+    from fedmq.config import load_settings
+
+    def loaded(data: str, eval_data: str) -> AgentSettings:
+        toml = tmp_path / "etc" / "agent.toml"
+        toml.parent.mkdir(exist_ok=True)
+        toml.write_text(f"insecure = true\ndata = {data!r}\neval_data = {eval_data!r}\n")
+        return load_settings(AgentSettings, sections=("agent",), config_file=toml, environ={})
+
+    s = loaded("readings.npz", "src/sensor.py:read")
+    assert s.data == str(tmp_path / "etc" / "readings.npz")
+    assert s.eval_data == str(tmp_path / "etc" / "src" / "sensor.py") + ":read"
+    s = loaded("/srv/d.csv", "my_pkg.sensor:read")  # absolute, and a module: as given
+    assert (s.data, s.eval_data) == ("/srv/d.csv", "my_pkg.sensor:read")
+    flags = load_settings(AgentSettings, sections=("agent",), environ={},
+                          flags={"data": "here.npz", "insecure": True})  # fmt: skip
+    assert flags.data == "here.npz"  # a flag is relative to the working directory
