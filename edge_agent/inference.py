@@ -54,7 +54,8 @@ def serving_model(*, store: DeviceStore, task: Task, threads: int = 1) -> tuple[
     where it keeps one (edge_agent.personal), else the global version it holds. Exported
     here with torch: only a training device has a personal model, and torch with it. An
     inference-only device has no training data, so no personal model: it serves the global
-    version's published ONNX export (Agent._evaluate_onnx). ValueError if it holds nothing."""
+    version's published ONNX export (evaluated by edge_agent/evaluation.py). ValueError if it
+    holds nothing."""
     from edge_agent.personal import serving_weights
     from fedmq.tasks.weights import export_onnx, get_weights, set_weights
     from fedmq.wire import specs_of
