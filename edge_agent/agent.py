@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from edge_agent.data import load_device_data
-from edge_agent.evaluation import DeviceEvaluation
+from edge_agent.evaluation import DeviceEvaluation, describe
 from edge_agent.fetch import Action, Hold, HoldOnnx, ModelFetch, Reject, Subscribe, Unsubscribe
 from edge_agent.hold import UpdateHold
 from edge_agent.personal import PersonalModels
@@ -79,11 +79,7 @@ class Agent:
         self.personal = PersonalModels(store=self.store, x=self.x, y=self.y,
                                        held_x=self.data.eval_x,
                                        held_y=self.data.eval_y)  # fmt: skip
-        self.evaluation = DeviceEvaluation(
-            root=self.store.root, device=self.device, x=self.data.eval_x, y=self.data.eval_y,
-            max_examples=settings.max_eval_examples, batch_size=self.profile.max_batch_size,
-            threads=settings.torch_threads or self.profile.torch_threads, seed=settings.data_seed,
-        )  # fmt: skip
+        self.evaluation = DeviceEvaluation.of(settings, self.profile, self.data, self.store.root)
         progress = self.store.load()
         # a round is "already trained" only if both its id and its base model match
         self.last_round: int = int(progress.get("last_round", 0))
@@ -278,8 +274,7 @@ class Agent:
         if msg is not None:
             self.link.publish(self.topics.metrics(self.device), encode_metrics(msg), qos=1)
             self.evaluation.reported(a.manifest)
-            self.log.info("global version %d: eval loss %.4f, accuracy %.4f on %d examples",
-                          msg.model_version, *msg.metrics.values())  # fmt: skip
+            self.log.info("global version %d: %s", msg.model_version, describe(msg.metrics))
 
     # ------------------------------------------------------------ rounds
 

@@ -18,13 +18,18 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedmq.atomicfile import write_atomic
 from fedmq.errors import DecodeError
 from fedmq.wire import DeviceMetrics, Manifest
+
+if TYPE_CHECKING:
+    from edge_agent.data import DeviceData
+    from edge_agent.settings import AgentSettings
+    from firmware_profiles import Profile
 
 EVAL_LOSS, EVAL_ACCURACY, EVAL_EXAMPLES = "eval_loss", "eval_accuracy", "eval_examples"
 STATE_FILE = "evaluated.json"
@@ -35,6 +40,12 @@ class EvaluationFailed(DecodeError):
     outputs there: nothing is reported; counted as eval_failed."""
 
     reason_code = "eval_failed"
+
+
+def describe(metrics: dict[str, float]) -> str:
+    """A version's evaluation, for people."""
+    return (f"eval loss {metrics[EVAL_LOSS]:.4f}, accuracy {metrics[EVAL_ACCURACY]:.4f} "
+            f"on {int(metrics[EVAL_EXAMPLES])} examples")  # fmt: skip
 
 
 def eval_sample(n: int, max_examples: int, seed: int) -> np.ndarray:
@@ -99,6 +110,14 @@ class DeviceEvaluation:
         self.device, self.batch_size, self.threads = device, batch_size, threads
         self.path = Path(root) / STATE_FILE
         self.last: tuple[int, str] | None = self._load()
+
+    @classmethod
+    def of(cls, s: AgentSettings, profile: Profile, data: DeviceData,
+           root: Path) -> DeviceEvaluation:  # fmt: skip
+        """An agent's: its evaluation share, its settings' cap, its profile's batch and threads."""
+        return cls(root=root, device=s.device_id, x=data.eval_x, y=data.eval_y,
+                   max_examples=s.max_eval_examples, batch_size=profile.max_batch_size,
+                   threads=s.torch_threads or profile.torch_threads, seed=s.data_seed)  # fmt: skip
 
     def _load(self) -> tuple[int, str] | None:
         try:
