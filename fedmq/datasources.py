@@ -45,13 +45,14 @@ def load_data(spec: str, *, task: Task, label_column: str = "label") -> Arrays:
     if not spec:
         raise ConfigError("no data source given")
     path = Path(spec).expanduser()
+    as_file = path.is_file() or not is_import_spec(spec)  # "/data/12:30.npz" is a file
     if path.is_dir():
         x, y = _load_image_folders(path, task)
-    elif path.suffix.lower() == ".npz" and not is_import_spec(spec):
+    elif as_file and path.suffix.lower() == ".npz":
         x, y = _load_npz(path, task)
-    elif path.suffix.lower() == ".csv" and not is_import_spec(spec):
+    elif as_file and path.suffix.lower() == ".csv":
         x, y = _load_csv(path, task, label_column)
-    elif is_import_spec(spec):
+    elif not as_file:
         x, y = _load_source(spec, task)
     elif not path.exists():
         raise ConfigError(f"data {spec}: no such file or directory")

@@ -51,6 +51,12 @@ def test_npz_with_x_y_or_capital_x_loads_and_is_reshaped_to_the_input_shape(
         np.testing.assert_allclose(got_x.reshape(12, 16), x, rtol=1e-6)
 
 
+def test_a_file_whose_name_looks_like_a_module_spec_is_a_file(tmp_path: Path) -> None:
+    x, y = _xy()
+    path = _npz(tmp_path / "12:30.npz", x=x, y=y)
+    assert load_data(str(path), task=IMG)[0].shape == (12, 1, 4, 4)
+
+
 def test_npz_string_labels_map_through_the_task_labels(tmp_path: Path) -> None:
     x, _ = _xy(3)
     path = _npz(tmp_path / "d.npz", x=x, y=np.array(["owl", "cat", "1"]))
