@@ -6,8 +6,9 @@ returns (x, y), or yields (x, y) batches as this one does; fedmq checks the exam
 against the task (shape, finite numbers, labels in range) and reads a stream up to
 fedmq.datasources.MAX_EXAMPLES examples.
 
-Here the "sensor" is scikit-learn's 8x8 digits, dealt out by FEDMQ_EXAMPLE_DEVICE (this
-device's number, default 0) of FEDMQ_EXAMPLE_DEVICES (default 4). Run it from the
+Here the "sensor" is scikit-learn's 8x8 digits, dealt out by EXAMPLE_DEVICE (this
+device's number, default 0) of EXAMPLE_DEVICES (default 4): not FEDMQ_* names, which
+are fedmq's own settings (an unknown one is an error). Run it from the
 repository root with the task next to it, from an installed `fedmq` console script:
 
     fedmq agent --task examples.digits_cnn:TASK --data examples/device_data.py:stream \\
@@ -30,8 +31,8 @@ def stream() -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """This device's examples in batches of BATCH, as a sensor would deliver them."""
     from sklearn.datasets import load_digits
 
-    device = int(os.environ.get("FEDMQ_EXAMPLE_DEVICE", "0"))
-    devices = int(os.environ.get("FEDMQ_EXAMPLE_DEVICES", "4"))
+    device = int(os.environ.get("EXAMPLE_DEVICE", "0"))
+    devices = int(os.environ.get("EXAMPLE_DEVICES", "4"))
     digits = load_digits()
     x = (np.asarray(digits.data, dtype=np.float32) / 16.0)[device::devices]
     y = np.asarray(digits.target, dtype=np.int64)[device::devices]
