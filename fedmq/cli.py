@@ -163,7 +163,8 @@ AGENT_HELP = {
     "username": AGGREGATOR_HELP["username"],
     "password": AGGREGATOR_HELP["password"],
     "task": AGGREGATOR_HELP["task"],
-    "partition": "how the task's pool is split across devices: iid, shards or dirichlet",
+    "partition": "how the task's pool is split across devices: iid, shards, dirichlet, or "
+    "natural (the task's own split, e.g. plaid-cnn's)",
     "num_devices": "how many devices share the pool",
     "device_index": "which share is this device's (0-based)",
     "alpha": "Dirichlet concentration for --partition dirichlet",

@@ -43,6 +43,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "rich": ("rich", "ops"),
     "sklearn": ("scikit-learn", "data"),
     "mlxtend": ("mlxtend", "data"),
+    "sktime": ("sktime", "sensors"),
     "amqtt": ("amqtt", "demo"),
     "PIL": ("pillow", "images"),
 }

@@ -27,18 +27,21 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
     """The demo's flags; its defaults reach 80% on non-IID MNIST in about two minutes."""
     p.add_argument("--devices", type=int, default=10, help="agents to start (default 10)")
     p.add_argument("--task", default="mnist-2nn", help="task (default mnist-2nn)")
+    from fedmq.tasks.partition import ALL_SCHEMES
+
     p.add_argument(
         "--partition",
-        default="shards",
-        choices=["iid", "shards", "dirichlet"],
-        help="how data is split across devices (default shards: 2 labels each)",
+        default=None,
+        choices=ALL_SCHEMES,
+        help="how data is split across devices (default: the task's; shards, 2 labels each, "
+        "for MNIST and digits; natural for plaid-cnn)",
     )
     p.add_argument("--rounds", type=int, default=60, help="most rounds to run (default 60)")
     p.add_argument(
         "--target-accuracy",
         type=float,
-        default=0.80,
-        help="stop once test accuracy reaches this (default 0.80)",
+        default=None,
+        help="stop once test accuracy reaches this (default: the task's; 0.80 for MNIST)",
     )
     p.add_argument("--epochs", type=int, default=2, help="local epochs per round (default 2)")
     p.add_argument("--batch-size", type=int, default=10, help="local batch size (default 10)")

@@ -31,7 +31,11 @@ def check_demo_args(args: argparse.Namespace, run_dir: Path) -> None:
     if args.rounds < 1:
         raise ConfigError(f"--rounds must be at least 1, got {args.rounds}")
     try:
-        get_task(args.task)
+        task = get_task(args.task)
+        if args.partition is None:  # the task's own defaults (docs/tasks.md)
+            args.partition = task.demo_partition
+        if args.target_accuracy is None:
+            args.target_accuracy = task.demo_target
         AggregatorSettings(
             task=args.task, state_dir=run_dir / "aggregator", rounds=args.rounds,
             target_accuracy=args.target_accuracy, devices_per_round=args.devices,

@@ -1,8 +1,9 @@
 """Learning tasks: a model factory, an input spec and a label set; the built-in tasks also
 bring a training pool to partition and a held-out test set (the demo's and benchmarks').
 
-torch, scikit-learn and mlxtend are imported only inside the functions that need them, so
-this package imports on a device that has none of them (partitioning needs only numpy).
+torch, scikit-learn and mlxtend are imported only inside the functions that need them, and
+sktime's data files (fedmq.tasks.sensors) are only read there, so this package imports on a
+device that has none of them (partitioning needs only numpy).
 Loaded datasets are cached in-process; every call returns fresh, writable copies.
 """
 
@@ -47,6 +48,12 @@ class Task:
     # the tensors of the personal head under fedper (docs/strategies.md): the final layer
     head: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
+    # the data's own per-device split, where it has one: num_devices -> one index array into
+    # load_pool() per device (`--partition natural`); None: the task has none
+    natural_split: Callable[[int], list[np.ndarray]] | None = None
+    # what `fedmq demo --task NAME` uses unless told otherwise (README, Tasks)
+    demo_partition: str = "shards"
+    demo_target: float = 0.80
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -228,7 +235,9 @@ MNIST_CNN = Task(
     head=("9.weight", "9.bias"),
 )
 
-_BUILTINS: dict[str, Task] = {t.name: t for t in (DIGITS_MLP, MNIST_2NN, MNIST_CNN)}
+from fedmq.tasks.sensors import PLAID_CNN  # noqa: E402  (it builds on Task, defined above)
+
+_BUILTINS: dict[str, Task] = {t.name: t for t in (DIGITS_MLP, MNIST_2NN, MNIST_CNN, PLAID_CNN)}
 
 
 def list_tasks() -> list[str]:

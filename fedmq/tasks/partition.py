@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from fedmq.tasks import Task
 
 SCHEMES = ("iid", "shards", "dirichlet")
+# the task's own split (Task.natural_split), for tasks whose data has one
+NATURAL = "natural"
+ALL_SCHEMES = (*SCHEMES, NATURAL)
 MAX_DIRICHLET_ATTEMPTS = 1000
 
 
@@ -115,7 +118,34 @@ def partition(
         return partition_shards(labels, num_devices, shards_per_device=shards_per_device, seed=seed)
     if scheme == "dirichlet":
         return partition_dirichlet(labels, num_devices, alpha=alpha, seed=seed)
-    raise ValueError(f"unknown partition scheme {scheme!r}; valid schemes are {', '.join(SCHEMES)}")
+    if scheme == NATURAL:
+        raise ValueError("the natural partition is the task's own: use device_data(task, ...)")
+    raise ValueError(
+        f"unknown partition scheme {scheme!r}; valid schemes are {', '.join(ALL_SCHEMES)}"
+    )
+
+
+def natural_parts(task: Task, num_devices: int, pool_size: int) -> list[np.ndarray]:
+    """task.natural_split(num_devices), checked: one index array per device, disjoint, each
+    non-empty and inside the pool."""
+    if task.natural_split is None:
+        raise ValueError(
+            f"task {task.name!r} has no natural split; use --partition "
+            f"{', '.join(SCHEMES)}"
+        )
+    parts = [np.asarray(p, dtype=np.int64) for p in task.natural_split(num_devices)]
+    if len(parts) != num_devices:
+        raise ValueError(
+            f"task {task.name!r}: its natural split gave {len(parts)} parts for {num_devices} "
+            "devices"
+        )
+    every = np.concatenate(parts)
+    if min(p.size for p in parts) == 0 or every.min() < 0 or every.max() >= pool_size:
+        raise ValueError(f"task {task.name!r}: its natural split left a device empty or "
+                         f"pointed outside the {pool_size}-sample pool")  # fmt: skip
+    if np.unique(every).size != every.size:
+        raise ValueError(f"task {task.name!r}: its natural split gave a sample to two devices")
+    return parts
 
 
 def device_data(
@@ -140,8 +170,11 @@ def device_data(
         raise ValueError(f"task {task.name} has no bundled pool to share out; give each "
                          "device its own data (--data)")
     X, y = task.load_pool()
-    parts = partition(
-        y, scheme, num_devices, seed=seed, alpha=alpha, shards_per_device=shards_per_device
-    )
+    if scheme == NATURAL:
+        parts = natural_parts(task, num_devices, len(y))
+    else:
+        parts = partition(
+            y, scheme, num_devices, seed=seed, alpha=alpha, shards_per_device=shards_per_device
+        )
     idx = parts[device_index]
     return X[idx], y[idx]

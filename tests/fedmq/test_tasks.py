@@ -40,7 +40,7 @@ def seeded_model(task: Task, seed: int) -> torch.nn.Module:
 
 
 def test_list_tasks() -> None:
-    assert list_tasks() == ["digits-mlp", "mnist-2nn", "mnist-cnn"]
+    assert list_tasks() == ["digits-mlp", "mnist-2nn", "mnist-cnn", "plaid-cnn"]
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -289,7 +289,7 @@ def test_package_imports_with_torch_blocked() -> None:
         import fedmq.tasks
         from fedmq.tasks.partition import partition
 
-        assert fedmq.tasks.list_tasks() == ["digits-mlp", "mnist-2nn", "mnist-cnn"]
+        assert fedmq.tasks.list_tasks() == ["digits-mlp", "mnist-2nn", "mnist-cnn", "plaid-cnn"]
         parts = partition(np.repeat(np.arange(10), 40), "shards", 20, seed=0)
         assert len(parts) == 20
         try:
