@@ -32,7 +32,7 @@ def check_demo_args(args: argparse.Namespace, run_dir: Path) -> None:
         raise ConfigError(f"--rounds must be at least 1, got {args.rounds}")
     try:
         task = get_task(args.task)
-        if args.partition is None:  # the task's own defaults (docs/tasks.md)
+        if args.partition is None:  # the task's own defaults (Task.demo_partition)
             args.partition = task.demo_partition
         if args.target_accuracy is None:
             args.target_accuracy = task.demo_target

@@ -158,7 +158,7 @@ def _plaid_natural(num_devices: int) -> list[np.ndarray]:
 
 def plaid_cnn() -> torch.nn.Module:
     """A 1-D CNN for (1, 256) current series: 31,819 parameters, about 1.34 M multiply-adds
-    per series (docs/tasks.md)."""
+    per series (README, Tasks)."""
     nn = _import_torch().nn
     w = PLAID_WIDTH
     return nn.Sequential(
@@ -192,6 +192,6 @@ PLAID_CNN = Task(
     demo_partition="natural",
     # `fedmq demo --task plaid-cnn` (10 devices, natural split, 2 epochs of batch 10 at lr 0.05,
     # compressed both ways) reached 0.70 by round 17-22 of 60 in each of 3 seeds and levelled
-    # off at 0.73-0.76 (docs/tasks.md); guessing the largest class scores 0.16
+    # off at 0.73-0.76 (README, Tasks); guessing the largest class scores 0.16
     demo_target=0.70,
 )

@@ -24,7 +24,7 @@ from fedmq.tasks.sensors import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PLAID_PARAMS = 31_819
-PLAID_MACS = 1_340_096  # multiply-adds of one forward pass over one series (docs/tasks.md)
+PLAID_MACS = 1_340_096  # multiply-adds of one forward pass over one series (README, Tasks)
 
 
 @pytest.fixture(scope="module")
