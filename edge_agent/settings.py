@@ -26,7 +26,7 @@ class AgentSettings:
     username: str | None = None
     password: str | None = None
     task: str = "mnist-2nn"
-    partition: str = "iid"  # iid | shards | dirichlet
+    partition: str = "iid"  # iid | shards | dirichlet | natural (the task's own split)
     num_devices: int = 1  # how many devices share the task's training pool
     device_index: int = 0  # which share is this device's
     alpha: float = 0.5  # Dirichlet concentration for partition = dirichlet

@@ -131,7 +131,7 @@ def natural_parts(task: Task, num_devices: int, pool_size: int) -> list[np.ndarr
     if task.natural_split is None:
         raise ValueError(
             f"task {task.name!r} has no natural split; use --partition "
-            f"{', '.join(SCHEMES)}"
+            f"{', '.join(SCHEMES[:-1])} or {SCHEMES[-1]}"
         )
     parts = [np.asarray(p, dtype=np.int64) for p in task.natural_split(num_devices)]
     if len(parts) != num_devices:

@@ -183,9 +183,8 @@ PLAID_CNN = Task(
     build_model=plaid_cnn,
     load_pool=_plaid_pool,
     load_test=_plaid_test,
-    description="PLAID plug-level appliance current (sktime), 11 appliance types, 537 train / "
-    "537 test series resampled to 256 points; 1-D CNN, 32k parameters; natural split by "
-    "recording order",
+    description="PLAID plug-level appliance current (sktime): 11 appliance types, 537 train / "
+    "537 test series of 256 points; 1-D CNN, 32k parameters; natural split",
     head=("10.weight", "10.bias"),
     labels=PLAID_CLASSES,
     natural_split=_plaid_natural,
