@@ -24,6 +24,7 @@ from edge_agent.evaluation import DeviceEvaluation, describe
 from edge_agent.fetch import Action, Hold, HoldOnnx, ModelFetch, Reject, Subscribe, Unsubscribe
 from edge_agent.hold import UpdateHold
 from edge_agent.personal import PersonalModels
+from edge_agent.readiness import ReadinessWatch
 from edge_agent.scaffold import DeviceControl
 from edge_agent.settings import AgentSettings
 from edge_agent.state import DeviceStore
@@ -115,6 +116,10 @@ class Agent:
         )  # fmt: skip
         # why a global model or round was last refused ("<code>: <text>"), on the state topic
         self.reason = ""
+        # thermal and battery gates (docs/devices.md); the last round declined for them
+        self.readiness = ReadinessWatch(root=settings.sysfs_root, profile=self.profile,
+                                        interval_s=settings.readiness_interval_s)  # fmt: skip
+        self.declined = 0
         subs = [(self.topics.round(), 1), (self.topics.global_manifest(), 1),
                 (self.topics.ack(self.device), 1)]  # fmt: skip
         self.link = Link(
@@ -162,6 +167,8 @@ class Agent:
                 watch.tick()
                 now = time.time()
                 self._contain("the fetch timer", self._fetch_tick, now)
+                if self.readiness.tick(now) and self.link.connected:  # gates flipped
+                    self._publish_state("online")  # (the loop never ticks while training)
                 self._contain("training", self._maybe_train, now)
                 self._contain("resending", self.uplink.tick, now)
                 if self._counters_dirty and now - self._counters_saved_at >= SAVE_COUNTERS_EVERY_S:
@@ -299,6 +306,8 @@ class Agent:
                 self.pending = None  # the round we waited to train for has ended
             return
         parse_or_schema_error(r.codec)  # a round whose codec this agent cannot use is dropped
+        if r.round_id == self.declined or self._declines(r, time.time()):
+            return
         self.pending = r
         self.log.info("selected for round %d (version %d)", r.round_id, r.model_version)
 
@@ -315,6 +324,8 @@ class Agent:
             return  # trained this round already (e.g. a retained redelivery after restart)
         if now > r.deadline:
             self.log.warning("round %d: deadline passed before the model arrived", r.round_id)
+            return
+        if self._declines(r, now):
             return
         self._publish_state("training")
         try:
@@ -347,7 +358,9 @@ class Agent:
         if self.s.extra_delay_s:
             time.sleep(self.s.extra_delay_s)
         metrics = {"train_loss": result.mean_loss, "train_s": result.seconds,
-                   "local_steps": float(result.steps), **local.metrics}  # FedNova's tau_i
+                   "local_steps": float(result.steps), **local.metrics,  # FedNova's tau_i
+                   "epochs_done": result.epochs_done,  # and whether a budget cut it short
+                   "budget_stopped": float(bool(result.stopped_by))}
         base, trained, c_new = local.base, local.trained, None
         if self.scaffold.correction(r) is not None:  # the control delta travels with it
             base, trained, c_new = self.scaffold.attach(r, base, trained, result.steps)
@@ -397,14 +410,26 @@ class Agent:
                 device=self.device, status=status, job=self.s.job, profile=self.profile.name,
                 agent_version=__version__, num_examples=len(self.x),
                 model_version=self.fetch.version, ts=time.time(), trains=not self.infer_only,
-                reason=self.reason,
+                reason=self.reason, ready=self.readiness.now.ready,
+                not_ready=self.readiness.now.reason, declined=self.declined,
+                temp_c=self.readiness.now.reading.temp_c,
+                battery_pct=self.readiness.now.reading.battery_pct,
             )
         )  # fmt: skip
 
     def _publish_state(self, status: str) -> None:
+        self.readiness.published(time.time())
         self.link.publish(
             self.topics.device_state(self.device), self._state_payload(status), qos=1, retain=True
         )
+
+    def _declines(self, r: RoundAnnouncement, now: float) -> bool:
+        """Not ready (gates read again): decline the round and say why at once."""
+        if not self.readiness.declines(r.round_id, now, self.log):
+            return False
+        self.declined, self.pending = r.round_id, None
+        self._publish_state("online")
+        return True
 
     def _publish_metrics(self, round_id: int, version: int, metrics: dict[str, float]) -> None:
         msg = DeviceMetrics(device=self.device, round_id=round_id, model_version=version,

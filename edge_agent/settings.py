@@ -43,6 +43,10 @@ class AgentSettings:
     max_message_bytes: int = 0  # 0: take the profile's
     torch_threads: int = 0  # 0: take the profile's
     infer_only: bool = False  # never train: fetch the ONNX export and evaluate it
+    # readiness gates (edge_agent/readiness.py): where sysfs is ("/" on a device; a test
+    # points it at a tree it writes) and how often it is read again
+    sysfs_root: Path = Path("/")
+    readiness_interval_s: float = 10.0
     extra_delay_s: float = 0.0  # simulated slowness after training (tests, benchmarks)
     # a test/benchmark hook: hold each trained update until <hold_dir>/<device>.release
     # exists (edge_agent/hold.py)
@@ -107,6 +111,9 @@ class AgentSettings:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.max_eval_examples < 1 or not self.label_column:
             raise ValueError("max_eval_examples must be >= 1 and label_column non-empty")
+        if not 0.1 <= self.readiness_interval_s <= 3600:
+            raise ValueError(f"readiness_interval_s must be in [0.1, 3600] seconds, got "
+                             f"{self.readiness_interval_s}")  # fmt: skip
         if self.extra_delay_s < 0 or self.alpha <= 0:
             raise ValueError("extra_delay_s must be >= 0 and alpha positive")
 

@@ -185,6 +185,10 @@ AGENT_HELP = {
     "infer_only": "never train: fetch each version's ONNX export (and evaluate it on "
     "--eval-data or --data, if any)",
     "extra_delay_s": "simulated slowness in seconds after training (tests, benchmarks)",
+    "sysfs_root": "where the readiness gates read sysfs (thermal zones, batteries): / on a "
+    "device; a test points it at a tree of its own (docs/devices.md)",
+    "readiness_interval_s": "seconds between readings of the thermal and battery gates (also "
+    "read before every training run)",
     "server_key": "the aggregator's Ed25519 public key (PEM): manifests and rounds must be "
     "signed by it",
     "max_version_jump": "refuse an unsigned manifest more than this many versions ahead of the "

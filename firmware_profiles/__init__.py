@@ -1,7 +1,14 @@
-"""Per-class device budgets: one flat TOML file per device class, validated into a profile."""
+"""Per-class device budgets: one flat TOML file per device class, validated into a profile.
+
+A profile bounds what one round may cost the device (time, memory, batch, message sizes,
+threads, what a round may ask) and gates when it may train at all: the hottest thermal
+zone at or above `max_temp_c`, or a battery below `min_battery_pct` (or discharging when
+`train_on_battery` is false), make the device not ready (edge_agent/readiness.py). Every
+error names the file and the key."""
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -12,11 +19,21 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 PROFILE_DIR = Path(__file__).parent
+MAX_TEMP_C = 150.0  # above any silicon's shutdown point: a higher limit is a typo
+
+
+class ProfileError(ValueError):
+    """A profile that may not be used: names the file (or profile) and the key."""
+
+    def __init__(self, where: str, key: str, problem: str) -> None:
+        self.where, self.key, self.problem = where, key, problem
+        super().__init__(f"profile {where}: {key}: {problem}" if key else
+                         f"profile {where}: {problem}")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Profile:
-    """What a device class may spend on one round."""
+    """What a device class may spend on one round, and when it may train at all."""
 
     name: str
     description: str = ""
@@ -31,27 +48,40 @@ class Profile:
     max_epochs: int = 20
     max_lr: float = 1.0
     max_prox_mu: float = 10.0  # FedProx's mu (the paper's grid tops out at 1)
+    # readiness gates (edge_agent/readiness.py), read from Linux sysfs where present:
+    max_temp_c: float = 80.0  # not ready while the hottest thermal zone is at or above (0: off)
+    min_battery_pct: float = 0.0  # not ready on battery below this charge (0: off)
+    train_on_battery: bool = True  # False: not ready while the battery discharges
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.max_train_seconds <= 0:
-            problems.append("max_train_seconds must be positive")
-        if self.max_memory_mb < 32:
-            problems.append("max_memory_mb must be at least 32")
-        if self.max_batch_size < 1:
-            problems.append("max_batch_size must be at least 1")
-        if self.max_update_bytes < 0:
-            problems.append("max_update_bytes must be >= 0 (0 = no budget)")
-        if self.max_message_bytes < 1024:
-            problems.append("max_message_bytes must be at least 1024")
-        if self.torch_threads < 1:
-            problems.append("torch_threads must be at least 1")
-        if self.max_epochs < 1 or not self.max_lr > 0:
-            problems.append("max_epochs must be at least 1 and max_lr positive")
-        if not self.max_prox_mu >= 0:
-            problems.append("max_prox_mu must be >= 0 (0: FedProx refused)")
+        problems = self.problems()
         if problems:
-            raise ValueError(f"profile {self.name!r}: " + "; ".join(problems))
+            key, problem = problems[0]
+            raise ProfileError(repr(self.name), key, problem)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, problem) for every value out of range, in field order."""
+        checks: list[tuple[str, bool, str]] = [
+            ("max_train_seconds", self.max_train_seconds > 0, "must be positive"),
+            ("max_memory_mb", self.max_memory_mb >= 32, "must be at least 32"),
+            ("max_batch_size", self.max_batch_size >= 1, "must be at least 1"),
+            ("max_update_bytes", self.max_update_bytes >= 0, "must be >= 0 (0 = no budget)"),
+            ("max_message_bytes", self.max_message_bytes >= 1024, "must be at least 1024"),
+            ("torch_threads", 1 <= self.torch_threads <= 256, "must be in [1, 256]"),
+            ("max_epochs", self.max_epochs >= 1, "must be at least 1"),
+            ("max_lr", self.max_lr > 0, "must be positive"),
+            ("max_prox_mu", self.max_prox_mu >= 0, "must be >= 0 (0: FedProx refused)"),
+            ("max_temp_c", 0 <= self.max_temp_c <= MAX_TEMP_C,
+             f"must be 0 (no thermal gate) or a limit up to {MAX_TEMP_C:g} C"),
+            ("min_battery_pct", 0 <= self.min_battery_pct <= 100,
+             "must be a percentage in [0, 100] (0: no battery gate)"),
+        ]  # fmt: skip
+        out = [(key, f"{getattr(self, key)!r} {why}") for key, ok, why in checks if not ok]
+        for f in fields(self):  # inf and NaN pass some comparisons: refuse them by name
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                out.append((f.name, f"{value!r} must be a finite number"))
+        return out
 
 
 def list_profiles() -> list[str]:
@@ -59,30 +89,50 @@ def list_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
-def load_profile(name_or_path: str) -> Profile:
-    """A bundled profile by name, or a profile TOML file by path; ValueError if invalid."""
+def profile_path(name_or_path: str) -> Path:
+    """The file a profile name (bundled) or path names; ProfileError when there is none."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PROFILE_DIR / f"{name_or_path}.toml"
-    if not path.exists():
-        raise ValueError(
-            f"no firmware profile {name_or_path!r}; bundled: {', '.join(list_profiles())}"
-        )
+    if not path.is_file():
+        raise ProfileError(repr(name_or_path), "",
+                           f"no such firmware profile; bundled: {', '.join(list_profiles())}")
+    return path
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A bundled profile by name, or a profile TOML file by path; ProfileError (a
+    ValueError naming the file and the key) if invalid."""
+    path = profile_path(name_or_path)
+    where = str(path)
     with open(path, "rb") as fh:
         try:
             raw = tomllib.load(fh)
         except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"profile {path} is not valid TOML: {err}") from err
+            raise ProfileError(where, "", f"not valid TOML: {err}") from err
     known = {f.name: f.type for f in fields(Profile)}
     unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise ValueError(f"profile {path}: unknown keys {unknown}; known: {sorted(known)}")
+        raise ProfileError(where, unknown[0], f"unknown key; known: {', '.join(sorted(known))}")
     raw.setdefault("name", path.stem)
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "str": str, "bool": bool, "int": int, "float": (int, float)
+    }  # fmt: skip
     for key, value in raw.items():
-        kinds: dict[str, type | tuple[type, ...]] = {
-            "str": str, "bool": bool, "int": int, "float": (int, float)
-        }  # fmt: skip
         want = kinds[str(known[key])]
         if isinstance(value, bool) and want is not bool or not isinstance(value, want):
-            raise ValueError(f"profile {path}: {key} = {value!r} has the wrong type")
-    return Profile(**raw)
+            raise ProfileError(where, key, f"{value!r} has the wrong type (wants {known[key]})")
+    try:
+        return Profile(**raw)
+    except ProfileError as err:
+        raise ProfileError(where, err.key, err.problem) from None
+
+
+def bundled(name: str) -> Profile | None:
+    """The bundled profile of that name, or None (a name a device announced: never a path)."""
+    if not _bundled_cache:
+        _bundled_cache.update((n, load_profile(n)) for n in list_profiles())
+    return _bundled_cache.get(name)
+
+
+_bundled_cache: dict[str, Profile] = {}  # every bundled profile, loaded once
