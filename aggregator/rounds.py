@@ -92,6 +92,8 @@ class OpenRound:
     # most examples one update may claim in this round (adaptive, see service._example_cap);
     # 0: only the admission's caps
     example_cap: int = 0
+    # selected devices that declined (not ready: aggregator.eligibility) -> their reason
+    declined: dict[str, str] = field(default_factory=dict)
 
     def record(self, update_id: str, device: str) -> None:
         """Count an accepted update."""
@@ -114,12 +116,13 @@ class OpenRound:
 
     @property
     def waiting_for(self) -> frozenset[str]:
-        return self.selected - self.contributors - self.dropped
+        return self.selected - self.contributors - self.dropped - self.declined.keys()
 
     def history_record(self, outcome: str, now: float) -> dict[str, Any]:
         """The round's line in the history, as it closes (stats and metrics are added)."""
         return {"round": self.round_id, "outcome": outcome, "base_version": self.model_version,
                 "selected": sorted(self.selected), "dropped": sorted(self.dropped),
+                "declined": dict(sorted(self.declined.items())),
                 "accepted": len(self.accepted), "opened_at": self.opened_at, "closed_at": now,
                 "wall_s": round(now - self.opened_at, 3)}  # fmt: skip
 
@@ -128,7 +131,8 @@ class OpenRound:
         return {"round": self.round_id, "model_version": self.model_version,
                 "selected": sorted(self.selected), "opened_at": self.opened_at,
                 "deadline": self.deadline, "target": self.target,
-                "min_devices": self.min_devices, "example_cap": self.example_cap}  # fmt: skip
+                "min_devices": self.min_devices, "example_cap": self.example_cap,
+                "declined": dict(self.declined)}  # fmt: skip
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> OpenRound:
@@ -138,4 +142,5 @@ class OpenRound:
             selected=frozenset(meta["selected"]), opened_at=float(meta["opened_at"]),
             deadline=float(meta["deadline"]), target=int(meta["target"]),
             min_devices=int(meta["min_devices"]), example_cap=int(meta.get("example_cap", 0)),
+            declined={str(k): str(v) for k, v in (meta.get("declined") or {}).items()},
         )  # fmt: skip

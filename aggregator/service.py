@@ -26,6 +26,7 @@ from typing import Any
 
 from aggregator.admission import Admission, check_device_id
 from aggregator.clientside import ClientSide
+from aggregator.eligibility import decline, eligible
 from aggregator.fedavg import AggregationRule, RunningSum
 from aggregator.fedeval import FederatedEval, accuracy_of, headline
 from aggregator.fleetview import FleetView
@@ -55,6 +56,7 @@ from fedmq.signing import Signer, aggregator_key, verify
 from fedmq.startup import LinkWatch
 from fedmq.tasks import Task, get_task
 from fedmq.wire import (
+    DeviceState,
     RoundAnnouncement,
     decode_manifest,
     decode_metrics,
@@ -271,7 +273,7 @@ class Aggregator:
             if self.s.rounds and self.next_round_id > self.s.rounds:
                 self.done_reason = f"ran {self.next_round_id - 1} rounds"
             else:
-                online = self.presence.trainers_online()
+                online = eligible(self.presence, self.train)  # idle, ready, within budget
                 waited = self.next_round_id > 1 or now - self.waiting_since >= self.s.start_wait_s
                 if self.mode.policy.should_open(len(online), waited=waited):
                     self._open_round(online, now)
@@ -304,6 +306,8 @@ class Aggregator:
                 self.fleet_view.observe(device, state, self.presence.devices, now)
                 if self.round is not None and state.status != "offline":
                     self.round.rejoin(device)
+                if self.round is not None and state.declined == self.round.round_id:
+                    self._declined(device, state)
             elif kind in ("global", "round", "status"):
                 self._on_own_topic(msg, now)
             elif kind == "metrics":
@@ -383,6 +387,25 @@ class Aggregator:
                  "deadline in %.0fs", r.round_id, self.mode.name, self.model.version,
                  len(r.selected), len(online), r.target, r.deadline - now)  # fmt: skip
         self._status_dirty = True
+
+    def _declined(self, device: str, state: DeviceState) -> None:
+        """A selected device is not ready: maybe select another (aggregator.eligibility)."""
+        r = self.round
+        assert r is not None
+        changed, pick = decline(r, device, state.not_ready, seed=self.s.seed,
+                                candidates=eligible(self.presence, self.train),
+                                replace=self.mode.name == "sync",
+                                max_selected=self.mode.policy.max_selected)  # fmt: skip
+        if changed:
+            self.ledger.counters["declined"] += 1
+            log.info("round %d: %s declined (%s)%s", r.round_id, _shown(device),
+                     _shown(state.not_ready), f"; selected {pick} instead" if pick else "")
+            self.journal.open_round(r.round_id, {**(self.journal.round_meta(r.round_id) or {}),
+                                                 **r.meta()})  # fmt: skip
+            self._flush()  # durable before devices hear of the replacement
+            if pick:
+                self._announce("open")
+            self._status_dirty = True
 
     def _announce(self, state: str, r: OpenRound | None = None) -> None:
         r = r or self.round

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from aggregator.eligibility import by_class
 from aggregator.presence import Presence
 from aggregator.rounds import OpenRound
 from aggregator.settings import AggregatorSettings
@@ -162,6 +163,8 @@ def status_of(
             "online": len(presence.online()),
             "trainers_online": len(presence.trainers_online()),
             "known": len(presence.devices),
+            # per device class (profile): online, ready, training, not ready by reason
+            "classes": by_class(presence),
         },
         "counters": dict(sorted(counters.items())),
         # the last closed rounds, oldest first: {round, version, outcome, accuracy, loss}

@@ -459,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the HTML file to write (default: STATE_DIR/report.html)")  # fmt: skip
 
     sub.add_parser("tasks", help="list built-in tasks and firmware profiles")
+    from firmware_profiles.cli import add_parser as add_profile_parser
+
+    add_profile_parser(sub)
     return parser
 
 
@@ -519,6 +522,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_monitor(load_settings(StatusSettings, sections=("status", "monitor"),
                                          config_file=args.config, flags=vars(args)))  # fmt: skip
+    if args.command == "profile":
+        from firmware_profiles.cli import run as run_profile
+
+        return run_profile(args)
     if args.command == "tasks":
         from fedmq.tasks import get_task, list_tasks
         from firmware_profiles import list_profiles, load_profile

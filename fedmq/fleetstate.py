@@ -166,6 +166,8 @@ class Status:
     updated_at: float | None
     offline_reason: str
     codec: str
+    # per device class: (class, online, ready, training, {not-ready reason kind: count})
+    classes: tuple[tuple[str, int, int, int, dict[str, int]], ...] = ()
 
     @property
     def rejected(self) -> int:
@@ -227,7 +229,28 @@ def parse_status(payload: bytes) -> Status | None:
         updated_at=_num(doc.get("updated_at")),
         offline_reason=clean_text(doc.get("offline_reason")),
         codec=clean_text(codec.get("updates"), 64) if isinstance(codec, dict) else "",
+        classes=_classes(devices.get("classes")),
     )  # fmt: skip
+
+
+MAX_CLASSES = 32
+
+
+def _classes(raw: Any) -> tuple[tuple[str, int, int, int, dict[str, int]], ...]:
+    """The status's fleet by class, checked entry by entry (bounded)."""
+    if not isinstance(raw, dict):
+        return ()
+    out = []
+    for name, c in list(raw.items())[:MAX_CLASSES]:
+        if not isinstance(name, str) or not isinstance(c, dict):
+            continue
+        why = c.get("not_ready") if isinstance(c.get("not_ready"), dict) else {}
+        assert isinstance(why, dict)
+        reasons = {clean_text(k, 32): _int(v) or 0 for k, v in list(why.items())[:8]
+                   if isinstance(k, str)}  # fmt: skip
+        out.append((clean_text(name, 64), _int(c.get("online")) or 0, _int(c.get("ready")) or 0,
+                    _int(c.get("training")) or 0, reasons))  # fmt: skip
+    return tuple(out)
 
 
 @dataclass

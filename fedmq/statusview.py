@@ -55,6 +55,11 @@ def summary_lines(state: FleetState, now: float) -> list[str]:
     if s.aggregator != "offline" or s.known:
         lines.append(f"  devices   {s.online} online of {s.known} known "
                      f"({s.trainers_online} can train)")  # fmt: skip
+    for name, online, ready, training, why in s.classes:  # the fleet by class
+        text = f"{name}: {online} online, {ready} ready, {training} training"
+        if why:
+            text += ", not ready: " + ", ".join(f"{k} {n}" for k, n in why.items())
+        lines.append(f"  class     {text}")
     if s.counters:
         shown = sorted(s.counters.items(), key=lambda kv: (-kv[1], kv[0]))[:SHOWN_COUNTERS]
         more = len(s.counters) - len(shown)
