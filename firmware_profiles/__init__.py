@@ -76,12 +76,13 @@ class Profile:
             ("min_battery_pct", 0 <= self.min_battery_pct <= 100,
              "must be a percentage in [0, 100] (0: no battery gate)"),
         ]  # fmt: skip
-        out = [(key, f"{getattr(self, key)!r} {why}") for key, ok, why in checks if not ok]
-        for f in fields(self):  # inf and NaN pass some comparisons: refuse them by name
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                out.append((f.name, f"{value!r} must be a finite number"))
-        return out
+        # inf and NaN pass some comparisons and fail others: refuse them first, by name
+        out = [(f.name, f"{getattr(self, f.name)!r} must be a finite number")
+               for f in fields(self) if isinstance(getattr(self, f.name), float)
+               and not math.isfinite(getattr(self, f.name))]  # fmt: skip
+        bad = {key for key, _ in out}
+        return out + [(key, f"{getattr(self, key)!r} {why}") for key, ok, why in checks
+                      if not ok and key not in bad]  # fmt: skip
 
 
 def list_profiles() -> list[str]:

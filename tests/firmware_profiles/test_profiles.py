@@ -29,7 +29,7 @@ def test_profile_from_file_and_errors(tmp_path: Path) -> None:
         load_profile(str(bad))
     typo = tmp_path / "typo.toml"
     typo.write_text("max_train_secs = 5\n")
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="max_train_secs: unknown key"):
         load_profile(str(typo))
     wrong = tmp_path / "wrong.toml"
     wrong.write_text('torch_threads = "two"\n')
