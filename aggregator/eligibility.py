@@ -3,7 +3,8 @@
 Pure code over the device table (aggregator.presence) and the round's training config.
 A device is eligible when it
 
-    is online and idle      status "online" (not "training": busy with an earlier round)
+    is online and idle      status "online" (not "training": busy with an earlier round,
+                            unless the round that just closed took its update)
     can train               trains = true (an inference-only device never trains)
     is ready                its state's `ready` (absent in older agents: ready); a device
                             over its profile's thermal limit or under its battery gate
@@ -37,10 +38,13 @@ MAX_CLASSES = 32  # classes the status lists (the rest are counted under "other"
 MAX_REASON_CHARS = 200  # of a decline's reason kept in the round and the history
 
 
-def why_not(state: DeviceState, train: TrainConfig | None = None) -> str:
-    """"" when the device may be selected, else why not (its first failed condition)."""
-    if state.status != "online":
-        return "busy: training" if state.status == "training" else state.status
+def why_not(state: DeviceState, train: TrainConfig | None = None, *, idle: bool = False) -> str:
+    """"" when the device may be selected, else why not (its first failed condition).
+    idle: known to be done training whatever its last state says (see eligible)."""
+    if state.status == "training" and not idle:
+        return "busy: training"
+    if state.status == "offline":
+        return "offline"
     if not state.trains:
         return "inference only"
     if not state.ready:
@@ -57,9 +61,13 @@ def why_not(state: DeviceState, train: TrainConfig | None = None) -> str:
     return ""
 
 
-def eligible(presence: Presence, train: TrainConfig | None = None) -> list[str]:
-    """The devices a round may select, sorted."""
-    return sorted(d for d, s in presence.devices.items() if not why_not(s, train))
+def eligible(presence: Presence, train: TrainConfig | None = None, *,
+             idle: frozenset[str] = frozenset()) -> list[str]:  # fmt: skip
+    """The devices a round may select, sorted. idle: devices whose update the round that
+    just closed took: done training, though their `online` state may still be on its way
+    (it follows the update), so the next round, opened in the same tick, may select them."""
+    return sorted(d for d, s in presence.devices.items()
+                  if not why_not(s, train, idle=d in idle))  # fmt: skip
 
 
 def decline(r: OpenRound, device: str, reason: str, *, candidates: Sequence[str], seed: int,

@@ -100,3 +100,11 @@ def test_status_shows_the_fleet_by_class() -> None:
         "rpi4": {"online": 3, "ready": 2, "training": 1, "not_ready": {"thermal": 1}},
         "sensor-infer": {"online": 1, "ready": 0, "training": 0, "not_ready": {}},
     }
+
+
+def test_a_device_whose_update_just_counted_is_idle_though_its_state_lags() -> None:
+    table = Presence(job="j")
+    table.observe("a", state("a", status="training"), now=0.0)
+    table.observe("b", state("b", status="training"), now=0.0)
+    assert eligible(table, TRAIN) == []
+    assert eligible(table, TRAIN, idle=frozenset({"a"})) == ["a"]
