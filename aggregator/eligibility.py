@@ -4,7 +4,7 @@ Pure code over the device table (aggregator.presence) and the round's training c
 A device is eligible when it
 
     is online and idle      status "online" (not "training": busy with an earlier round,
-                            unless the round that just closed took its update)
+                            unless the round that just closed selected it)
     can train               trains = true (an inference-only device never trains)
     is ready                its state's `ready` (absent in older agents: ready); a device
                             over its profile's thermal limit or under its battery gate
@@ -63,9 +63,12 @@ def why_not(state: DeviceState, train: TrainConfig | None = None, *, idle: bool 
 
 def eligible(presence: Presence, train: TrainConfig | None = None, *,
              idle: frozenset[str] = frozenset()) -> list[str]:  # fmt: skip
-    """The devices a round may select, sorted. idle: devices whose update the round that
-    just closed took: done training, though their `online` state may still be on its way
-    (it follows the update), so the next round, opened in the same tick, may select them."""
+    """The devices a round may select, sorted. idle: the devices the round that just
+    closed selected, whatever their last state says: the round they trained for is over,
+    so they are (about to be) free. Their `online` state follows their update and may
+    not have arrived when the next round opens in the same tick, and a straggler that was
+    slow once is not shut out of the next round; a device still `training` for an older
+    round is busy."""
     return sorted(d for d, s in presence.devices.items()
                   if not why_not(s, train, idle=d in idle))  # fmt: skip
 

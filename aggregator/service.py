@@ -76,7 +76,7 @@ STATUS_EVERY_S = 1.0
 class Aggregator:
     """Runs one job's rounds (synchronous FedAvg or FedBuff) against one broker."""
 
-    delivered: frozenset[str] = frozenset()  # the devices whose updates the last round took
+    last_selected: frozenset[str] = frozenset()  # the devices the last closed round selected
 
     def __init__(self, *, settings: AggregatorSettings, task: Task | None = None) -> None:
         s = self.s = settings
@@ -275,7 +275,7 @@ class Aggregator:
             if self.s.rounds and self.next_round_id > self.s.rounds:
                 self.done_reason = f"ran {self.next_round_id - 1} rounds"
             else:
-                online = eligible(self.presence, self.train, idle=self.delivered)
+                online = eligible(self.presence, self.train, idle=self.last_selected)
                 waited = self.next_round_id > 1 or now - self.waiting_since >= self.s.start_wait_s
                 if self.mode.policy.should_open(len(online), waited=waited):
                     self._open_round(online, now)
@@ -472,7 +472,7 @@ class Aggregator:
         self._save_state()  # the commit point: a restart now starts the next round
         self.journal.close_round(r.round_id)
         self.waiting_since = now
-        self.delivered = frozenset(r.contributors)  # idle, whatever their last state says
+        self.last_selected = frozenset(r.selected)  # idle once this round is over
         self._publish_status(now, force=True)
 
     def _advance(self, r: OpenRound, acc: AggregationRule) -> str:

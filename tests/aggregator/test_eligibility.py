@@ -102,7 +102,7 @@ def test_status_shows_the_fleet_by_class() -> None:
     }
 
 
-def test_a_device_whose_update_just_counted_is_idle_though_its_state_lags() -> None:
+def test_the_last_rounds_devices_are_idle_though_their_state_lags() -> None:
     table = Presence(job="j")
     table.observe("a", state("a", status="training"), now=0.0)
     table.observe("b", state("b", status="training"), now=0.0)
