@@ -116,10 +116,7 @@ class Agent:
         )  # fmt: skip
         # why a global model or round was last refused ("<code>: <text>"), on the state topic
         self.reason = ""
-        # thermal and battery gates (docs/devices.md); the last round declined for them
-        self.readiness = ReadinessWatch(root=settings.sysfs_root, profile=self.profile,
-                                        interval_s=settings.readiness_interval_s)  # fmt: skip
-        self.declined = 0
+        self.readiness = ReadinessWatch.of(settings, self.profile)  # thermal, battery gates
         subs = [(self.topics.round(), 1), (self.topics.global_manifest(), 1),
                 (self.topics.ack(self.device), 1)]  # fmt: skip
         self.link = Link(
@@ -306,7 +303,7 @@ class Agent:
                 self.pending = None  # the round we waited to train for has ended
             return
         parse_or_schema_error(r.codec)  # a round whose codec this agent cannot use is dropped
-        if r.round_id == self.declined or self._declines(r, time.time()):
+        if self._declines(r, time.time()):
             return
         self.pending = r
         self.log.info("selected for round %d (version %d)", r.round_id, r.model_version)
@@ -358,9 +355,7 @@ class Agent:
         if self.s.extra_delay_s:
             time.sleep(self.s.extra_delay_s)
         metrics = {"train_loss": result.mean_loss, "train_s": result.seconds,
-                   "local_steps": float(result.steps), **local.metrics,  # FedNova's tau_i
-                   "epochs_done": result.epochs_done,  # and whether a budget cut it short
-                   "budget_stopped": float(bool(result.stopped_by))}
+                   **result.work(), **local.metrics}  # FedNova's tau_i: local_steps
         base, trained, c_new = local.base, local.trained, None
         if self.scaffold.correction(r) is not None:  # the control delta travels with it
             base, trained, c_new = self.scaffold.attach(r, base, trained, result.steps)
@@ -410,26 +405,21 @@ class Agent:
                 device=self.device, status=status, job=self.s.job, profile=self.profile.name,
                 agent_version=__version__, num_examples=len(self.x),
                 model_version=self.fetch.version, ts=time.time(), trains=not self.infer_only,
-                reason=self.reason, ready=self.readiness.now.ready,
-                not_ready=self.readiness.now.reason, declined=self.declined,
-                temp_c=self.readiness.now.reading.temp_c,
-                battery_pct=self.readiness.now.reading.battery_pct,
+                reason=self.reason, **self.readiness.state_fields(time.time()),
             )
         )  # fmt: skip
 
     def _publish_state(self, status: str) -> None:
-        self.readiness.published(time.time())
         self.link.publish(
             self.topics.device_state(self.device), self._state_payload(status), qos=1, retain=True
         )
 
     def _declines(self, r: RoundAnnouncement, now: float) -> bool:
-        """Not ready (gates read again): decline the round and say why at once."""
-        if not self.readiness.declines(r.round_id, now, self.log):
-            return False
-        self.declined, self.pending = r.round_id, None
-        self._publish_state("online")
-        return True
+        """Not ready (gates read again): decline the round, say why at once (readiness.py)."""
+        if self.readiness.declines(r.round_id, now, self.log):  # newly declined
+            self.pending = None
+            self._publish_state("online")
+        return self.readiness.declined == r.round_id
 
     def _publish_metrics(self, round_id: int, version: int, metrics: dict[str, float]) -> None:
         msg = DeviceMetrics(device=self.device, round_id=round_id, model_version=version,

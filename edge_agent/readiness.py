@@ -18,9 +18,12 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from firmware_profiles import Profile
+
+if TYPE_CHECKING:
+    from edge_agent.settings import AgentSettings
 
 MAX_ZONES = 64  # thermal zones and power supplies read, at most
 MAX_FILE_BYTES = 64
@@ -113,6 +116,7 @@ class ReadinessWatch:
                  republish_s: float = REPUBLISH_S) -> None:  # fmt: skip
         self.root, self.profile, self.interval_s = Path(root), profile, interval_s
         self.republish_s = republish_s
+        self.declined = 0  # the last round declined (0: none), announced in the state
         self.checked_at = -math.inf
         self.now = decide(read_sysfs(self.root), profile)
         self.announced = (self.now.ready, self.now.reason)  # what the last state said
@@ -139,13 +143,29 @@ class ReadinessWatch:
         self.check(now)
         return self.due(now)
 
+    @classmethod
+    def of(cls, settings: AgentSettings, profile: Profile) -> ReadinessWatch:
+        """The agent's watch: its settings' sysfs_root and readiness_interval_s."""
+        return cls(root=settings.sysfs_root, profile=profile,
+                   interval_s=settings.readiness_interval_s)  # fmt: skip
+
     def declines(self, round_id: int, now: float, log: logging.LoggerAdapter[Any]) -> bool:
-        """Before a round is taken: the gates read again; True (logged) when not ready,
-        so the round is declined (not trained) and the state says why at once."""
-        if self.check(now, force=True).ready:
+        """Before a round is taken: the gates read again; True (logged, `declined` set)
+        when not ready and the round was not declined already: the device does not train
+        it and says why at once. A round declined once stays declined."""
+        if round_id == self.declined or self.check(now, force=True).ready:
             return False
+        self.declined = round_id
         log.warning("round %d: declined, not ready (%s)", round_id, self.now.reason)
         return True
+
+    def state_fields(self, now: float) -> dict[str, Any]:
+        """The readiness fields of the device's state (fedmq.wire.DeviceState), marked as
+        published (the state is built to be sent)."""
+        self.published(now)
+        r = self.now
+        return {"ready": r.ready, "not_ready": r.reason, "temp_c": r.reading.temp_c,
+                "battery_pct": r.reading.battery_pct, "declined": self.declined}  # fmt: skip
 
     def published(self, now: float) -> None:
         """The state (with the current decision) went out."""

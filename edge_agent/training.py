@@ -36,6 +36,11 @@ class TrainResult:
     stopped_by: str  # "" when every epoch ran, else the budget that ended training
     steps: int = 0  # local SGD steps taken (FedNova's tau_i, SCAFFOLD's K)
 
+    def work(self) -> dict[str, float]:
+        """What the update's metrics say of the work done (docs/devices.md, "Work done")."""
+        return {"local_steps": float(self.steps), "epochs_done": self.epochs_done,
+                "budget_stopped": float(bool(self.stopped_by))}  # fmt: skip
+
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB (Linux reports KiB, macOS bytes)."""

@@ -66,7 +66,8 @@ def test_watch_rereads_on_its_timer_and_when_forced(tmp_path: Path) -> None:
     zone(tmp_path, 0, "90000")
     assert not w.tick(5.0) and w.now.ready  # not due yet: no read
     log = logging.LoggerAdapter(logging.getLogger("t"), {})
-    assert w.declines(7, 6.0, log)  # forced before a round: reads at once
+    assert w.declines(7, 6.0, log) and w.declined == 7  # forced: reads at once
+    assert not w.declines(7, 6.1, log)  # declined once: not again
     assert w.now.reason.startswith("thermal: 90.0 C") and w.tick(6.5)  # a flip: publish
     w.published(6.5)
     zone(tmp_path, 0, "91000")
