@@ -156,6 +156,7 @@ def mirror_document(device: str, d: _Device) -> dict[str, Any]:
         "model_version": s.model_version,
         "agent_version": s.agent_version,
         "state_reason": s.reason,
+        "not_ready": "" if s.ready else s.not_ready or "not ready",  # its gates (readiness)
         "last_seen": round(d.last_seen, 3),
         "last_seen_iso": _iso(d.last_seen),
         "last_verdict": d.last_verdict,

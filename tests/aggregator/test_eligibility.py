@@ -5,9 +5,15 @@ by class for the status."""
 
 from __future__ import annotations
 
+import json
+
 from aggregator.eligibility import by_class, decline, eligible, why_not
+from aggregator.fleetview import FleetView, mirror_document
 from aggregator.presence import Presence
 from aggregator.rounds import OpenRound
+from fedmq.fleetstate import FleetState, parse_status
+from fedmq.statusview import summary_lines
+from fedmq.topics import Topics
 from fedmq.wire import DeviceState, TrainConfig
 
 TRAIN = TrainConfig(epochs=2, batch_size=10, lr=0.05)
@@ -111,12 +117,6 @@ def test_the_last_rounds_devices_are_idle_though_their_state_lags() -> None:
 
 
 def test_fedmq_status_prints_a_line_per_class() -> None:
-    import json
-
-    from fedmq.fleetstate import FleetState, parse_status
-    from fedmq.statusview import summary_lines
-    from fedmq.topics import Topics
-
     classes = {"rpi4": {"online": 3, "ready": 2, "training": 1, "not_ready": {"thermal": 1}},
                "bad": "not a class", "x" * 500: {"online": "many"}}  # fmt: skip
     doc = {"job": "j", "phase": "training", "aggregator": "online",
@@ -129,3 +129,16 @@ def test_fedmq_status_prints_a_line_per_class() -> None:
                   retained=True, now=0.0)  # fmt: skip
     assert "  class     rpi4: 3 online, 2 ready, 1 training, not ready: thermal 1" in (
         summary_lines(st, 1.0))  # fmt: skip
+
+
+def test_the_fleet_mirror_says_why_a_device_is_not_ready() -> None:
+    table = Presence(job="j")
+    hot = state("h", ready=False, not_ready="thermal: 90.0 C at or over the limit")
+    table.observe("h", hot, now=0.0)
+    table.observe("c", state("c"), now=0.0)
+    view = FleetView(topics=Topics(job="j", prefix="p"))
+    for d, s in table.devices.items():
+        view.observe(d, s, table.devices, now=0.0)
+    docs = {d: mirror_document(d, view._devices[d]) for d in ("h", "c")}
+    assert docs["h"]["not_ready"] == "thermal: 90.0 C at or over the limit"
+    assert docs["c"]["not_ready"] == ""
