@@ -355,7 +355,7 @@ class Agent:
         if self.s.extra_delay_s:
             time.sleep(self.s.extra_delay_s)
         metrics = {"train_loss": result.mean_loss, "train_s": result.seconds,
-                   **result.work(), **local.metrics}  # FedNova's tau_i: local_steps
+                   **result.work(r.train.epochs), **local.metrics}  # FedNova's tau_i: local_steps
         base, trained, c_new = local.base, local.trained, None
         if self.scaffold.correction(r) is not None:  # the control delta travels with it
             base, trained, c_new = self.scaffold.attach(r, base, trained, result.steps)

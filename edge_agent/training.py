@@ -36,9 +36,11 @@ class TrainResult:
     stopped_by: str  # "" when every epoch ran, else the budget that ended training
     steps: int = 0  # local SGD steps taken (FedNova's tau_i, SCAFFOLD's K)
 
-    def work(self) -> dict[str, float]:
-        """What the update's metrics say of the work done (docs/devices.md, "Work done")."""
+    def work(self, epochs_planned: int) -> dict[str, float]:
+        """What the update's metrics say of the work done and planned (docs/devices.md,
+        "Work done")."""
         return {"local_steps": float(self.steps), "epochs_done": self.epochs_done,
+                "epochs_planned": float(epochs_planned),
                 "budget_stopped": float(bool(self.stopped_by))}  # fmt: skip
 
 

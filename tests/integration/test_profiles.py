@@ -72,5 +72,6 @@ def test_hot_device_declines_and_a_budget_cut_update_weighs_its_work(
     assert short["metrics"]["budget_stopped"] == 1.0 and short["metrics"]["local_steps"] == 1
     assert short["examples"] == 10 and short["metrics"]["epochs_done"] < 1
     assert full["metrics"]["budget_stopped"] == 0.0 and full["metrics"]["epochs_done"] == 1.0
+    assert short["metrics"]["epochs_planned"] == full["metrics"]["epochs_planned"] == 1
     assert full["examples"] > 100
     assert fleet.state()["counters"].get("declined") == 1
