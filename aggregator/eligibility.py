@@ -39,7 +39,7 @@ MAX_REASON_CHARS = 200  # of a decline's reason kept in the round and the histor
 
 
 def why_not(state: DeviceState, train: TrainConfig | None = None, *, idle: bool = False) -> str:
-    """"" when the device may be selected, else why not (its first failed condition).
+    """ "" when the device may be selected, else why not (its first failed condition).
     idle: known to be done training whatever its last state says (see eligible)."""
     if state.status == "training" and not idle:
         return "busy: training"

@@ -96,8 +96,11 @@ def profile_path(name_or_path: str) -> Path:
     if not path.suffix:
         path = PROFILE_DIR / f"{name_or_path}.toml"
     if not path.is_file():
-        raise ProfileError(repr(name_or_path), "",
-                           f"no such firmware profile; bundled: {', '.join(list_profiles())}")
+        raise ProfileError(
+            repr(name_or_path),
+            "",
+            f"no such firmware profile; bundled: {', '.join(list_profiles())}",
+        )
     return path
 
 

@@ -119,8 +119,12 @@ def test_the_last_rounds_devices_are_idle_though_their_state_lags() -> None:
 def test_fedmq_status_prints_a_line_per_class() -> None:
     classes = {"rpi4": {"online": 3, "ready": 2, "training": 1, "not_ready": {"thermal": 1}},
                "bad": "not a class", "x" * 500: {"online": "many"}}  # fmt: skip
-    doc = {"job": "j", "phase": "training", "aggregator": "online",
-           "devices": {"online": 3, "trainers_online": 3, "known": 3, "classes": classes}}
+    doc = {
+        "job": "j",
+        "phase": "training",
+        "aggregator": "online",
+        "devices": {"online": 3, "trainers_online": 3, "known": 3, "classes": classes},
+    }
     status = parse_status(json.dumps(doc).encode())
     assert status is not None and status.classes[0] == ("rpi4", 3, 2, 1, {"thermal": 1})
     assert len(status.classes) == 2 and len(status.classes[1][0]) <= 64  # hostile: bounded

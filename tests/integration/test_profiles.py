@@ -28,7 +28,8 @@ def test_hot_device_declines_and_a_budget_cut_update_weighs_its_work(
     # be hot when round 2 reaches it, its second trains under a tiny time budget, and the
     # third is the one the aggregator must select in the hot one's place
     hot, cut = RandomSelection().select(
-        Candidates(online=DEVICES, round_id=2, seed=0, target=2), Participation())
+        Candidates(online=DEVICES, round_id=2, seed=0, target=2), Participation()
+    )
     (spare,) = set(DEVICES) - {hot, cut}
     budget = tmp_path / "tiny-budget.toml"
     budget.write_text("max_train_seconds = 0.000001\nmax_temp_c = 80\n")
@@ -41,8 +42,14 @@ def test_hot_device_declines_and_a_budget_cut_update_weighs_its_work(
         for i, device in enumerate(DEVICES):
             _temp(tmp_path / device, 45.0)
             # the timer reads sysfs once an hour: only the read before a round sees the heat
-            fleet.agent(i, 3, sysfs_root=tmp_path / device, readiness_interval_s=3600,
-                        hold_dir=hold, **({"profile": budget} if device == cut else {}))
+            fleet.agent(
+                i,
+                3,
+                sysfs_root=tmp_path / device,
+                readiness_interval_s=3600,
+                hold_dir=hold,
+                **({"profile": budget} if device == cut else {}),
+            )
 
         def three_online_and_round_1_trained() -> bool:
             docs = [json.loads(p) for _, p in watcher.messages if p]
