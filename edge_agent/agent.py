@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from edge_agent.data import load_device_data
+from edge_agent.device_serving import DeviceServing
 from edge_agent.evaluation import DeviceEvaluation, describe
 from edge_agent.fetch import Action, Hold, HoldOnnx, ModelFetch, Reject, Subscribe, Unsubscribe
 from edge_agent.hold import UpdateHold
@@ -138,6 +139,9 @@ class Agent:
         # in agent.json ("counters"), for tools and tests
         self.counters: dict[str, int] = {}
         self._counters_saved_at, self._counters_dirty = 0.0, False
+        self.serving = DeviceServing(settings=settings, task=self.task, store=self.store,
+                                     x=self.x if len(self.x) else self.data.eval_x, log=self.log,
+                                     threads=self.profile.torch_threads, refuse=self._refuse)
 
     # ------------------------------------------------------------ the loop
 
@@ -149,6 +153,7 @@ class Agent:
         self.log.log(*self.trust.describe(insecure=self.s.insecure))
         watch = LinkWatch(link=self.link, identity=f"device {self.device}",
                           connect_timeout_s=self.s.connect_timeout_s, log=self.log)  # fmt: skip
+        self.serving.start(self.fetch, trains=not self.infer_only)  # the served model; the API
         self.link.start()
         try:
             ready = watch.wait_connected(stop)  # progress lines; gives up after the timeout
@@ -173,6 +178,7 @@ class Agent:
         finally:
             self.link.stop(final=(self.topics.device_state(self.device),
                                   self._state_payload("offline")))  # fmt: skip
+            self.serving.stop()
         return 0
 
     def _contain(self, what: str, step: Callable[[T], None], arg: T) -> None:
@@ -263,18 +269,21 @@ class Agent:
                 self.log.info("holding global version %d (%d bytes fetched, %s)",
                               a.manifest.version, a.fetched_bytes, a.via)  # fmt: skip
                 self._contain("evaluation", self._evaluate, a)
+                self._contain("serving", self.serving.on_held, a.manifest.version)
             elif self.scaffold.took(a):  # SCAFFOLD's c of the held version
                 self.fetched_bytes += self.scaffold.fetched_bytes(a)
                 self._save_progress()
             elif isinstance(a, HoldOnnx):
-                self.reason = ""
-                self._contain("evaluation", self._evaluate, a)
+                self.reason = ""  # verified and served first; a refused model is not evaluated
+                if self.serving.offer(a.onnx, version=a.manifest.version, source="global",
+                                      epoch=self.fetch.epoch):
+                    self._contain("evaluation", self._evaluate, a)
 
     def _evaluate(self, a: Hold | HoldOnnx) -> None:
         """Federated evaluation of a newly held version: one metrics message (evaluation.py)."""
+        onnx = self.serving.model if isinstance(a, HoldOnnx) else None  # the served session
         msg = self.evaluation.run(a.manifest, model=self._model,
-                                  weights=getattr(a, "weights", None),
-                                  onnx=getattr(a, "onnx", None))  # fmt: skip
+                                  weights=getattr(a, "weights", None), onnx=onnx)  # fmt: skip
         if msg is not None:
             self.link.publish(self.topics.metrics(self.device), encode_metrics(msg), qos=1)
             self.evaluation.reported(a.manifest)

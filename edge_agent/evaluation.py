@@ -28,6 +28,7 @@ from fedmq.wire import DeviceMetrics, Manifest
 
 if TYPE_CHECKING:
     from edge_agent.data import DeviceData
+    from edge_agent.inference import OnnxModel
     from edge_agent.settings import AgentSettings
     from firmware_profiles import Profile
 
@@ -68,12 +69,14 @@ def cross_entropy_sums(logits: np.ndarray, y: np.ndarray) -> tuple[float, int]:
     return loss, int((z.argmax(axis=1) == y).sum())
 
 
-def evaluate_onnx(onnx: bytes, x: np.ndarray, y: np.ndarray, *, batch_size: int,
+def evaluate_onnx(onnx: bytes | OnnxModel, x: np.ndarray, y: np.ndarray, *, batch_size: int,
                   threads: int) -> dict[str, float]:  # fmt: skip
-    """Mean loss, accuracy and examples of an ONNX classifier on (x, y)."""
+    """Mean loss, accuracy and examples of an ONNX classifier (bytes, or a loaded session:
+    the model the device serves) on (x, y)."""
     from edge_agent.inference import OnnxModel
 
-    model = OnnxModel(onnx_bytes=onnx, threads=threads)  # ValueError when it does not load
+    model = (onnx if isinstance(onnx, OnnxModel)
+             else OnnxModel(onnx_bytes=onnx, threads=threads))  # ValueError if it does not load
     loss, correct = 0.0, 0
     for first in range(0, len(x), batch_size):
         part = slice(first, first + batch_size)
@@ -132,7 +135,7 @@ class DeviceEvaluation:
 
     def run(self, manifest: Manifest, *, model: Any = None,
             weights: dict[str, np.ndarray] | None = None,
-            onnx: bytes | None = None) -> DeviceMetrics | None:  # fmt: skip
+            onnx: bytes | OnnxModel | None = None) -> DeviceMetrics | None:  # fmt: skip
         """The metrics message for a newly held version (torch model + weights, or its ONNX
         export), or None when it is not due. EvaluationFailed when the model cannot be run on
         this device's data or gives non-finite outputs (nothing reported)."""

@@ -76,6 +76,12 @@ class AgentSettings:
     # personal models (docs/strategies.md): the fraction of local data held out to evaluate
     # the global and the personal model, in rounds that announce personalisation only
     holdout_fraction: float = 0.2
+    # serving (docs/devices.md): the local prediction API on a Unix socket (default
+    # <state_dir>/<device>/serving/api.sock), its largest batch and request body
+    serve: bool = True
+    serve_socket: Path | None = None
+    serve_max_batch: int = 256
+    serve_max_request_bytes: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         check_name("device id", self.device_id)
@@ -116,6 +122,17 @@ class AgentSettings:
                              f"{self.readiness_interval_s}")  # fmt: skip
         if self.extra_delay_s < 0 or self.alpha <= 0:
             raise ValueError("extra_delay_s must be >= 0 and alpha positive")
+        if self.serve_max_batch < 1 or self.serve_max_request_bytes < 1024:
+            raise ValueError("serve_max_batch must be >= 1 and serve_max_request_bytes >= 1024")
+        if self.serve and self.serve_socket is not None:  # a default too long: see serving
+            from edge_agent.serving_api import check_socket_path
+
+            check_socket_path(self.serve_socket)
+
+    @property
+    def serving_socket(self) -> Path:
+        """Where the local prediction API listens."""
+        return self.serve_socket or self.state_dir / self.device_id / "serving" / "api.sock"
 
     @property
     def local_dp(self) -> LocalDP | None:

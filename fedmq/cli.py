@@ -182,8 +182,14 @@ AGENT_HELP = {
     "profile": "firmware profile: a bundled name (fedmq tasks) or a TOML file",
     "max_message_bytes": "largest MQTT payload to publish (0 = the profile's)",
     "torch_threads": "CPU threads for local training (0 = the profile's)",
-    "infer_only": "never train: fetch each version's ONNX export (and evaluate it on "
-    "--eval-data or --data, if any)",
+    "infer_only": "never train: fetch each version's ONNX export, verify and serve it (and "
+    "evaluate it on --eval-data or --data, if any)",
+    "serve": "serve predictions of the current verified model on a local Unix socket "
+    "(false: only `fedmq predict` reads it)",
+    "serve_socket": "the prediction API's Unix socket (default STATE_DIR/DEVICE/serving/api.sock; "
+    "at most 100 bytes)",
+    "serve_max_batch": "most examples one /predict request may hold",
+    "serve_max_request_bytes": "largest /predict request body in bytes",
     "extra_delay_s": "simulated slowness in seconds after training (tests, benchmarks)",
     "sysfs_root": "where the readiness gates read sysfs (thermal zones, batteries): / on a "
     "device; a test points it at a tree of its own (docs/devices.md)",
@@ -458,6 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=None, metavar="FILE",
                         help="the HTML file to write (default: STATE_DIR/report.html)")  # fmt: skip
 
+    predict = sub.add_parser(
+        "predict", help="run a device's current verified model on a file's inputs",
+        description="Predictions of the model a device serves (STATE_DIR/DEVICE/serving/) "
+        "for the examples in FILE: .npz (array x), .npy or numeric .csv, one example a row.",
+    )  # fmt: skip
+    predict.add_argument("file", type=Path, metavar="FILE", help="the inputs")
+    predict.add_argument("--state-dir", type=Path, default=Path("fedmq-agent"),
+                         help="the agent's state_dir (default: fedmq-agent)")  # fmt: skip
+    predict.add_argument("--device", default="device-0", help="the device id (default: device-0)")
+    predict.add_argument("--json", action="store_true", help="print one JSON object")
     sub.add_parser("tasks", help="list built-in tasks and firmware profiles")
     from firmware_profiles.cli import add_parser as add_profile_parser
 
@@ -526,6 +542,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from firmware_profiles.cli import run as run_profile
 
         return run_profile(args)
+    if args.command == "predict":
+        from fedmq.predict import run_predict
+
+        return run_predict(args.file, state_dir=args.state_dir, device=args.device,
+                           as_json=args.json)  # fmt: skip
     if args.command == "tasks":
         from fedmq.tasks import get_task, list_tasks
         from firmware_profiles import list_profiles, load_profile

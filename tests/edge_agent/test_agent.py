@@ -233,8 +233,10 @@ def test_a_failing_training_round_is_contained_and_the_device_goes_on(
     v1 = make_version(get_weights(_Broken()), 1, job=JOB, task="digits-mlp")
     broker.publish_version(v1)
     wait_until("version 1 held", lambda: run.agent.fetch.version == 1)
+    # the broken model cannot be exported to serve either: refused for each version held
+    wait_until("version 1 refused for serving", lambda: run.agent.counters.get("bad_onnx") == 2)
     refused = {k: n for k, n in run.agent.counters.items() if not k.startswith("unverified")}
-    assert refused == {"agent_error": 1}
+    assert refused == {"agent_error": 1, "bad_onnx": 2}
 
 
 def test_hold_dir_keeps_the_update_until_released_while_the_loop_goes_on(
