@@ -27,6 +27,7 @@ def spawn(
     log_path: Path,
     env: Mapping[str, str] | None = None,
     own_group: bool = False,
+    cwd: Path | None = None,
 ) -> Child:
     """Start argv with stdin closed and stdout and stderr appended to log_path.
 
@@ -41,6 +42,7 @@ def spawn(
             stderr=subprocess.STDOUT,
             env={**os.environ, **ROLE_ENV, **(env or {})},
             start_new_session=own_group,
+            cwd=cwd,
         )
 
 
