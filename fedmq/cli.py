@@ -48,7 +48,8 @@ AGGREGATOR_HELP = {
     "target_accuracy": "stop once the global model reaches this accuracy: the central test "
     "set's, else the devices' federated evaluation (0 = never)",
     "eval_data": "central test set: '' = the task's bundled one, 'none' = no central "
-    "evaluation (devices evaluate each version), or an .npz file with x and y",
+    "evaluation (devices evaluate each version), or a file/source in any --data format "
+    "(.npz x/y, CSV with a label column, image folders, module:attr)",
     "devices_per_round": "updates that complete a round (0 = every online device)",
     "over_select": "select this fraction more devices than needed, for dropouts",
     "min_devices": "quorum: updates needed to close a round at its deadline",

@@ -26,15 +26,20 @@ def test_sources_of_the_central_test_set(tmp_path: Path) -> None:
     np.savez(path, x=np.ones((5, 64), np.float64), y=np.arange(5))
     x, y = central_test_set(TASK, str(path))  # type: ignore[misc]
     assert (x.dtype, y.dtype, len(x)) == (np.float32, np.int64, 5)
+    csv = tmp_path / "held.csv"  # any source a device's --data takes
+    csv.write_text(",".join([*(f"p{i}" for i in range(64)), "label"]) + "\n"
+                   + ",".join(["0.5"] * 64 + ["7"]) + "\n")  # fmt: skip
+    x, y = central_test_set(TASK, str(csv))  # type: ignore[misc]
+    assert x.shape == (1, 64) and y.tolist() == [7]
 
 
 @pytest.mark.parametrize(("arrays", "says"), [
     ({"x": np.ones((5, 64))}, "needs arrays 'x' and 'y'"),
     ({"x": np.ones((5, 63)), "y": np.zeros(5, int)}, "shape (63,)"),
-    ({"x": np.ones((0, 64)), "y": np.zeros(0, int)}, "empty"),
-    ({"x": np.ones((5, 64)), "y": np.full(5, 10)}, "labels must be in [0, 9]"),
-    ({"x": np.ones((5, 64)), "y": np.zeros(4, int)}, "5 integer class indices"),
-    ({"x": np.full((5, 64), np.nan), "y": np.zeros(5, int)}, "non-finite"),
+    ({"x": np.ones((0, 64)), "y": np.zeros(0, int)}, "no examples"),
+    ({"x": np.ones((5, 64)), "y": np.full(5, 10)}, "outside task digits-mlp's classes 0..9"),
+    ({"x": np.ones((5, 64)), "y": np.zeros(4, int)}, "y has 4 labels"),
+    ({"x": np.full((5, 64), np.nan), "y": np.zeros(5, int)}, "NaN or infinite"),
     ({"x": np.array([[object()]] * 5, dtype=object), "y": np.zeros(5, int)}, "cannot read"),
 ])  # fmt: skip
 def test_a_file_that_cannot_be_the_test_set_is_one_line(tmp_path: Path, arrays: dict,
@@ -43,7 +48,8 @@ def test_a_file_that_cannot_be_the_test_set_is_one_line(tmp_path: Path, arrays: 
     np.savez(path, **arrays)
     with pytest.raises(ConfigError) as err:
         central_test_set(TASK, str(path))
-    assert str(path) in str(err.value) and says in str(err.value) and "\n" not in str(err.value)
+    text = str(err.value)
+    assert text.startswith(f"eval_data {path}: ") and says in text and "\n" not in text
 
 
 def test_not_an_npz_names_the_file(tmp_path: Path) -> None:
