@@ -207,9 +207,10 @@ def test_a_poisoned_state_directory_is_quarantined_on_restart(
                 "server_opt": ["000000.opt"]}  # fmt: skip
     qdir = tmp_path / "agg" / "quarantine"
 
-    def moved() -> list[str] | None:  # the service moves them aside as it starts
+    def moved() -> list[str] | None:  # the service moves them aside, then counts them
         names = sorted(p.name for p in qdir.iterdir()) if qdir.exists() else []
-        return names if len(names) >= len(expected[how]) else None
+        counted = agg.ledger.counters.get("quarantined_files", 0)
+        return names if len(names) >= len(expected[how]) and counted >= len(names) else None
 
     quarantined = dev.pump(moved)
     assert [n.split("-", 1)[1] for n in quarantined] == expected[how], quarantined
