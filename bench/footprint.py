@@ -99,8 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     """A child with our environment (one math thread, unbuffered) and its log file."""
     with open(log, "ab") as fh:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh,
-                                stderr=subprocess.STDOUT, env={**os.environ, **ROLE_ENV})  # fmt: skip
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+            env={**os.environ, **ROLE_ENV},
+        )  # fmt: skip
 
 
 def proc_usage(pid: int) -> tuple[float, float]:
@@ -135,11 +137,12 @@ def python_usage(code: str, log: Path, timeout_s: float = 900) -> tuple[float, f
 
 BARE_TRAIN = """
 import torch, numpy as np
-from fedmq.tasks import get_task
+from fedmq.tasks import get_task, release_bundled_data
 from fedmq.tasks.partition import device_data
 torch.set_num_threads(1)
 task = get_task({task!r})
 x, y = device_data(task, scheme="iid", num_devices={devices}, device_index=0, seed=0, alpha=0.5)
+release_bundled_data()  # as the agent does: its share only
 model = task.build_model()
 opt = torch.optim.SGD(model.parameters(), lr={lr})
 xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -151,7 +154,9 @@ for _ in range({rounds} * {epochs}):
 """
 
 
-def baselines(work: Path, tasks: list[str], rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+def baselines(
+    work: Path, tasks: list[str], rounds: int
+) -> tuple[dict[str, float], dict[str, float]]:
     """({import_onnxruntime_mb, import_torch_mb}, {task: bare torch + model + data MiB})."""
     ort_mb, _ = python_usage("import onnxruntime", work / "baseline-ort.log")
     torch_mb, _ = python_usage("import torch", work / "baseline-torch.log")
@@ -227,7 +232,9 @@ class Fleet:
              "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--lr", str(LR),
              "--round-timeout-s", "300", "--start-wait-s", "300"], "aggregator")  # fmt: skip
 
-    def spawn(self, argv: list[str], name: str, *, no_torch: bool = False) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, argv: list[str], name: str, *, no_torch: bool = False
+    ) -> subprocess.Popen[bytes]:
         lead = ["-c", NO_TORCH] if no_torch else ["-m", "fedmq"]
         proc = start([sys.executable, *lead, *argv], self.dir / f"{name}.log")
         self.procs.append(proc)
@@ -332,8 +339,10 @@ def table(result: dict[str, Any]) -> str:
     for r in result["runs"]:
         bare = f"{r['bare_mb']:8.1f}" if "bare_mb" in r else f"{'-':>8s}"
         over = f"{r['overhead_mb']:8.1f}" if "overhead_mb" in r else f"{'-':>8s}"
-        lines.append(f"{r['role']:6s} {r['task']:10s} {r['peak_rss_mb']:8.1f} {bare} {over} "
-                     f"{r['cpu_s']:7.2f} {ms(r['predict_p50_ms'])} {ms(r['predict_p99_ms'])}")
+        lines.append(
+            f"{r['role']:6s} {r['task']:10s} {r['peak_rss_mb']:8.1f} {bare} {over} "
+            f"{r['cpu_s']:7.2f} {ms(r['predict_p50_ms'])} {ms(r['predict_p99_ms'])}"
+        )
     b = result["baselines"]
     lines.append(f"bare import onnxruntime: {b['import_onnxruntime_mb']:.1f} MB, "
                  f"bare import torch: {b['import_torch_mb']:.1f} MB")  # fmt: skip

@@ -48,13 +48,16 @@ def _empty(task: Task) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _bundled(s: AgentSettings, task: Task) -> tuple[np.ndarray, np.ndarray]:
+    from fedmq.tasks import release_bundled_data
     from fedmq.tasks.partition import device_data
 
     if task.load_pool is None:
         raise ConfigError(f"task {task.name} ships no data: give this device its own with "
                           "--data (docs/devices.md)")  # fmt: skip
-    return device_data(task, scheme=s.partition, num_devices=s.num_devices,
-                       device_index=s.device_index, seed=s.data_seed, alpha=s.alpha)  # fmt: skip
+    share = device_data(task, scheme=s.partition, num_devices=s.num_devices,
+                        device_index=s.device_index, seed=s.data_seed, alpha=s.alpha)  # fmt: skip
+    release_bundled_data()  # the device keeps its share, not the whole pool
+    return share
 
 
 def load_device_data(s: AgentSettings, task: Task, *, trains: bool) -> DeviceData:

@@ -9,6 +9,8 @@ Loaded datasets are cached in-process; every call returns fresh, writable copies
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -139,6 +141,20 @@ def _mnist5k() -> tuple[np.ndarray, ...]:
     train = _split_per_class(y, lambda idx: idx[:MNIST_TRAIN_PER_CLASS])
     test = _split_per_class(y, lambda idx: idx[-MNIST_TEST_PER_CLASS:])
     return _readonly(X[train], y[train], X[test], y[test])
+
+
+def release_bundled_data() -> None:
+    """Drop the cached copies of the bundled datasets (pool and test set). A device calls
+    it once its own share is cut (edge_agent/data.py): it then holds only that share, not
+    the whole pool beside it for the rest of its life (docs/devices.md, "Footprint")."""
+    from fedmq.tasks import sensors
+
+    for cached in (_digits, _mnist5k, sensors._plaid):
+        cached.cache_clear()
+    # glibc keeps what was freed in its heap (its mmap threshold has grown by then):
+    # give it back, or the process's resident memory stays as if the pool were held
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _digits_pool() -> Arrays:

@@ -317,6 +317,25 @@ def test_the_serving_path_imports_no_torch_and_no_dataset(tmp_path: Path) -> Non
     assert out.splitlines()[-1] == "[]"
 
 
+def test_verifying_on_the_probe_batch_imports_no_numpy_random(tmp_path: Path) -> None:
+    """An inference-only device with no data verifies each model on the probe batch; that
+    batch is made without numpy.random, whose import alone is ~7 MB of such a device's
+    peak (docs/devices.md, "Footprint")."""
+    (tmp_path / "m.onnx").write_bytes(random_linear())
+    code = (
+        "import sys\n"
+        "import edge_agent.agent, edge_agent.device_serving, edge_agent.serving_api\n"
+        "from edge_agent.serving import Serving, Spec\n"
+        f"s = Serving(root={str(tmp_path / 'serving')!r}, spec=Spec('digits-mlp', (64,), 10))\n"
+        f"data = open({str(tmp_path / 'm.onnx')!r}, 'rb').read()\n"
+        "print(s.offer(data, version=3, source='global').version)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('numpy.random')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.splitlines()  # fmt: skip
+    assert out == ["3", "[]"]
+
+
 def test_a_socket_path_too_long_is_a_config_error_unless_it_is_the_default(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

