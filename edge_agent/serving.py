@@ -90,8 +90,8 @@ class Spec:
 
     def probe(self, rows: int = PROBE_ROWS) -> np.ndarray:
         """A deterministic batch in [0, 1): the check of a device that has no data. A
-        golden-ratio sequence, not numpy.random: importing that costs an inference-only
-        device ~7 MB of its peak (docs/devices.md, "Footprint")."""
+        golden-ratio sequence, not numpy.random, whose import an inference-only device
+        would otherwise pay for (docs/devices.md, "Footprint")."""
         n = rows * int(np.prod(self.input_shape))
         values = (np.arange(n, dtype=np.float64) + 0.5) * 0.6180339887498949 % 1.0
         return values.astype(np.float32).reshape((rows, *self.input_shape))

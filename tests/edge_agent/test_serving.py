@@ -319,8 +319,8 @@ def test_the_serving_path_imports_no_torch_and_no_dataset(tmp_path: Path) -> Non
 
 def test_verifying_on_the_probe_batch_imports_no_numpy_random(tmp_path: Path) -> None:
     """An inference-only device with no data verifies each model on the probe batch; that
-    batch is made without numpy.random, whose import alone is ~7 MB of such a device's
-    peak (docs/devices.md, "Footprint")."""
+    batch is made without numpy.random, whose import is ~7 MB resident (docs/devices.md,
+    "Footprint")."""
     (tmp_path / "m.onnx").write_bytes(random_linear())
     code = (
         "import sys\n"
