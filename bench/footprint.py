@@ -224,6 +224,7 @@ class Fleet:
                        "--task", task]  # fmt: skip
         self.creds = lambda who: credential_flags(self.fleet, who)
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.flags: tuple[str, ...] = ()  # given to every agent of the run
         trainers = sum(1 for d in devices if d != INFER_DEVICE)
         self.aggregator = self.spawn(
             ["aggregator", *self.common, *self.creds(aggregator_identity(self.job)),
@@ -241,6 +242,7 @@ class Fleet:
         return proc
 
     def agent(self, device: str, *extra: str, no_torch: bool = False) -> subprocess.Popen[bytes]:
+        extra = (*self.flags, *extra)
         return self.spawn(["agent", *self.common, *self.creds(device), "--device-id", device,
                            "--state-dir", str(self.dir / "agents"), "--torch-threads", "1",
                            "--on-done", "idle",
@@ -254,10 +256,18 @@ class Fleet:
         return len(read_history(self.dir / "aggregator"))
 
     def finished(self, measured: str) -> bool:
-        """The aggregator ran every round and exited, and the measured agent serves the
-        last global version (version N after round N)."""
-        return (self.aggregator.poll() == 0 and self.versions() >= self.rounds
-                and serving(self.socket(measured)) >= self.rounds)  # fmt: skip
+        """The aggregator ran every round and exited, and the measured agent holds the last
+        global version (version N after round N): serves it, or, serving nothing, has it
+        in its progress file."""
+        if self.aggregator.poll() != 0 or self.versions() < self.rounds:
+            return False
+        if serving(self.socket(measured)) >= self.rounds:
+            return True
+        try:
+            progress = json.loads((self.dir / "agents" / measured / "agent.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return "--no-serve" in self.flags and int(progress.get("version", -1)) >= self.rounds
 
     def wait_finished(self, measured: str) -> None:
         wait(f"{self.rounds} rounds served by {measured}", lambda: self.finished(measured),
@@ -276,10 +286,13 @@ def trainers(fleet: Fleet) -> None:
         fleet.agent(device, *share, "--device-index", str(i))
 
 
-def train_run(work: Path, task: str, rounds: int) -> dict[str, Any]:
-    """A training agent of task over rounds rounds: its peak RSS and CPU seconds."""
+def train_run(work: Path, task: str, rounds: int, *, serve: bool = True) -> dict[str, Any]:
+    """A training agent of task over rounds rounds: its peak RSS and CPU seconds. With
+    serve False every agent runs `--no-serve`: no ONNX export, onnx or onnxruntime."""
     devices = [device_id(i) for i in range(DEVICES)]
-    fleet = Fleet(work, name=f"train-{task}", task=task, rounds=rounds, devices=devices)
+    name = f"train-{task}" + ("" if serve else "-noserve")
+    fleet = Fleet(work, name=name, task=task, rounds=rounds, devices=devices)
+    fleet.flags = () if serve else ("--no-serve",)
     try:
         trainers(fleet)
         measured = fleet.procs[1]  # devices[0]; the aggregator is procs[0]
@@ -290,7 +303,8 @@ def train_run(work: Path, task: str, rounds: int) -> dict[str, Any]:
     finally:
         fleet.close()
     return {"role": "train", "task": task, "peak_rss_mb": round(peak, 1), "cpu_s": round(cpu, 2),
-            "predict_p50_ms": None, "predict_p99_ms": None, "rounds": rounds}  # fmt: skip
+            "predict_p50_ms": None, "predict_p99_ms": None, "rounds": rounds,
+            "serve": serve}  # fmt: skip
 
 
 def infer_run(work: Path, rounds: int, predictions: int) -> dict[str, Any]:
@@ -334,13 +348,14 @@ def table(result: dict[str, Any]) -> str:
     def ms(v: float | None) -> str:
         return f"{v:7.2f}" if v is not None else f"{'-':>7s}"
 
-    lines = [f"{'role':6s} {'task':10s} {'peak MB':>8s} {'bare MB':>8s} {'over MB':>8s} "
-             f"{'CPU s':>7s} {'p50 ms':>7s} {'p99 ms':>7s}"]  # fmt: skip
+    lines = [f"{'role':6s} {'task':10s} {'serves':>6s} {'peak MB':>8s} {'bare MB':>8s} "
+             f"{'over MB':>8s} {'CPU s':>7s} {'p50 ms':>7s} {'p99 ms':>7s}"]  # fmt: skip
     for r in result["runs"]:
         bare = f"{r['bare_mb']:8.1f}" if "bare_mb" in r else f"{'-':>8s}"
         over = f"{r['overhead_mb']:8.1f}" if "overhead_mb" in r else f"{'-':>8s}"
         lines.append(
-            f"{r['role']:6s} {r['task']:10s} {r['peak_rss_mb']:8.1f} {bare} {over} "
+            f"{r['role']:6s} {r['task']:10s} {'yes' if r.get('serve', True) else 'no':>6s} "
+            f"{r['peak_rss_mb']:8.1f} {bare} {over} "
             f"{r['cpu_s']:7.2f} {ms(r['predict_p50_ms'])} {ms(r['predict_p99_ms'])}"
         )
     b = result["baselines"]
@@ -355,10 +370,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         runs.append(infer_run(work, args.rounds, args.predictions))
     base, bare = baselines(work, args.tasks, args.rounds)
     for task in args.tasks:
-        r = train_run(work, task, args.rounds)
-        r["bare_mb"] = round(bare[task], 1)
-        r["overhead_mb"] = round(r["peak_rss_mb"] - bare[task], 1)
-        runs.append(r)
+        for serve in (True, False):  # serving's cost, beside the agent's own
+            r = train_run(work, task, args.rounds, serve=serve)
+            r["bare_mb"] = round(bare[task], 1)
+            r["overhead_mb"] = round(r["peak_rss_mb"] - bare[task], 1)
+            runs.append(r)
     return {"runs": runs, "baselines": base,
             "machine": f"{platform.machine()} {platform.system()} {platform.release()}, "
                        f"Python {platform.python_version()}, {os.cpu_count()} CPUs",

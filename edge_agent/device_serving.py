@@ -51,7 +51,13 @@ class DeviceServing:
         inference-only device, which keeps no weights, the served version is the held one:
         the fetch machine takes its version, digest and epoch, so it is not fetched again
         and an older one replayed is refused. FatalError (exit 5) when the socket cannot be
-        served on."""
+        served on, or when a training device that serves lacks onnx or onnxruntime."""
+        if trains and not self.s.serve:
+            return  # a training device that serves nothing exports nothing
+        if trains:  # the export (torch's exporter needs onnx) and its verification
+            from fedmq.cli_errors import require
+
+            require("onnxruntime", "onnx")
         try:
             p = self.serving.restore(self._inputs())
             if p is not None:
@@ -105,7 +111,7 @@ class DeviceServing:
 
     def on_held(self, version: int) -> None:
         """A training device holds a new version: export what it serves with torch, offer it."""
-        if version == self.serving.version:
+        if version == self.serving.version or not self.s.serve:
             return
         from edge_agent.inference import serving_onnx
 

@@ -174,3 +174,21 @@ def test_a_training_device_serves_its_export_of_the_held_version(env: dict[str, 
     with torch.no_grad():
         want = model(torch.from_numpy(X)).argmax(dim=1).tolist()
     assert out["source"] == "global" and out["predictions"] == want
+
+
+def test_a_training_device_that_does_not_serve_exports_nothing(
+    env: dict[str, Any], tmp_path: Path
+) -> None:
+    torch.manual_seed(3)
+    weights = get_weights(get_task("digits-mlp").build_model())
+    env["broker"].publish_version(make_version(weights, 0, job=JOB, task="digits-mlp"))
+    agent = env["start"](serve=False)
+    wait_until("version 0 held", lambda: agent.fetch.version == 0)
+    # a second version: by the time it is held, all that followed the first has run
+    env["broker"].publish_version(make_version(weights, 1, job=JOB, task="digits-mlp"))
+    wait_until("version 1 held", lambda: agent.fetch.version == 1)
+    # it holds the version (and would train on it) but exports, verifies and serves nothing
+    assert agent.serving.version == -1 and not env["sock"].exists()
+    served = tmp_path / "d1" / "serving"
+    assert not served.exists() or not any(served.iterdir()), list(served.iterdir())
+    assert "bad_onnx" not in agent.counters
