@@ -51,13 +51,13 @@ class DeviceServing:
         inference-only device, which keeps no weights, the served version is the held one:
         the fetch machine takes its version, digest and epoch, so it is not fetched again
         and an older one replayed is refused. FatalError (exit 5) when the socket cannot be
-        served on, or when a training device that serves lacks onnx or onnxruntime."""
+        served on, or when a training device that serves lacks onnxruntime."""
         if trains and not self.s.serve:
             return  # a training device that serves nothing exports nothing
-        if trains:  # the export (torch's exporter needs onnx) and its verification
+        if trains:  # the export is torch's; its verification and serving onnxruntime's
             from fedmq.cli_errors import require
 
-            require("onnxruntime", "onnx")
+            require("onnxruntime")
         try:
             p = self.serving.restore(self._inputs())
             if p is not None:

@@ -187,8 +187,7 @@ AGENT_HELP = {
     "evaluate it on --eval-data or --data, if any)",
     "serve": "serve predictions of the current verified model on a local Unix socket "
     "(false: no API; an inference-only device still keeps the verified model for `fedmq "
-    "predict`, a training device then exports and serves nothing and needs neither onnx "
-    "nor onnxruntime)",
+    "predict`, a training device then exports and serves nothing and needs no onnxruntime)",
     "serve_socket": "the prediction API's Unix socket (default STATE_DIR/DEVICE/serving/api.sock; "
     "at most 100 bytes)",
     "serve_max_batch": "most examples one /predict request may hold",

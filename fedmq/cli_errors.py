@@ -34,7 +34,7 @@ EXIT_CODES_HELP = (
 EXTRAS: dict[str, tuple[str, str]] = {
     "torch": ("torch", "train"),
     "onnxruntime": ("onnxruntime", "infer"),
-    "onnx": ("onnx", "train"),
+    "onnx": ("onnx", "server"),
     "matplotlib": ("matplotlib", "server"),
     "tqdm": ("tqdm", "server"),
     "psutil": ("psutil", "server"),

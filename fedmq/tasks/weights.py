@@ -5,9 +5,10 @@ Only imported where torch is installed (the aggregator, devices that train).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -82,6 +83,30 @@ def evaluate(
     return {"accuracy": correct / len(X), "loss": total_loss / len(X)}
 
 
+@contextlib.contextmanager
+def _without_onnx_round_trip() -> Iterator[None]:
+    """torch's TorchScript exporter parses every model it exports back with the `onnx`
+    package, only to insert custom onnx-script functions
+    (`onnx_proto_utils._add_onnxscript_fn`). An export of fedmq's has none, and its bytes
+    are the same without that pass (tests/fedmq/test_weights.py), which spares a training
+    device importing onnx and protobuf (~30 MB resident; docs/devices.md, Footprint). Where
+    a torch has no such hook the export runs as that torch has it."""
+    try:
+        from torch.onnx._internal.torchscript_exporter import onnx_proto_utils as hooks
+    except ImportError:
+        yield
+        return
+    original = getattr(hooks, "_add_onnxscript_fn", None)
+    if original is None:
+        yield
+        return
+    hooks._add_onnxscript_fn = lambda model_bytes, custom_opsets: model_bytes
+    try:
+        yield
+    finally:
+        hooks._add_onnxscript_fn = original
+
+
 def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...]) -> bytes:
     """The model as ONNX bytes: input 'x' (batch, *input_shape), output 'logits', any batch."""
     dummy = torch.zeros((1, *input_shape), dtype=torch.float32, device=_model_device(model))
@@ -89,7 +114,7 @@ def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...]) -> bytes:
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _without_onnx_round_trip():
             # the legacy TorchScript exporter is deprecated, but the dynamo one needs onnxscript
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(

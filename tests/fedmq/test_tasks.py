@@ -289,6 +289,51 @@ def test_export_onnx_matches_torch(name: str) -> None:
         np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_the_export_skips_torchs_onnx_round_trip_and_gives_the_same_bytes(name: str) -> None:
+    from torch.onnx._internal.torchscript_exporter import onnx_proto_utils as hooks
+
+    from fedmq.tasks import weights
+
+    task = get_task(name)
+    model = seeded_model(task, 0)
+    passes: list[int] = []
+    original = hooks._add_onnxscript_fn
+
+    def counted(proto: bytes, custom_opsets: Any) -> bytes:
+        passes.append(1)
+        return original(proto, custom_opsets)
+
+    hooks._add_onnxscript_fn = counted
+    try:
+        ours = export_onnx(model, task.input_shape)  # the pass is skipped
+        with weights.warnings.catch_warnings():  # torch's own export, with the pass
+            weights.warnings.simplefilter("ignore", DeprecationWarning)
+            buffer = weights.io.BytesIO()
+            dummy = torch.zeros((1, *task.input_shape))
+            torch.onnx.export(model.eval(), (dummy,), buffer, input_names=["x"],
+                              output_names=["logits"],
+                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+                              opset_version=weights.ONNX_OPSET, dynamo=False)  # fmt: skip
+    finally:
+        hooks._add_onnxscript_fn = original
+    assert passes == [1]  # torch's export ran it; ours did not
+    assert ours == buffer.getvalue()
+
+
+def test_exporting_a_model_does_not_import_onnx() -> None:
+    out = run_python("""
+        import sys
+        from fedmq.tasks import get_task
+        from fedmq.tasks.weights import export_onnx
+        task = get_task("mnist-cnn")
+        export_onnx(task.build_model(), task.input_shape)
+        print(sorted(m for m in ("onnx", "google.protobuf", "ml_dtypes") if m in sys.modules))
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 # -- no torch -------------------------------------------------------------------------------
 
 
