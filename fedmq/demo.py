@@ -133,7 +133,11 @@ def run_demo(args: argparse.Namespace) -> int:
         ))  # fmt: skip
         procs += spawn_agents(
             common, devices=args.devices, partition=args.partition,
-            state_dir=run_dir / "agents", log_dir=run_dir, extra=["--data-seed", str(args.seed)],
+            state_dir=run_dir / "agents", log_dir=run_dir,
+            # simulated devices have no sensors of their own: the host's thermal zones and
+            # battery are not theirs (a hot laptop must not stall the demo), so they read
+            # an empty sysfs tree and count as ready
+            extra=["--data-seed", str(args.seed), "--sysfs-root", str(run_dir / "sysfs")],
             credentials=lambda device: credential_flags(fleet, device),
         )  # fmt: skip
         if args.metrics_port:

@@ -80,6 +80,8 @@ class Fleet:
         # idle when the job is done: tests restart aggregators with more rounds after it
         opts = {"device_id": device, "device_index": index, "num_devices": num_devices,
                 "partition": "iid", "state_dir": self.root / "agents", "on_done": "idle",
+                # readiness from a tree of the test's own, not the host's sensors
+                "sysfs_root": self.root / "sysfs",
                 **self.credentials(device), **flags}  # fmt: skip
         return self._spawn(f"agent-{index}", ["agent", *self._common(), *_flags(opts)])
 
