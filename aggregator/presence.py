@@ -28,6 +28,7 @@ class Presence:
         self.max_devices = max_devices
         self.devices: dict[str, DeviceState] = {}
         self.pending_drops: dict[str, float] = {}  # device -> when its Will arrived
+        self.arrived_at = 0.0  # when a device last came online (new, or back from offline)
 
     def observe(self, device: str, state: DeviceState, now: float) -> bool:
         """Take a device's state from its topic; True when its status changed.
@@ -53,6 +54,8 @@ class Presence:
                     raise OverCapacity(f"device table full ({self.max_devices} online devices)")
                 del self.devices[gone]
         self.devices[device] = state
+        if state.status != "offline" and (before is None or before.status == "offline"):
+            self.arrived_at = now
         if state.status == "offline":
             self.pending_drops.setdefault(device, now)
         else:

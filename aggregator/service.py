@@ -71,6 +71,9 @@ log = logging.getLogger("fedmq.aggregator")
 
 TICK_S = 0.2
 STATUS_EVERY_S = 1.0
+# after a (re)connection a round opens once no device has come online for SETTLE_S (the
+# burst of retained states is over), or SETTLE_MAX_S after it whatever still arrives
+SETTLE_S, SETTLE_MAX_S = 0.3, 5.0
 
 
 class Aggregator:
@@ -277,7 +280,12 @@ class Aggregator:
             else:
                 online = eligible(self.presence, self.train, idle=self.last_selected)
                 waited = self.next_round_id > 1 or now - self.waiting_since >= self.s.start_wait_s
-                if self.mode.policy.should_open(len(online), waited=waited):
+                # the retained states come as a burst after each (re)connection: a round
+                # opened inside it would choose among the first few devices only
+                since = now - self._connected_at
+                settled = since >= SETTLE_MAX_S or min(
+                    since, now - self.presence.arrived_at) >= SETTLE_S
+                if settled and self.mode.policy.should_open(len(online), waited=waited):
                     self._open_round(online, now)
         self._publish_status(now)
         for topic, payload in self.fleet_view.due(now):  # the mirror, on change only

@@ -146,3 +146,21 @@ def test_the_fleet_mirror_says_why_a_device_is_not_ready() -> None:
     docs = {d: mirror_document(d, view._devices[d]) for d in ("h", "c")}
     assert docs["h"]["not_ready"] == "thermal: 90.0 C at or over the limit"
     assert docs["c"]["not_ready"] == ""
+
+
+def test_presence_knows_when_a_device_last_came_online() -> None:
+    """The service opens a round only once the burst of retained states after a connection
+    is over: no device has come online for a moment (service.SETTLE_S)."""
+    p = Presence(job="j")
+
+    def seen(device: str, status: str, now: float) -> float:
+        p.observe(device, DeviceState(device=device, status=status, job="j"), now)
+        return p.arrived_at
+
+    assert seen("a", "online", 1.0) == 1.0  # a new device
+    assert seen("b", "online", 2.0) == 2.0
+    assert seen("a", "training", 3.0) == 2.0  # busy is no arrival
+    assert seen("a", "online", 4.0) == 2.0
+    assert seen("b", "offline", 5.0) == 2.0  # a Will is none either
+    assert seen("b", "online", 6.0) == 6.0  # back from offline
+    assert seen("c", "offline", 7.0) == 6.0  # an unknown device's Will enters nothing
