@@ -26,20 +26,6 @@ ROOT = Path(__file__).resolve().parents[2]
 # what a device without the training and data extras must not have
 ABSENT = ("torch", "sklearn", "mlxtend", "scipy", "pandas", "sktime", "matplotlib")
 
-# The same device made in the test's own interpreter by refusing imports (bench/ uses it to
-# measure an agent without torch without building a venv).
-NO_TORCH = """
-import sys
-class NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "sklearn", "mlxtend"):
-            raise ImportError(f"{name} is not installed on this device")
-sys.meta_path.insert(0, NoTorch())
-from fedmq.cli import main
-raise SystemExit(main(sys.argv[1:]))
-"""
-
-
 # the venv must import its own installed fedmq, never this tree
 CLEAN_ENV = {"PYTHONPATH": ""}
 
